@@ -214,27 +214,23 @@ def run(ops: list[tuple[str, str, float]], window: float, max_items: int) -> Run
     return r
 
 
+Op = tuple[str, str, float]
+
+
+@pytest.mark.parametrize(
+    "op",
+    [st.one_of(add_op, due_op), st.one_of(add_op, due_op, limits_op)],
+    ids=["fixed-limits", "tier-changes"],
+)
 @settings(max_examples=300, deadline=None)
 @given(
-    ops=st.lists(st.one_of(add_op, due_op), max_size=120),
+    data=st.data(),
     window=st.sampled_from([0.0, 0.25, 1.0, 2.0]),
     max_items=st.integers(1, 6),
 )
 def test_property_nothing_lost_duplicated_or_reordered(
-    ops: list[tuple[str, str, float]], window: float, max_items: int
+    op: st.SearchStrategy[Op], data: st.DataObject, window: float, max_items: int
 ) -> None:
-    r = run(ops, window, max_items)
-    assert dict(r.sent) == dict(r.given)
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    ops=st.lists(st.one_of(add_op, due_op, limits_op), max_size=120),
-    window=st.sampled_from([0.0, 0.25, 2.0]),
-    max_items=st.integers(1, 6),
-)
-def test_property_with_tier_changes(
-    ops: list[tuple[str, str, float]], window: float, max_items: int
-) -> None:
+    ops = data.draw(st.lists(op, max_size=120), label="ops")
     r = run(ops, window, max_items)
     assert dict(r.sent) == dict(r.given)
