@@ -7,16 +7,9 @@ from typing import Any
 import pytest
 
 from notifications.breaker import BreakerState, CircuitBreaker
+from tests.fakes import ManualClock as Clock
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
-
-
-class Clock:
-    def __init__(self, now: float = 1_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Transitions(list[tuple[str, BreakerState, BreakerState]]):
