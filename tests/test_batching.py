@@ -196,6 +196,8 @@ def run(ops: list[tuple[str, str, float]], window: float, max_items: int) -> Run
             full = batcher.add(arg, n, r.now)
             if full is not None:
                 r.take(arg, full, by="add")
+            else:  # a batch at its cap is handed back by the add that filled it
+                assert r.held[arg].count < min(r.held[arg].cap, r.max_items)
         elif op == "due":
             for channel, items in batcher.due(r.now):
                 r.take(channel, items, by="due")
