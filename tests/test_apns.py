@@ -27,10 +27,6 @@ if TYPE_CHECKING:
 pytest_plugins = ["tests.fakes.apns_server"]
 
 
-def apns_error(status: int, reason: str, headers: dict[str, str] | None = None) -> Reply:
-    return Reply(status, {"reason": reason}, headers or {})
-
-
 def note(priority: Priority = Priority.HIGH, **kw: Any) -> Notification:
     fields: dict[str, Any] = {
         "id": "n-1",
@@ -187,7 +183,7 @@ async def test_provider_token_is_reused_then_refreshed_by_the_clock(
 async def test_expired_provider_token_is_resigned_and_retried_once(
     fake_apns: FakeApns, apns: ApnsAdapter, device: Device
 ) -> None:
-    fake_apns.script(apns_error(403, "ExpiredProviderToken"))
+    fake_apns.script(fake_apns.error(403, "ExpiredProviderToken"))
     result = await apns.send(note(), device)
     assert result.outcome is Outcome.DELIVERED
     assert len(fake_apns.requests) == 2
@@ -231,22 +227,21 @@ async def test_invalid_provider_token_is_retry_and_resigned_next_time(
 
 
 @pytest.mark.parametrize(
-    "reply",
+    ("status", "reason"),
     [
-        apns_error(410, "Unregistered"),
-        apns_error(410, "ExpiredToken"),
-        apns_error(400, "BadDeviceToken"),
-        apns_error(400, "DeviceTokenNotForTopic"),
+        (410, "Unregistered"),
+        (410, "ExpiredToken"),
+        (400, "BadDeviceToken"),
+        (400, "DeviceTokenNotForTopic"),
     ],
 )
 async def test_dead_token_answers(
-    fake_apns: FakeApns, apns: ApnsAdapter, device: Device, reply: Reply
+    fake_apns: FakeApns, apns: ApnsAdapter, device: Device, status: int, reason: str
 ) -> None:
-    fake_apns.answer_token(device.token, reply)
+    fake_apns.answer_token(device.token, fake_apns.error(status, reason))
     result = await apns.send(note(), device)
     assert result.outcome is Outcome.DEAD_TOKEN
-    assert result.status == reply.status
-    assert result.reason == reply.body["reason"]
+    assert (result.status, result.reason) == (status, reason)
     assert not result.breaker_failure
 
 
@@ -271,7 +266,7 @@ async def test_non_hex_token_is_dead_without_a_request(
 async def test_429_is_retry_with_retry_after_and_no_breaker_failure(
     fake_apns: FakeApns, apns: ApnsAdapter, device: Device
 ) -> None:
-    fake_apns.script(apns_error(429, "TooManyRequests", {"retry-after": "7"}))
+    fake_apns.script(fake_apns.error(429, "TooManyRequests", {"retry-after": "7"}))
     result = await apns.send(note(), device)
     assert (result.outcome, result.status, result.reason) == (
         Outcome.RETRY,
@@ -289,7 +284,7 @@ async def test_503_with_http_date_retry_after_is_retry_and_breaker_failure(
     fake_apns.clock = clock
     adapter = make_adapter(fake_apns, clock=clock)
     date = email.utils.formatdate(int(clock.now) + 120, usegmt=True)
-    fake_apns.script(apns_error(503, "ServiceUnavailable", {"retry-after": date}))
+    fake_apns.script(fake_apns.error(503, "ServiceUnavailable", {"retry-after": date}))
     try:
         result = await adapter.send(note(), device)
     finally:
@@ -303,7 +298,7 @@ async def test_503_with_http_date_retry_after_is_retry_and_breaker_failure(
 async def test_500_is_retry_and_breaker_failure(
     fake_apns: FakeApns, apns: ApnsAdapter, device: Device
 ) -> None:
-    fake_apns.script(apns_error(500, "InternalServerError"))
+    fake_apns.script(fake_apns.error(500, "InternalServerError"))
     result = await apns.send(note(), device)
     assert (result.outcome, result.retry_after, result.breaker_failure) == (
         Outcome.RETRY,

@@ -79,6 +79,8 @@ class FakeApns:
         self.token_answers: dict[str, Reply] = {}
         self.server = H2Server(tls.server_context(), self._handle)
 
+    error = staticmethod(apns_error)
+
     @property
     def url(self) -> str:
         return self.server.url
