@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class Priority(str, Enum):
+class Priority(StrEnum):
     """Notification priority; ``rank`` orders delivery (0 goes first)."""
 
     CRITICAL = "critical"
@@ -26,7 +26,7 @@ _RANKS = {Priority.CRITICAL: 0, Priority.HIGH: 1, Priority.NORMAL: 2, Priority.L
 PRIORITIES: tuple[Priority, ...] = tuple(sorted(Priority, key=lambda p: p.rank))
 
 
-class Platform(str, Enum):
+class Platform(StrEnum):
     IOS = "ios"
     ANDROID = "android"
 
@@ -37,7 +37,10 @@ MAX_TTL = 2_419_200
 
 @dataclass(frozen=True, slots=True)
 class Notification:
-    """An accepted notification. ``created_at`` is unix seconds; it expires at ``created_at + ttl``."""
+    """An accepted notification.
+
+    ``created_at`` is unix seconds; it expires at ``created_at + ttl``.
+    """
 
     id: str
     user: str
@@ -87,8 +90,25 @@ class Device:
     platform: Platform
     token: str
 
+    @property
+    def key(self) -> str:
+        """``<platform>:<token>``: names the device in a DeliveryState and in the registry."""
+        return device_key(self.platform, self.token)
 
-class Outcome(str, Enum):
+
+def device_key(platform: Platform, token: str) -> str:
+    return f"{platform.value}:{token}"
+
+
+def parse_device_key(key: str) -> tuple[Platform, str]:
+    """The inverse of ``device_key``; raises ValueError for anything else."""
+    platform, sep, token = key.partition(":")
+    if not sep or not token:
+        raise ValueError(f"not a device key: {key!r}")
+    return Platform(platform), token
+
+
+class Outcome(StrEnum):
     """How one push attempt to one device ended."""
 
     DELIVERED = "delivered"
@@ -110,3 +130,76 @@ class PushResult:
     reason: str = ""
     retry_after: float | None = None
     breaker_failure: bool = False
+
+
+#: DeliveryState / DeadLetter target of the in-app delivery (``deliver_in_app``).
+IN_APP = "in_app"
+#: DeliveryState / DeadLetter target of finding where to push (tier rule and device lookup).
+ROUTE = "route"
+
+
+@dataclass(slots=True)
+class DeliveryState:
+    """Progress of one queued notification, persisted with it between delivery rounds.
+
+    Targets are ``IN_APP``, ``ROUTE`` and device keys. ``done`` maps a target to its
+    final outcome (``delivered``, ``dead_token``, ``rejected``, ``failed``, ``skipped``):
+    a done target is never tried again. ``attempts`` counts failed attempts per target
+    (a wait for an open breaker is not an attempt). ``rounds`` counts rounds started.
+    """
+
+    rounds: int = 0
+    attempts: dict[str, int] = field(default_factory=dict)
+    done: dict[str, str] = field(default_factory=dict)
+
+    def to_map(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, "attempts": dict(self.attempts), "done": dict(self.done)}
+
+    @classmethod
+    def from_map(cls, m: dict[str, Any]) -> DeliveryState:
+        return cls(
+            rounds=int(m.get("rounds", 0)),
+            attempts={str(k): int(v) for k, v in (m.get("attempts") or {}).items()},
+            done={str(k): str(v) for k, v in (m.get("done") or {}).items()},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A notification that could not reach one target, kept for an operator.
+
+    ``target`` is ``IN_APP``, ``ROUTE`` or a device key; ``adapter`` is the push
+    adapter's name (``in_app`` / ``route`` for those targets); ``at`` is unix seconds.
+    """
+
+    notification: Notification
+    target: str
+    adapter: str
+    reason: str
+    attempts: int
+    at: float
+    status: int | None = None
+
+    def to_map(self) -> dict[str, Any]:
+        return {
+            "notification": self.notification.to_map(),
+            "target": self.target,
+            "adapter": self.adapter,
+            "reason": self.reason,
+            "attempts": self.attempts,
+            "at": self.at,
+            "status": self.status,
+        }
+
+    @classmethod
+    def from_map(cls, m: dict[str, Any]) -> DeadLetter:
+        status = m.get("status")
+        return cls(
+            notification=Notification.from_map(m["notification"]),
+            target=str(m["target"]),
+            adapter=str(m["adapter"]),
+            reason=str(m["reason"]),
+            attempts=int(m["attempts"]),
+            at=float(m["at"]),
+            status=None if status is None else int(status),
+        )

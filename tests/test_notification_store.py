@@ -1,0 +1,349 @@
+"""The NotificationStore contract, run against MemoryNotificationStore and RedisNotificationStore
+(real Redis from tests/redis_server.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from notifications.models import (
+    PRIORITIES,
+    DeadLetter,
+    DeliveryState,
+    Device,
+    Notification,
+    Platform,
+    Priority,
+)
+from notifications.store import (
+    Enqueued,
+    Lease,
+    MemoryNotificationStore,
+    NotificationStore,
+    QueueUnavailable,
+    RedisNotificationStore,
+)
+
+StoreFactory = Callable[..., NotificationStore]
+
+
+def note(id: str, priority: Priority = Priority.NORMAL, **kw: Any) -> Notification:
+    fields: dict[str, Any] = {"user": "u1", "title": "t", "body": "b", **kw}
+    return Notification(id=id, priority=priority, **fields)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreFactory]:
+    """Builds stores of the parametrized kind; Redis ones share one flushed DB (like nodes)."""
+    made: list[NotificationStore] = []
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    shared_memory: dict[str, MemoryNotificationStore] = {}
+
+    def make(**options: Any) -> NotificationStore:
+        store: NotificationStore
+        if url is None:
+            options.pop("reclaim_interval", None)
+            options.pop("poll_interval", None)
+            # Memory "nodes" share one store: it is in-process.
+            key = repr(sorted(options.items()))
+            if key not in shared_memory:
+                shared_memory[key] = MemoryNotificationStore(**options)
+            store = shared_memory[key]
+        else:
+            store = RedisNotificationStore.from_url(url, **options)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        await store.close()
+
+
+async def take(store: NotificationStore, consumer: str = "c1", now: float | None = None) -> Lease:
+    lease = await store.claim(consumer, time.time() if now is None else now)
+    assert lease is not None
+    return lease
+
+
+async def test_enqueue_claim_settle_roundtrip(make_store: StoreFactory) -> None:
+    store = make_store()
+    original = note(
+        "n-1",
+        Priority.HIGH,
+        data={"amount": 12.5, "tags": ["a", "ü"], "nested": {"k": None}},
+        collapse_id="c-1",
+        ttl=60,
+        title="컴백 알림 🎉",
+    )
+    assert await store.enqueue(original) == Enqueued("n-1", created=True)
+    assert (await store.depth())[Priority.HIGH] == 1
+
+    lease = await take(store)
+    assert lease.notification == original
+    assert lease.state == DeliveryState()
+    assert not lease.reclaimed
+    assert await store.claim("c1", time.time()) is None  # leased: not handed out twice
+
+    assert await store.settle(lease, state=lease.state)
+    assert await store.claim("c1", time.time()) is None
+    assert (await store.depth())[Priority.HIGH] == 0
+
+
+async def test_highest_priority_first_then_oldest_first(make_store: StoreFactory) -> None:
+    store = make_store()
+    order = [
+        ("low-1", Priority.LOW),
+        ("normal-1", Priority.NORMAL),
+        ("low-2", Priority.LOW),
+        ("high-1", Priority.HIGH),
+        ("critical-1", Priority.CRITICAL),
+        ("normal-2", Priority.NORMAL),
+        ("critical-2", Priority.CRITICAL),
+    ]
+    for id, priority in order:
+        await store.enqueue(note(id, priority))
+    taken = []
+    while (lease := await store.claim("c1", time.time())) is not None:
+        taken.append(lease.notification.id)
+        await store.settle(lease, state=lease.state)
+    assert taken == ["critical-1", "critical-2", "high-1", "normal-1", "normal-2", "low-1", "low-2"]
+
+
+async def test_caller_id_is_idempotent_within_the_window(make_store: StoreFactory) -> None:
+    store = make_store()
+    first = await store.enqueue(note("same", Priority.NORMAL), idempotency_window=0.5)
+    again = await store.enqueue(note("same", Priority.CRITICAL), idempotency_window=0.5)
+    assert (first.created, again.created) == (True, False)
+    assert again.id == "same"
+    assert sum((await store.depth()).values()) == 1
+
+    lease = await take(store)
+    await store.settle(lease, state=lease.state)
+    assert (await store.enqueue(note("same"), idempotency_window=0.5)).created is False
+
+    await asyncio.sleep(0.8)  # the window has passed: the id may be used again
+    assert (await store.enqueue(note("same"), idempotency_window=0.5)).created is True
+
+
+async def test_queue_is_bounded_per_priority_and_counts_leased_and_delayed(
+    make_store: StoreFactory,
+) -> None:
+    store = make_store(max_depth=3)
+    for i in range(3):
+        await store.enqueue(note(f"n{i}"))
+    with pytest.raises(QueueUnavailable) as info:
+        await store.enqueue(note("n3"))
+    assert (info.value.reason, info.value.priority, info.value.depth, info.value.limit) == (
+        "full",
+        Priority.NORMAL,
+        3,
+        3,
+    )
+    await store.enqueue(note("c0", Priority.CRITICAL))  # another priority has its own bound
+
+    critical = await take(store)
+    assert critical.notification.id == "c0"
+    await store.settle(critical, state=critical.state)
+
+    lease = await take(store)
+    assert await store.settle(lease, state=lease.state, retry_at=time.time() + 60)
+    with pytest.raises(QueueUnavailable):  # delayed still counts
+        await store.enqueue(note("n3"))
+    other = await take(store)
+    with pytest.raises(QueueUnavailable):  # leased still counts
+        await store.enqueue(note("n3"))
+    await store.settle(other, state=other.state)
+    await store.enqueue(note("n3"))  # room again; nothing was dropped to make it
+    assert (await store.depth())[Priority.NORMAL] == 3
+
+
+async def test_retry_comes_back_when_due_with_its_state(make_store: StoreFactory) -> None:
+    store = make_store()
+    await store.enqueue(note("r1"))
+    lease = await take(store)
+    state = DeliveryState(rounds=1, attempts={"ios:abc": 2}, done={"in_app": "delivered"})
+    due = time.time() + 30
+    assert await store.settle(lease, state=state, retry_at=due)
+
+    assert await store.claim("c1", due - 1) is None
+    again = await take(store, now=due + 0.01)
+    assert again.notification == lease.notification
+    assert again.state == state
+    assert again.ref != lease.ref
+
+
+async def test_retry_goes_behind_nothing_of_a_higher_priority(make_store: StoreFactory) -> None:
+    store = make_store()
+    await store.enqueue(note("low", Priority.LOW))
+    lease = await take(store)
+    now = time.time()
+    await store.settle(lease, state=lease.state, retry_at=now)
+    await store.enqueue(note("crit", Priority.CRITICAL))
+    assert (await take(store, now=now + 1)).notification.id == "crit"
+    assert (await take(store, now=now + 1)).notification.id == "low"
+
+
+async def test_dead_letters_newest_first(make_store: StoreFactory) -> None:
+    store = make_store()
+    await store.enqueue(note("d1"))
+    lease = await take(store)
+    letters = [
+        DeadLetter(lease.notification, f"ios:t{i}", "apns", f"reason {i}", i + 1, 1000.0 + i, 410)
+        for i in range(3)
+    ]
+    assert await store.settle(lease, state=lease.state, dead_letters=letters)
+    assert await store.dead_letters(10) == letters[::-1]
+    assert await store.dead_letters(2) == letters[:0:-1]
+    assert await store.dead_letters(0) == []
+    assert sum((await store.depth()).values()) == 0
+
+
+async def test_only_the_holder_settles_or_touches(make_store: StoreFactory) -> None:
+    store = make_store()
+    await store.enqueue(note("o1"))
+    lease = await take(store, "c1")
+    impostor = Lease(lease.ref, "c2", lease.notification, lease.state)
+    assert not await store.touch(impostor)
+    assert not await store.settle(impostor, state=lease.state)
+    assert await store.touch(lease)
+    assert await store.settle(lease, state=lease.state)
+    assert not await store.settle(lease, state=lease.state)  # already settled
+
+
+@pytest.mark.timeout(20)
+async def test_idle_lease_is_taken_over_and_touch_keeps_it(make_store: StoreFactory) -> None:
+    options = {"lease_timeout": 0.4, "reclaim_interval": 0.05}
+    node_a, node_b = make_store(**options), make_store(**options)
+    await node_a.enqueue(note("k1", Priority.HIGH))
+    await node_a.enqueue(note("k2", Priority.LOW))
+    held = await take(node_a, "a")
+    assert held.notification.id == "k1"
+
+    for _ in range(6):  # touched every 0.1 s for 0.6 s: never idle for 0.4 s
+        await asyncio.sleep(0.1)
+        assert await node_a.touch(held)
+    taken = await take(node_b, "b")
+    assert taken.notification.id == "k2"  # k1 is still held
+    await node_b.settle(taken, state=taken.state)
+
+    await asyncio.sleep(0.8)  # "a" died: its lease goes idle
+    reclaimed = await take(node_b, "b")
+    assert reclaimed.notification == held.notification
+    assert reclaimed.reclaimed
+    assert not await node_a.settle(held, state=held.state)  # the old holder lost it
+    assert await node_b.settle(reclaimed, state=reclaimed.state)
+    assert sum((await node_b.depth()).values()) == 0
+
+
+@pytest.mark.timeout(20)
+async def test_wait_wakes_on_enqueue_and_on_due_retry(make_store: StoreFactory) -> None:
+    store = make_store(poll_interval=30.0, lease_timeout=60.0)
+    assert await store.claim("c1", time.time()) is None
+    waiter = asyncio.create_task(store.wait(20.0))
+    await asyncio.sleep(0.1)
+    assert not waiter.done()
+    started = time.monotonic()
+    await store.enqueue(note("w1"))
+    await asyncio.wait_for(waiter, 5.0)
+    assert time.monotonic() - started < 3.0
+
+    lease = await take(store)
+    await store.settle(lease, state=lease.state, retry_at=time.time() + 0.3)
+    assert await store.claim("c1", time.time()) is None
+    started = time.monotonic()
+    await store.wait(20.0)
+    assert 0.2 <= time.monotonic() - started < 5.0
+    assert (await take(store)).notification.id == "w1"
+
+
+async def test_devices_several_per_user_moved_and_removed(make_store: StoreFactory) -> None:
+    store = make_store()
+    phone = Device("u1", Platform.IOS, "tok-ios")
+    tablet = Device("u1", Platform.ANDROID, "tok:with:colons")
+    await store.add_device(phone)
+    await store.add_device(tablet)
+    await store.add_device(phone)  # again: no duplicate
+    assert sorted(await store.devices("u1"), key=lambda d: d.token) == [phone, tablet]
+    assert await store.devices("nobody") == []
+
+    await store.add_device(Device("u2", Platform.IOS, "tok-ios"))  # the token changed hands
+    assert await store.devices("u1") == [tablet]
+    assert await store.devices("u2") == [Device("u2", Platform.IOS, "tok-ios")]
+
+    assert await store.remove_device(Platform.ANDROID, "tok:with:colons")
+    assert not await store.remove_device(Platform.ANDROID, "tok:with:colons")
+    assert not await store.remove_device(Platform.IOS, "unknown")
+    assert await store.devices("u1") == []
+
+
+async def test_devices_per_user_are_bounded_least_recent_evicted(make_store: StoreFactory) -> None:
+    ticks = iter(range(1_000_000))
+    store = make_store(max_devices_per_user=2, clock=lambda: float(next(ticks)))
+    for token in ("a", "b", "c"):
+        await store.add_device(Device("u1", Platform.IOS, token))
+    assert sorted(d.token for d in await store.devices("u1")) == ["b", "c"]
+    assert not await store.remove_device(Platform.IOS, "a")  # evicted entirely
+    await store.add_device(Device("u1", Platform.IOS, "b"))  # refreshed: now the newest
+    await store.add_device(Device("u1", Platform.IOS, "d"))
+    assert sorted(d.token for d in await store.devices("u1")) == ["b", "d"]
+
+
+async def test_depth_counts_each_priority(make_store: StoreFactory) -> None:
+    store = make_store()
+    for i, priority in enumerate(PRIORITIES):
+        for j in range(i + 1):
+            await store.enqueue(note(f"{priority.value}-{j}", priority))
+    assert await store.depth() == {p: i + 1 for i, p in enumerate(PRIORITIES)}
+    assert await store.ping()
+
+
+# --------------------------------------------------------------------------- Redis only
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def test_redis_unreachable_is_queue_unavailable() -> None:
+    store = RedisNotificationStore.from_url(f"redis://127.0.0.1:{_closed_port()}/0")
+    try:
+        with pytest.raises(QueueUnavailable) as info:
+            await store.enqueue(note("x"))
+        assert info.value.reason == "unreachable"
+        with pytest.raises(QueueUnavailable):
+            await store.claim("c1", time.time())
+        with pytest.raises(QueueUnavailable):
+            await store.add_device(Device("u1", Platform.IOS, "t"))
+        assert not await store.ping()
+    finally:
+        await store.close()
+
+
+async def test_redis_keys_live_under_the_prefix_and_streams_lost_are_recreated(
+    redis_url: str,
+) -> None:
+    store = RedisNotificationStore.from_url(redis_url)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await store.enqueue(note("p1"), idempotency_window=60)
+        await store.add_device(Device("u1", Platform.IOS, "t"))
+        lease = await take(store)
+        await store.settle(lease, state=lease.state, retry_at=time.time() + 60)
+        keys = {k.decode() for k in await client.keys("*")}
+        assert keys and all(k.startswith("rt:notif:") for k in keys), keys
+
+        await client.flushdb()  # as after a restart of a Redis without persistence
+        await store.enqueue(note("p2"))
+        assert (await take(store)).notification.id == "p2"
+    finally:
+        await client.aclose()
+        await store.close()
