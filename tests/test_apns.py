@@ -17,26 +17,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from notifications.apns import MAX_PAYLOAD_BYTES, ApnsAdapter, apns_id, build_payload
-from notifications.models import Device, Notification, Outcome, Platform, Priority
+from notifications.models import Device, Outcome, Platform, Priority
 from tests.fakes import ManualClock, Reply
+from tests.fakes import make_notification as note
 
 if TYPE_CHECKING:
     from tests.fakes.apns_server import FakeApns
 
 # The fixtures (fake_apns, apns_credentials, tls_ca); a plugin must not be imported before this.
 pytest_plugins = ["tests.fakes.apns_server"]
-
-
-def note(priority: Priority = Priority.HIGH, **kw: Any) -> Notification:
-    fields: dict[str, Any] = {
-        "id": "n-1",
-        "user": "u1",
-        "title": "Spent",
-        "body": "You spent 12 EUR",
-        "created_at": time.time(),
-    }
-    fields.update(kw)
-    return Notification(priority=priority, **fields)
 
 
 def make_adapter(fake: FakeApns, **kw: Any) -> ApnsAdapter:

@@ -14,26 +14,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from notifications.fcm import EARLY_REFRESH, FcmAdapter
-from notifications.models import Device, Notification, Outcome, Platform, Priority
+from notifications.models import Device, Outcome, Platform, Priority
 from tests.fakes import ManualClock, Reply
+from tests.fakes import make_notification as note
 
 if TYPE_CHECKING:
     from tests.fakes.fcm_server import FakeFcm
 
 # The fixtures (fake_fcm, fcm_key, tls_ca); a plugin must not be imported before this.
 pytest_plugins = ["tests.fakes.fcm_server"]
-
-
-def note(priority: Priority = Priority.HIGH, **kw: Any) -> Notification:
-    fields: dict[str, Any] = {
-        "id": "n-1",
-        "user": "u1",
-        "title": "Spent",
-        "body": "You spent 12 EUR",
-        "created_at": time.time(),
-    }
-    fields.update(kw)
-    return Notification(priority=priority, **fields)
 
 
 def make_adapter(fake: FakeFcm, **kw: Any) -> FcmAdapter:

@@ -10,17 +10,42 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
 
-__all__ = ["H2Server", "ManualClock", "Reply", "Request"]
+from notifications.models import Notification, Priority
+
+__all__ = [
+    "FakeProvider",
+    "H2Server",
+    "ManualClock",
+    "Reply",
+    "Request",
+    "make_notification",
+    "serving",
+]
+
+
+def make_notification(priority: Priority = Priority.HIGH, **fields: Any) -> Notification:
+    """A notification created now, with test defaults for what ``fields`` leaves out."""
+    values: dict[str, Any] = {
+        "id": "n-1",
+        "user": "u1",
+        "title": "Spent",
+        "body": "You spent 12 EUR",
+        "created_at": time.time(),
+    }
+    values.update(fields)
+    return Notification(priority=priority, **values)
 
 
 class ManualClock:
@@ -256,3 +281,58 @@ class _Connection(asyncio.Protocol):
         data = self._h2.data_to_send()
         if data and self._transport is not None and not self._closed:
             self._transport.write(data)
+
+
+class FakeProvider:
+    """What the provider fakes share: an ``H2Server`` running ``handler``, the
+    device tokens it knows and the answers scripted per device token."""
+
+    def __init__(self, server_context: ssl.SSLContext, ca_file: str) -> None:
+        self.ca_file = ca_file
+        self.known_tokens: set[str] = set()
+        self.token_answers: dict[str, Reply] = {}
+        self.server = H2Server(server_context, self.handle)
+
+    def handle(self, request: Request) -> Reply:
+        raise NotImplementedError
+
+    def new_device_token(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def requests(self) -> list[Request]:
+        return self.server.requests
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def stop(self) -> None:
+        await self.server.stop()
+
+    def add_device(self) -> str:
+        """A new device token the fake knows."""
+        token = self.new_device_token()
+        self.known_tokens.add(token)
+        return token
+
+    def answer_token(self, token: str, reply: Reply) -> None:
+        """Every request for ``token`` that passes the other checks gets ``reply``."""
+        self.token_answers[token] = reply
+
+
+P = TypeVar("P", bound=FakeProvider)
+
+
+@asynccontextmanager
+async def serving(fake: P) -> AsyncIterator[P]:
+    """Starts ``fake``, stops it on exit, then fails if its handler ever raised."""
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.stop()
+    assert not fake.server.errors, fake.server.errors

@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.fakes import H2Server, Reply, Request
+from tests.fakes import FakeProvider, Reply, Request, serving
 from tests.fakes.tls import TestCa, tls_ca
 
 __all__ = [
@@ -55,7 +55,7 @@ class ApnsCredentials:
     topic: str = "com.piggybong.app"
 
 
-class FakeApns:
+class FakeApns(FakeProvider):
     """Answers ``POST /3/device/<token>`` as APNs does.
 
     Checks, in order: method (405), path (404 BadPath), the bearer ES256 JWT
@@ -72,44 +72,20 @@ class FakeApns:
     def __init__(
         self, tls: TestCa, credentials: ApnsCredentials, *, clock: Callable[[], float] = time.time
     ) -> None:
+        super().__init__(tls.server_context(), tls.ca_file)
         self.credentials = credentials
         self.clock = clock
-        self.ca_file = tls.ca_file
-        self.known_tokens: set[str] = set()
-        self.token_answers: dict[str, Reply] = {}
-        self.server = H2Server(tls.server_context(), self._handle)
 
     error = staticmethod(apns_error)
 
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    @property
-    def requests(self) -> list[Request]:
-        return self.server.requests
-
-    async def start(self) -> None:
-        await self.server.start()
-
-    async def stop(self) -> None:
-        await self.server.stop()
-
-    def add_device(self) -> str:
-        """A new known device token (64 hex digits)."""
-        token = secrets.token_hex(32)
-        self.known_tokens.add(token)
-        return token
-
-    def answer_token(self, token: str, reply: Reply) -> None:
-        """Every request for ``token`` that passes the other checks gets ``reply``."""
-        self.token_answers[token] = reply
+    def new_device_token(self) -> str:
+        return secrets.token_hex(32)
 
     def script(self, *replies: Reply) -> None:
         """The next ``len(replies)`` requests get these, whatever they hold."""
         self.server.script(*replies)
 
-    def _handle(self, request: Request) -> Reply:
+    def handle(self, request: Request) -> Reply:
         if request.method != "POST":
             return apns_error(405, "MethodNotAllowed")
         match = _PATH.fullmatch(request.path)
@@ -194,10 +170,5 @@ def apns_credentials() -> ApnsCredentials:
 
 @pytest.fixture
 async def fake_apns(tls_ca: TestCa, apns_credentials: ApnsCredentials) -> AsyncIterator[FakeApns]:
-    fake = FakeApns(tls_ca, apns_credentials)
-    await fake.start()
-    try:
+    async with serving(FakeApns(tls_ca, apns_credentials)) as fake:
         yield fake
-    finally:
-        await fake.stop()
-    assert not fake.server.errors, fake.server.errors

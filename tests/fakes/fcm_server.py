@@ -20,7 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.fakes import H2Server, Reply, Request
+from tests.fakes import FakeProvider, Reply, Request, serving
 from tests.fakes.tls import TestCa, tls_ca
 
 __all__ = ["FakeFcm", "fake_fcm", "fcm_error", "fcm_key", "tls_ca"]
@@ -76,7 +76,7 @@ def fcm_error(
     return Reply(status, {"error": error}, headers or {})
 
 
-class FakeFcm:
+class FakeFcm(FakeProvider):
     """Serves ``POST /token`` and ``POST /v1/projects/<id>/messages:send``.
 
     Token endpoint: a form with grant_type jwt-bearer and an RS256 assertion
@@ -101,23 +101,19 @@ class FakeFcm:
         client_email: str = "push@piggybong-test.iam.gserviceaccount.com",
         clock: Callable[[], float] = time.time,
     ) -> None:
+        super().__init__(tls.server_context(), tls.ca_file)
         self._key = key
         self.project_id = project_id
         self.client_email = client_email
         self.clock = clock
-        self.ca_file = tls.ca_file
         self.token_lifetime = 3600
         self.access_tokens: dict[str, float] = {}  # token -> expires at (by clock)
-        self.known_tokens: set[str] = set()
-        self.token_answers: dict[str, Reply] = {}
         self._ids = itertools.count(1)
-        self.server = H2Server(tls.server_context(), self._handle)
 
     error = staticmethod(fcm_error)
 
-    @property
-    def url(self) -> str:
-        return self.server.url
+    def new_device_token(self) -> str:
+        return secrets.token_urlsafe(48)
 
     @property
     def token_uri(self) -> str:
@@ -139,31 +135,12 @@ class FakeFcm:
         }
 
     @property
-    def requests(self) -> list[Request]:
-        return self.server.requests
-
-    @property
     def token_requests(self) -> list[Request]:
         return [r for r in self.server.requests if r.path == TOKEN_PATH]
 
     @property
     def send_requests(self) -> list[Request]:
         return [r for r in self.server.requests if r.path != TOKEN_PATH]
-
-    async def start(self) -> None:
-        await self.server.start()
-
-    async def stop(self) -> None:
-        await self.server.stop()
-
-    def add_device(self) -> str:
-        token = secrets.token_urlsafe(48)
-        self.known_tokens.add(token)
-        return token
-
-    def answer_token(self, token: str, reply: Reply) -> None:
-        """Every well-formed, authorised send to ``token`` gets ``reply``."""
-        self.token_answers[token] = reply
 
     def revoke_access_tokens(self) -> None:
         self.access_tokens.clear()
@@ -176,7 +153,7 @@ class FakeFcm:
         """The next ``len(replies)`` token requests get these."""
         self.server.script(*replies, path_prefix=TOKEN_PATH)
 
-    def _handle(self, request: Request) -> Reply:
+    def handle(self, request: Request) -> Reply:
         if request.path == TOKEN_PATH:
             return self._token(request)
         match = _SEND.fullmatch(request.path)
@@ -283,10 +260,5 @@ def fcm_key() -> rsa.RSAPrivateKey:
 
 @pytest.fixture
 async def fake_fcm(tls_ca: TestCa, fcm_key: rsa.RSAPrivateKey) -> AsyncIterator[FakeFcm]:
-    fake = FakeFcm(tls_ca, fcm_key)
-    await fake.start()
-    try:
+    async with serving(FakeFcm(tls_ca, fcm_key)) as fake:
         yield fake
-    finally:
-        await fake.stop()
-    assert not fake.server.errors, fake.server.errors
