@@ -383,3 +383,69 @@ async def test_untrusted_certificate_is_a_transport_failure(
         await adapter.close()
     assert (result.outcome, result.breaker_failure) == (Outcome.RETRY, True)
     assert fake_apns.requests == []
+
+
+@pytest.mark.timeout(30)
+async def test_connection_dropped_under_many_streams_every_send_returns_a_result(
+    fake_apns: FakeApns, apns: ApnsAdapter, device: Device
+) -> None:
+    fake_apns.server.delay = 0.2  # keep the streams in flight while the connection drops
+    fake_apns.script(*[Reply() for _ in range(9)], Reply(close=True))
+    results = await asyncio.gather(*(apns.send(note(id=f"n{i}"), device) for i in range(50)))
+    outcomes = {r.outcome for r in results}
+    assert outcomes <= {Outcome.DELIVERED, Outcome.RETRY}
+    assert Outcome.RETRY in outcomes
+    assert all(r.breaker_failure for r in results if r.outcome is Outcome.RETRY)
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "reason"),
+    [
+        ({"method": "GET"}, 405, "MethodNotAllowed"),
+        ({"path": "/3/devices/x"}, 404, "BadPath"),
+        ({"apns-topic": None}, 400, "MissingTopic"),
+        ({"apns-priority": "7"}, 400, "BadPriority"),
+        ({"apns-id": "not-a-uuid"}, 400, "BadMessageId"),
+        ({"apns-collapse-id": "c" * 65}, 400, "BadCollapseId"),
+        ({"authorization": None}, 403, "MissingProviderToken"),
+        ({"authorization": "bearer not.a.jwt"}, 403, "InvalidProviderToken"),
+        ({"iat": +120}, 403, "InvalidProviderToken"),
+        ({"iat": -3700}, 403, "ExpiredProviderToken"),
+        ({"body": b""}, 400, "PayloadEmpty"),
+        ({"body": b"{" + b" " * 4095 + b"}"}, 413, "PayloadTooLarge"),
+    ],
+)
+async def test_the_fake_refuses_what_apple_refuses(
+    fake_apns: FakeApns, device: Device, change: dict[str, Any], status: int, reason: str
+) -> None:
+    """The checks the adapter tests lean on can fail: a raw HTTP/2 client breaks each rule."""
+    creds = fake_apns.credentials
+
+    async def post(change: dict[str, Any]) -> httpx.Response:
+        change = dict(change)
+        iat = int(time.time()) + change.pop("iat", 0)
+        claims = {"iss": creds.team_id, "iat": iat}
+        kid = {"kid": creds.key_id}
+        token = jwt.encode(claims, creds.key_pem, algorithm="ES256", headers=kid)
+        headers: dict[str, str | None] = {
+            "authorization": f"bearer {token}",
+            "apns-topic": creds.topic,
+            "apns-push-type": "alert",
+            "apns-priority": "10",
+        }
+        method = change.pop("method", "POST")
+        path = change.pop("path", f"/3/device/{device.token}")
+        body = change.pop("body", b'{"aps":{}}')
+        headers.update(change)
+        return await client.request(
+            method,
+            fake_apns.url + path,
+            content=body,
+            headers={k: v for k, v in headers.items() if v is not None},
+        )
+
+    ctx = ssl.create_default_context(cafile=fake_apns.ca_file)
+    async with httpx.AsyncClient(http2=True, http1=False, verify=ctx) as client:
+        assert (await post({})).status_code == 200  # the rule kept, the same request gets through
+        response = await post(change)
+        assert (response.status_code, response.json()["reason"]) == (status, reason)
