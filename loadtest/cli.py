@@ -1,0 +1,187 @@
+"""``realtime-loadtest``: drive a PiggyBong Realtime server as the app and the backend do.
+
+Exit codes: 0 every threshold held; 99 a threshold was breached; 2 the scenario
+is invalid (nothing was started); 1 the run could not start or a worker failed;
+130 interrupted (results are still written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from loadtest.config import ConfigError, Scenario, load_scenario
+from loadtest.report import render_html
+from loadtest.results import summary_text
+from loadtest.runner import EXIT_CONFIG, Aborted, Outcome, run
+from loadtest.thresholds import DEFAULT_EXPRESSIONS, METRICS
+from loadtest.worker import run_event_loop
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="realtime-loadtest",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=None,
+    )
+    add = p.add_argument
+    add("--config", type=Path, help="scenario file (.toml, .json, .yaml); flags override it")
+    add(
+        "--scenario",
+        choices=("mixed", "broadcast"),
+        help="mixed: the app's traffic (default); broadcast: S subscribers on one artist "
+        "channel, R messages/s",
+    )
+    add("--target", help="server base URL, 127.0.0.0/8 only (default http://127.0.0.1:8000)")
+    g = p.add_argument_group("clients")
+    g.add_argument("--clients", "--subscribers", dest="clients", type=int, metavar="N")
+    g.add_argument("--connect-rate", type=float, metavar="PER_S")
+    g.add_argument("--connect-timeout", metavar="DURATION")
+    g.add_argument(
+        "--paid",
+        dest="paid_fraction",
+        type=float,
+        metavar="FRACTION",
+        help="share of paid-tier clients (default 0.2)",
+    )
+    g.add_argument(
+        "--msgpack",
+        dest="msgpack_fraction",
+        type=float,
+        metavar="FRACTION",
+        help="share of msgpack clients (default 0.3)",
+    )
+    g.add_argument("--artists", type=int, metavar="N", help="artist channels in play")
+    g.add_argument("--artists-per-client", type=int, metavar="N")
+    g.add_argument(
+        "--stage",
+        dest="stages",
+        action="append",
+        metavar="DURATION:CLIENTS[:RATE]",
+        help="ramp stage like k6's, e.g. 30s:1000 (repeat)",
+    )
+    g = p.add_argument_group("publishing")
+    g.add_argument("--event-rate", "--rate", dest="event_rate", type=float, metavar="PER_S")
+    g.add_argument("--spending-rate", type=float, metavar="PER_S")
+    g.add_argument("--notification-rate", type=float, metavar="PER_S")
+    g.add_argument("--premium-fraction", type=float, metavar="FRACTION")
+    g.add_argument("--payload-bytes", type=int, metavar="N")
+    g.add_argument("--publish-lanes", type=int, metavar="N")
+    g.add_argument("--publish-batch", type=int, metavar="N")
+    g.add_argument("--duration", metavar="DURATION", help="publishing time (default 30s)")
+    g.add_argument("--drain", metavar="DURATION", help="wait after the last publish (3s)")
+    g = p.add_argument_group("processes and credentials")
+    g.add_argument("--workers", metavar="N|auto", help="client processes; 0: this process")
+    g.add_argument("--source-ips", type=int, metavar="N", help="use 127.0.0.1 .. 127.0.0.N")
+    g.add_argument("--source-address", dest="source_addresses", action="append", metavar="IP")
+    g.add_argument("--jwt-secret", default=os.environ.get("REALTIME_JWT_SECRET") or None)
+    g.add_argument("--api-key", default=_first_key(os.environ.get("REALTIME_API_KEYS", "")))
+    g.add_argument("--audience")
+    g.add_argument("--seed", type=int)
+    g = p.add_argument_group("measurement and output")
+    g.add_argument(
+        "--threshold",
+        dest="thresholds",
+        action="append",
+        metavar="EXPR",
+        help="e.g. 'p95<150' (repeat); defaults: " + ", ".join(DEFAULT_EXPRESSIONS),
+    )
+    g.add_argument(
+        "--no-default-thresholds", dest="default_thresholds", action="store_const", const=False
+    )
+    g.add_argument(
+        "--server-pid",
+        action="append",
+        metavar="PID|auto",
+        help="read the server's CPU and memory from /proc (repeat)",
+    )
+    g.add_argument(
+        "--no-server-metrics",
+        dest="server_metrics",
+        action="store_const",
+        const=False,
+        help="do not scrape /metrics for process_* figures",
+    )
+    g.add_argument("--sample-interval", metavar="DURATION")
+    g.add_argument("--out", type=Path, metavar="FILE", help="write results as JSON")
+    g.add_argument("--html", type=Path, metavar="FILE", help="write an HTML report")
+    g.add_argument("--progress", choices=("auto", "line", "off"))
+    g.add_argument("--quiet", action="store_true", help="no progress line")
+    g.add_argument("--list-metrics", action="store_true", help="list threshold metrics and exit")
+    return p
+
+
+def _first_key(keys: str) -> str | None:
+    return next((k.strip() for k in keys.split(",") if k.strip()), None)
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Scenario fields from the flags that were given (None: not given)."""
+    values = {k: v for k, v in vars(args).items() if k not in _NOT_FIELDS}
+    if args.source_ips:
+        values["source_addresses"] = [f"127.0.0.{i}" for i in range(1, args.source_ips + 1)]
+    if args.quiet:
+        values["progress"] = "off"
+    pids = args.server_pid
+    if pids:
+        values["server_pid"] = "auto" if pids == ["auto"] else pids
+    workers = args.workers
+    if workers is not None and workers != "auto":
+        values["workers"] = int(workers) if workers.isdigit() else workers
+    return values
+
+
+_NOT_FIELDS = frozenset({"config", "source_ips", "quiet", "list_metrics"})
+
+
+def write_outputs(scenario: Scenario, outcome: Outcome) -> None:
+    if scenario.out is not None:
+        scenario.out.write_text(json.dumps(outcome.results, indent=2) + "\n")
+    if scenario.html is not None:
+        scenario.html.write_text(render_html(outcome.results))
+
+
+async def _run(scenario: Scenario) -> Outcome | Aborted:
+    loop = asyncio.get_running_loop()
+    interrupt = asyncio.Event()
+
+    def on_sigint() -> None:
+        sys.stderr.write("\nstopping: finishing the run (Ctrl-C again to abort)\n")
+        interrupt.set()
+        loop.remove_signal_handler(signal.SIGINT)
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    try:
+        return await run(scenario, interrupt=interrupt)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.list_metrics:
+        for name, (kind, meaning) in sorted(METRICS.items()):
+            print(f"{name:<24} {kind:<8} {meaning}")
+        return 0
+    scenario = load_scenario(args.config, overrides(args))
+    if isinstance(scenario, ConfigError):
+        print(f"realtime-loadtest: {scenario}", file=sys.stderr)
+        return EXIT_CONFIG
+    outcome = run_event_loop(_run(scenario))
+    if isinstance(outcome, Aborted):
+        print(f"realtime-loadtest: aborted: {outcome.reason}", file=sys.stderr)
+        return outcome.exit_code
+    write_outputs(scenario, outcome)
+    print(summary_text(outcome.results))
+    return outcome.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
