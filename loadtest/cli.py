@@ -20,6 +20,7 @@ from loadtest.config import ConfigError, Scenario, load_scenario
 from loadtest.report import render_html
 from loadtest.results import summary_text
 from loadtest.runner import EXIT_CONFIG, Aborted, Outcome, run
+from loadtest.sysstats import pin_cpus
 from loadtest.thresholds import DEFAULT_EXPRESSIONS, METRICS
 from loadtest.worker import run_event_loop
 
@@ -81,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", metavar="N|auto", help="client processes; 0: this process")
     g.add_argument("--source-ips", type=int, metavar="N", help="use 127.0.0.1 .. 127.0.0.N")
     g.add_argument("--source-address", dest="source_addresses", action="append", metavar="IP")
+    g.add_argument("--cpus", metavar="LIST", help="pin the harness to CPUs, e.g. 1 or 0,1")
     g.add_argument("--jwt-secret", default=os.environ.get("REALTIME_JWT_SECRET") or None)
     g.add_argument("--api-key", default=_first_key(os.environ.get("REALTIME_API_KEYS", "")))
     g.add_argument("--audience")
@@ -174,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(scenario, ConfigError):
         print(f"realtime-loadtest: {scenario}", file=sys.stderr)
         return EXIT_CONFIG
+    pin_cpus(scenario.cpus)  # worker processes pin themselves
     outcome = run_event_loop(_run(scenario))
     if isinstance(outcome, Aborted):
         print(f"realtime-loadtest: aborted: {outcome.reason}", file=sys.stderr)

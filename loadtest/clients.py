@@ -34,6 +34,8 @@ MSGPACK_SUBPROTOCOL: Final = "piggybong.v1.msgpack"
 CATEGORIES: Final = ("event", "batch", "notification", "connect", "publish")
 DELIVERY_CATEGORIES: Final = ("event", "batch", "notification")
 CONTROL_PERIOD: Final = 0.05
+json_decode = json.JSONDecoder().decode
+unpack = msgpack.unpackb
 
 
 def user_name(run_id: str, index: int) -> str:
@@ -176,7 +178,7 @@ class AppClient(WSClient):
     def on_message(self, payload: bytes, binary: bool) -> None:
         now = time.time()
         try:
-            msg = msgpack.unpackb(payload, raw=False) if binary else json.loads(payload)
+            msg = unpack(payload, raw=False) if binary else json_decode(payload.decode())
             kind = msg.get("type")
             if kind == "event":
                 self._delivery(msg["channel"], msg["data"], now, "event")

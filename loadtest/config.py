@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import math
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -131,6 +132,7 @@ class Scenario(BaseModel):
     # processes and addresses
     workers: int | Literal["auto"] = "auto"
     source_addresses: list[str] = []
+    cpus: list[int] = Field(default=[], description="pin the harness's processes to these CPUs")
 
     # credentials
     jwt_secret: str = DEV_JWT_SECRET
@@ -179,6 +181,23 @@ class Scenario(BaseModel):
         if len(set(out)) != len(out):
             raise ValueError("source addresses repeat")
         return out
+
+    @field_validator("cpus", mode="before")
+    @classmethod
+    def _cpu_list(cls, value: object) -> object:
+        """``"1"`` or ``"0,1"`` (flags) or a list."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpus_exist(cls, value: list[int]) -> list[int]:
+        available = os.sched_getaffinity(0)
+        missing = sorted(set(value) - available)
+        if missing:
+            raise ValueError(f"CPUs {missing} are not available (have {sorted(available)})")
+        return value
 
     @field_validator("thresholds")
     @classmethod

@@ -177,6 +177,12 @@ def raise_nofile() -> int:
     return soft
 
 
+def pin_cpus(cpus: list[int]) -> None:
+    """Run this process on the given CPUs only (no-op for an empty list)."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
 def ephemeral_ports() -> int:
     """How many local ports one source address can use for outgoing connections."""
     try:

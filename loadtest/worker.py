@@ -25,7 +25,7 @@ from typing import Any, Final, Protocol, TypeVar
 from loadtest.accounting import Loss, PublishLog, account
 from loadtest.clients import Fleet
 from loadtest.config import Scenario
-from loadtest.sysstats import own_cpu_seconds, raise_nofile
+from loadtest.sysstats import own_cpu_seconds, pin_cpus, raise_nofile
 
 T = TypeVar("T")
 Tick = dict[str, Any]
@@ -216,6 +216,7 @@ def worker_main(conn: Connection, scenario_json: str, run_id: str, index: int, c
     """Entry point of a worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and says finish
     limit = raise_nofile()
+    pin_cpus(Scenario.model_validate_json(scenario_json).cpus)
     run_event_loop(_serve(conn, scenario_json, run_id, (index, count), limit))
 
 

@@ -144,15 +144,16 @@ class WSClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
-        buf += data
         if self.state == CONNECTING:
+            buf += data
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(buf) > MAX_HEADER_BYTES:
                     self._refuse("upgrade answer headers too large")
                 return
             head = bytes(buf[:end])
-            del buf[: end + 4]
+            data = bytes(buf[end + 4 :])
+            buf.clear()
             problem = self._check_upgrade(head)
             if problem is not None:
                 self._refuse(problem)
@@ -160,10 +161,17 @@ class WSClient(asyncio.Protocol):
             self.state = OPEN
             self._opened = True
             self.on_open(self.subprotocol)
+        elif buf:  # a frame was split across reads
+            buf += data
+            data = bytes(buf)
+            buf.clear()
         try:
-            self._parse_frames()
+            used = self._parse_frames(data)
         except FrameError as exc:
             self._fail(str(exc))
+            return
+        if used < len(data) and self.state != CLOSED:
+            buf += memoryview(data)[used:]
 
     def connection_lost(self, exc: Exception | None) -> None:
         previous = self.state
@@ -208,24 +216,24 @@ class WSClient(asyncio.Protocol):
         self._closed_by_server = False
         self.abort()
 
-    def _parse_frames(self) -> None:
-        buf = self._buf
+    def _parse_frames(self, data: bytes) -> int:
+        """Handle every complete frame in ``data``; returns how many bytes they took."""
         pos = 0
-        size = len(buf)
+        size = len(data)
         while size - pos >= 2:
-            b0 = buf[pos]
-            b1 = buf[pos + 1]
+            b0 = data[pos]
+            b1 = data[pos + 1]
             length = b1 & 0x7F
             head = 2
             if length == 126:
                 if size - pos < 4:
                     break
-                length = (buf[pos + 2] << 8) | buf[pos + 3]
+                length = (data[pos + 2] << 8) | data[pos + 3]
                 head = 4
             elif length == 127:
                 if size - pos < 10:
                     break
-                length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
                 head = 10
             if size - pos < head + length:
                 break
@@ -233,13 +241,12 @@ class WSClient(asyncio.Protocol):
                 raise FrameError("the server masked a frame")
             if b0 & 0x70:
                 raise FrameError("reserved bits set without an extension")
-            payload = bytes(buf[pos + head : pos + head + length])
+            payload = data[pos + head : pos + head + length]
             pos += head + length
             self._frame(b0 & 0x0F, bool(b0 & 0x80), payload)
             if self.state == CLOSED:
                 break
-        if pos:
-            del buf[:pos]
+        return pos
 
     def _frame(self, opcode: int, fin: bool, payload: bytes) -> None:
         if opcode in (OP_TEXT, OP_BINARY):
