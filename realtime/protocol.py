@@ -12,7 +12,7 @@ import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import Enum, IntEnum
+from enum import IntEnum, StrEnum
 from typing import Any, Final
 
 import msgpack
@@ -40,7 +40,7 @@ class CloseCode(IntEnum):
     TOO_MANY = 4029
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     """Error codes of command replies and HTTP errors (section 2)."""
 
     BAD_REQUEST = "bad_request"

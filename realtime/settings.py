@@ -33,35 +33,63 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="REALTIME_", extra="ignore")
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    workers: int = Field(1, ge=1, le=64)
-    redis_url: str | None = None
-    node_id: str | None = None
+    host: str = Field("127.0.0.1", description="interface to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    workers: int = Field(1, ge=1, le=64, description="processes sharing the port (>1 needs Redis)")
+    redis_url: str | None = Field(
+        None, description="Redis URL; unset: in-process broker and queues (one node)"
+    )
+    node_id: str | None = Field(None, description="this node's name (default host-pid)")
 
-    jwt_secret: str | None = None
-    jwt_public_key: Path | None = None
-    jwt_audiences: CsvList = ["authenticated"]
-    jwt_leeway: float = Field(0.0, ge=0)
-    api_keys: CsvList = []
-    blocked_users: CsvList = []
+    jwt_secret: str | None = Field(
+        None, description="HS256 secret (32+ bytes); unset with no public key: dev mode"
+    )
+    jwt_public_key: Path | None = Field(None, description="PEM file of the RS256/ES256 public key")
+    jwt_audiences: CsvList = Field(
+        ["authenticated"], description="accepted aud values, comma-separated"
+    )
+    jwt_leeway: float = Field(0.0, ge=0, description="seconds of clock skew allowed on exp/nbf")
+    api_keys: CsvList = Field([], description="backend API keys, comma-separated; unset: dev mode")
+    blocked_users: CsvList = Field([], description="user ids refused with 4003, comma-separated")
 
-    tier_policy: Path | None = None
+    tier_policy: Path | None = Field(None, description="tier policy file (JSON or TOML)")
 
-    max_frame_bytes: int = Field(64 * 1024, ge=1024)
-    max_body_bytes: int = Field(1024 * 1024, ge=1024)
-    outbox_max_messages: int = Field(1000, ge=1)
-    outbox_max_bytes: int = Field(1024 * 1024, ge=1024)
-    ping_interval: float = Field(25.0, gt=0)
-    connect_timeout: float = Field(10.0, gt=0)
-    close_timeout: float = Field(5.0, gt=0)
-    drain_timeout: float = Field(10.0, ge=0)
-    idempotency_window: float = Field(600.0, gt=0)
-    publish_rate_per_key: float | None = Field(None, gt=0)
-    max_connections_per_user: int | None = Field(None, ge=1)
+    max_frame_bytes: int = Field(
+        64 * 1024, ge=1024, description="largest client frame (1009 beyond)"
+    )
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="largest HTTP body (413 beyond)")
+    outbox_max_messages: int = Field(
+        1000, ge=1, description="queued messages per connection (4008 beyond)"
+    )
+    outbox_max_bytes: int = Field(
+        1024 * 1024, ge=1024, description="queued bytes per connection (4008 beyond)"
+    )
+    ping_interval: float = Field(
+        25.0, gt=0, description="seconds between server pings; no pong by the next: closed"
+    )
+    connect_timeout: float = Field(
+        10.0, gt=0, description="seconds for the first connect (4001 after)"
+    )
+    close_timeout: float = Field(
+        5.0, gt=0, description="seconds to wait for a close reply before aborting"
+    )
+    drain_timeout: float = Field(
+        10.0, ge=0, description="seconds to deliver queued messages on SIGTERM"
+    )
+    idempotency_window: float = Field(600.0, gt=0, description="seconds a caller id is remembered")
+    publish_rate_per_key: float | None = Field(
+        None,
+        gt=0,
+        description="HTTP publish requests/s per API key and node (429 beyond); unset: off",
+    )
+    max_connections_per_user: int | None = Field(
+        None, ge=1, description="overrides the tiers' connections per user"
+    )
 
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_interval: float = Field(10.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_interval: float = Field(
+        10.0, gt=0, description="seconds between log lines about one bad client"
+    )
 
     @field_validator("jwt_audiences", "api_keys", "blocked_users", mode="before")
     @classmethod
@@ -76,6 +104,8 @@ class Settings(BaseSettings):
                 "REALTIME_API_KEYS) is refused on a non-loopback host "
                 f"({self.host!r}); configure a secret and API keys"
             )
+        if self.jwt_secret is not None and len(self.jwt_secret.encode()) < 32:
+            raise ValueError("REALTIME_JWT_SECRET must be at least 32 bytes (RFC 7518 for HS256)")
         if self.workers > 1 and not self.redis_url:
             raise ValueError("REALTIME_WORKERS > 1 needs REALTIME_REDIS_URL")
         return self

@@ -1,0 +1,186 @@
+"""The app factory: the one place that wires settings, broker, stores, hub and API together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
+
+from realtime.api import Api
+from realtime.auth import ApiKeys, Authenticator
+from realtime.broker import Broker, MemoryBroker
+from realtime.connection import Connection
+from realtime.hub import Hub
+from realtime.idempotency import IdempotencyStore, MemoryIdempotencyStore
+from realtime.metrics import Metrics
+from realtime.node import Node, make_log_throttle
+from realtime.presence import ConnectionRegistry, MemoryConnectionRegistry
+from realtime.protocol import ErrorCode, choose_codec
+from realtime.ratelimit import MemoryRateLimiter, RateLimiter
+from realtime.settings import Settings
+from realtime.tiers import load_policy
+from realtime.timers import Timers
+from realtime.wsprotocol import EXTENSION
+
+log = logging.getLogger("realtime")
+
+#: Seconds between presence heartbeats (entries of a dead node expire after 3 of them).
+HEARTBEAT_INTERVAL = 30.0
+
+
+class WebSocketEndpoint:
+    """ASGI endpoint of ``/v1/ws``: subprotocol choice and handshake, then a Connection."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        node: Node = scope["app"].state.node
+        websocket = WebSocket(scope, receive, send)
+        choice = choose_codec(list(scope.get("subprotocols", [])))
+        if choice is None:
+            await websocket.send_denial_response(_error(
+                400, ErrorCode.BAD_REQUEST,
+                "unsupported subprotocol: offer piggybong.v1.json or piggybong.v1.msgpack"))
+            return
+        wire = scope.get("extensions", {}).get(EXTENSION)
+        if wire is None:
+            await websocket.send_denial_response(_error(
+                500, ErrorCode.INTERNAL, "server runs without the realtime WebSocket protocol"))
+            return
+        if node.draining:
+            await websocket.send_denial_response(_error(
+                503, ErrorCode.UNAVAILABLE, "server draining"))
+            return
+        codec, accepted = choice
+        await websocket.accept(subprotocol=accepted)
+        client = scope.get("client") or ("?", 0)
+        await Connection(node, wire, receive, codec, f"{client[0]}:{client[1]}").run()
+
+
+def _error(status: int, code: ErrorCode, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code.value, "message": message}}, status_code=status)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.BAD_REQUEST
+    message = "not found" if exc.status_code == 404 else str(exc.detail)
+    return _error(exc.status_code, code, message)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s", request.url.path, exc_info=exc)
+    return _error(500, ErrorCode.INTERNAL, "internal error")
+
+
+def _redis_parts(url: str, metrics: Metrics) -> tuple[Broker, IdempotencyStore,
+                                                     ConnectionRegistry, RateLimiter]:
+    from realtime.idempotency import RedisIdempotencyStore
+    from realtime.presence import RedisConnectionRegistry
+    from realtime.ratelimit import RedisRateLimiter
+    from realtime.redis_broker import RedisBroker
+
+    return (
+        RedisBroker(url, on_reconnect=metrics.broker_reconnects.inc),
+        RedisIdempotencyStore(url),
+        RedisConnectionRegistry(url),
+        RedisRateLimiter(url),
+    )
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """Build the server app. Without a Redis URL: in-process broker and stores (one node)."""
+    settings = settings or Settings()
+    registry = CollectorRegistry()
+    for collector in (ProcessCollector, PlatformCollector, GCCollector):
+        collector(registry=registry)
+    metrics = Metrics(registry)
+    policy = load_policy(settings.tier_policy)
+    public_key = settings.jwt_public_key.read_bytes() if settings.jwt_public_key else None
+    auth = Authenticator(
+        secret=settings.effective_jwt_secret, public_key_pem=public_key,
+        audiences=settings.jwt_audiences, leeway=settings.jwt_leeway,
+        blocked_users=settings.blocked_users,
+    )
+    api_keys = ApiKeys(settings.effective_api_keys)
+    node_id = settings.node_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    broker: Broker
+    idempotency: IdempotencyStore
+    presence: ConnectionRegistry
+    limiter: RateLimiter
+    if settings.redis_url:
+        broker, idempotency, presence, limiter = _redis_parts(settings.redis_url, metrics)
+    else:
+        broker, idempotency = MemoryBroker(), MemoryIdempotencyStore()
+        presence, limiter = MemoryConnectionRegistry(), MemoryRateLimiter()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        hub = Hub(broker, policy, metrics)
+        node = Node(
+            node_id=node_id, settings=settings, broker=broker, hub=hub, auth=auth,
+            policy=policy, limiter=limiter, presence=presence, idempotency=idempotency,
+            metrics=metrics, batch_timers=None,  # type: ignore[arg-type]
+            log_throttle=make_log_throttle(settings.log_interval),
+        )
+        node.batch_timers = Timers(node.flush_due_batches)
+        app.state.node = node
+        app.state.api = Api(node, api_keys)
+        await broker.start(hub.on_message)
+        housekeeping = asyncio.create_task(_housekeeping(node), name="housekeeping")
+        gc.collect()
+        gc.freeze()
+        log.info("node %s ready (%s broker)", node_id, "redis" if settings.redis_url else "memory")
+        try:
+            yield
+        finally:
+            node.draining = True
+            housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await housekeeping
+            node.batch_timers.close()
+            for part in (broker, idempotency, presence, limiter):
+                await part.close()
+
+    def handler(name: str) -> Any:
+        async def endpoint(request: Request) -> Response:
+            result: Response = await getattr(request.app.state.api, name)(request)
+            return result
+        endpoint.__name__ = name
+        return endpoint
+
+    routes = [
+        Route("/v1/publish", handler("publish"), methods=["POST"]),
+        Route("/healthz", handler("healthz"), methods=["GET"]),
+        Route("/readyz", handler("readyz"), methods=["GET"]),
+        Route("/metrics", handler("metrics"), methods=["GET"]),
+        WebSocketRoute("/v1/ws", WebSocketEndpoint()),
+    ]
+    return Starlette(
+        routes=routes, lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+    )
+
+
+async def _housekeeping(node: Node) -> None:
+    """Presence heartbeats for this node's connections (entries of a dead node expire)."""
+    while True:
+        await asyncio.sleep(HEARTBEAT_INTERVAL)
+        entries = [(c.user, c.conn_id) for c in node.connections if c.registered]
+        try:
+            await node.presence.refresh(entries)
+        except Exception as exc:  # the store is down: the next beat tries again
+            log.warning("presence heartbeat failed: %s", exc)

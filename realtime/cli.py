@@ -1,0 +1,137 @@
+"""``realtime serve`` and ``realtime token``.
+
+Every setting is a flag of ``serve`` (``--redis-url`` for ``REALTIME_REDIS_URL``);
+a flag wins over the environment. Flags are handed to the server processes as
+``REALTIME_*`` variables, so Settings stays the only reader of configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from realtime.settings import DEV_API_KEY, DEV_JWT_SECRET, Settings
+
+BANNER = """\
+================================================================================
+ DEV MODE: {what} not configured. Using the documented dev credentials:
+   API key:    {api_key}
+   JWT secret: {secret}
+ Mint a token:  realtime token <user> [--tier paid]
+ Publish:       curl -H 'Authorization: Bearer {api_key}' -d '{{"channel":"broadcast",\
+"event":"hello","data":{{}}}}' http://{host}:{port}/v1/publish
+ Never use dev mode in production; it is refused on any host but loopback.
+================================================================================"""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _serve_parser(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="run the server",
+                           description="Run the server. Each flag overrides REALTIME_<NAME>.")
+    for name, field in Settings.model_fields.items():
+        env = f"REALTIME_{name.upper()}"
+        default = field.default if field.default is not None else "unset"
+        serve.add_argument(_flag(name), dest=name, default=None, metavar="VALUE",
+                           help=f"{field.description or ''} (env {env}; default {default})")
+
+
+def _apply_flags(args: argparse.Namespace) -> None:
+    for name in Settings.model_fields:
+        value = getattr(args, name, None)
+        if value is not None:
+            os.environ[f"REALTIME_{name.upper()}"] = str(value)
+
+
+def serve(args: argparse.Namespace) -> int:
+    _apply_flags(args)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"realtime: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    if settings.dev_mode:
+        what = " and ".join(
+            part for part, on in (("JWT secret", settings.dev_jwt), ("API keys", settings.dev_api))
+            if on)
+        print(BANNER.format(what=what, api_key=settings.effective_api_keys[0]
+                            if settings.dev_api else "(configured)",
+                            secret=DEV_JWT_SECRET if settings.dev_jwt else "(configured)",
+                            host=settings.host, port=settings.port), file=sys.stderr, flush=True)
+    try:
+        from realtime.tiers import PolicyError, load_policy
+
+        load_policy(settings.tier_policy)
+    except PolicyError as exc:
+        print(f"realtime: invalid tier policy: {exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    uvicorn.run(
+        "realtime.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        loop="uvloop" if _has_uvloop() else "asyncio",
+        http="auto",
+        ws="realtime.wsprotocol:RealtimeWSProtocol",
+        ws_max_size=settings.max_frame_bytes,
+        ws_ping_interval=settings.ping_interval,
+        ws_ping_timeout=settings.ping_interval,
+        ws_per_message_deflate=False,
+        lifespan="on",
+        timeout_graceful_shutdown=int(settings.drain_timeout + settings.close_timeout) + 1,
+        log_level=settings.log_level,
+        access_log=settings.log_level == "debug",
+        server_header=False,
+        h11_max_incomplete_event_size=settings.max_body_bytes,
+    )
+    return 0
+
+
+def _has_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def token(args: argparse.Namespace) -> int:
+    from realtime.auth import mint_token
+
+    settings = Settings.model_construct()
+    secret = os.environ.get("REALTIME_JWT_SECRET") or DEV_JWT_SECRET
+    if os.environ.get("REALTIME_JWT_PUBLIC_KEY") and not os.environ.get("REALTIME_JWT_SECRET"):
+        print("realtime: the server verifies RS256/ES256 tokens; mint them with your issuer",
+              file=sys.stderr)
+        return 2
+    audiences = os.environ.get("REALTIME_JWT_AUDIENCES")
+    audience = audiences.split(",")[0].strip() if audiences else settings.jwt_audiences[0]
+    print(mint_token(secret, args.user, tier=args.tier, ttl=args.ttl, audience=audience))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="realtime", description="PiggyBong Realtime server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    tok = sub.add_parser("token", help="mint a JWT with the configured (or dev) secret")
+    tok.add_argument("user")
+    tok.add_argument("--tier", default=None, help="tier claim, e.g. paid (default: none = free)")
+    tok.add_argument("--ttl", type=float, default=3600.0, help="seconds until expiry")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return token(args)
+
+
+__all__ = ["DEV_API_KEY", "main"]

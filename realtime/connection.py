@@ -1,0 +1,501 @@
+"""One client WebSocket: the connect deadline, its commands, its bounded outbox, its closes.
+
+Writes are synchronous: a frame goes straight to the transport while it is
+not paused; under back-pressure it waits in the outbox (bounded in messages
+and bytes; at the bound the connection is closed with 4008 and its outbox
+dropped) and is written, in order, when the transport resumes. Only this
+class writes to its socket, so order is kept without a writer task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from realtime import protocol as p
+from realtime.auth import Principal
+from realtime.batching import SpendingBatcher
+from realtime.broker import BrokerUnavailable
+from realtime.envelope import new_event_id, now_ms, pack_event
+from realtime.protocol import CloseCode, Codec, Error, ErrorCode, ProtocolViolation
+from realtime.tiers import Tier
+
+if TYPE_CHECKING:
+    from starlette.types import Message, Receive
+
+    from realtime.node import Node
+    from realtime.wsprotocol import RealtimeWSProtocol
+
+log = logging.getLogger("realtime.connection")
+
+#: Rejected commands within the minute after the first ``rate_limited`` that close with 4029.
+STRIKES_BEFORE_CLOSE = 10
+
+
+class Connection:
+    """A client connection from its accepted handshake to its cleanup."""
+
+    __slots__ = (
+        "_expiry",
+        "_receive",
+        "_strike_until",
+        "_strikes",
+        "_write",
+        "batcher",
+        "closed",
+        "codec",
+        "conn_id",
+        "draining",
+        "expires_at",
+        "loop",
+        "node",
+        "outbox",
+        "outbox_bytes",
+        "peer",
+        "registered",
+        "subscriptions",
+        "tier",
+        "user",
+        "wire",
+    )
+
+    def __init__(
+        self, node: Node, wire: RealtimeWSProtocol, receive: Receive, codec: Codec, peer: str
+    ) -> None:
+        self.node = node
+        self.wire = wire
+        self._receive = receive
+        self.codec = codec
+        self.peer = peer
+        self.loop = asyncio.get_running_loop()
+        self.conn_id = f"{node.node_id}:{os.urandom(6).hex()}"
+        self.user = ""
+        self.tier: Tier = node.policy.resolve(node.policy.default_tier)[0]
+        self.expires_at = 0.0
+        self.subscriptions: set[str] = set()
+        self.outbox: deque[bytes] = deque()
+        self.outbox_bytes = 0
+        self.closed = False
+        self.draining = False
+        self.registered = False
+        self.batcher: SpendingBatcher[dict[str, Any]] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self._strikes = 0
+        self._strike_until = 0.0
+        self._write = wire.transport.write
+
+    # ------------------------------------------------------------------ output
+
+    def write(self, data: bytes) -> None:
+        """Write one complete frame, or queue it under back-pressure (4008 at the bound)."""
+        if self.closed:
+            return
+        if self.outbox or self.wire.paused:
+            outbox = self.outbox
+            settings = self.node.settings
+            if (
+                len(outbox) >= settings.outbox_max_messages
+                or self.outbox_bytes + len(data) > settings.outbox_max_bytes
+            ):
+                self.node.metrics.overflows.inc()
+                self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+                return
+            outbox.append(data)
+            self.outbox_bytes += len(data)
+            return
+        self._write(data)
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.write(self.codec.encode(message))
+
+    def on_pause(self) -> None:
+        pass  # ``wire.paused`` is read on every write
+
+    def on_resume(self) -> None:
+        outbox = self.outbox
+        while outbox and not self.wire.paused and not self.closed:
+            # Coalesce what is queued into one write.
+            chunk: list[bytes] = []
+            size = 0
+            while outbox and size < 256 * 1024:
+                data = outbox.popleft()
+                chunk.append(data)
+                size += len(data)
+            self.outbox_bytes -= size
+            self._write(b"".join(chunk))
+        if self.draining and not outbox:
+            self.close(CloseCode.GOING_AWAY, "server shutting down")
+
+    def close(self, code: CloseCode, reason: str = "") -> None:
+        """Close with ``code`` after what was already written; drop the outbox."""
+        if self.closed:
+            return
+        self.closed = True
+        self.outbox.clear()
+        self.outbox_bytes = 0
+        self.node.metrics.closes.labels(str(int(code))).inc()
+        self.wire.close_with(int(code), reason, self.node.settings.close_timeout)
+
+    def on_shutdown(self) -> None:
+        """The server drains: flush pending batches, then what is queued, then close 1001."""
+        if self.closed:
+            return
+        self.draining = True
+        self.flush_batches(everything=True)
+        if not self.outbox:
+            self.close(CloseCode.GOING_AWAY, "server shutting down")
+        else:
+            self.loop.call_later(
+                self.node.settings.drain_timeout,
+                self.close, CloseCode.GOING_AWAY, "server shutting down",
+            )
+
+    def on_lost(self) -> None:
+        self.closed = True
+        self.outbox.clear()
+        self.outbox_bytes = 0
+
+    # ------------------------------------------------------------------ batching
+
+    def add_spending(self, channel: str, item: dict[str, Any]) -> None:
+        batcher = self.batcher
+        if batcher is None or self.closed:
+            return
+        full = batcher.add(channel, item, self.loop.time())
+        if full:
+            self._send_batch(channel, full)
+        self._arm_batch_timer()
+
+    def flush_batches(self, *, everything: bool = False) -> None:
+        batcher = self.batcher
+        if batcher is None:
+            return
+        ready = batcher.drain() if everything else batcher.due(self.loop.time())
+        for channel, items in ready:
+            self._send_batch(channel, items)
+        self._arm_batch_timer()
+
+    def _send_batch(self, channel: str, items: list[dict[str, Any]]) -> None:
+        self.send(p.batch_message(channel, now_ms(), items))
+        metrics = self.node.metrics
+        metrics.batches.inc()
+        metrics.batch_items.observe(len(items))
+        metrics.messages_out.labels("batch").inc()
+
+    def _arm_batch_timer(self) -> None:
+        deadline = self.batcher.deadline() if self.batcher is not None else None
+        if deadline is None:
+            self.node.batch_timers.cancel(self)
+        else:
+            self.node.batch_timers.schedule(self, deadline)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Serve the connection until it closes; always cleans up."""
+        self.wire.listener = self
+        self.node.connections.add(self)
+        try:
+            if await self._handshake():
+                while not self.closed:
+                    message = await self._receive()
+                    if message["type"] != "websocket.receive":
+                        break
+                    decoded = self._decode(message)
+                    if decoded is None:
+                        break
+                    await self._command(decoded)
+        except Exception:
+            log.exception("connection %s failed", self.conn_id)
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            await self._cleanup()
+
+    async def _handshake(self) -> bool:
+        """Wait for ``connect``: True once connected; False when closed instead."""
+        settings = self.node.settings
+        deadline = self.loop.time() + settings.connect_timeout
+        while not self.closed:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await self._receive()
+            except TimeoutError:
+                self.close(CloseCode.UNAUTHORIZED, "no connect in time")
+                return False
+            if message["type"] != "websocket.receive":
+                return False
+            decoded = self._decode(message)
+            if decoded is None:
+                return False
+            command = p.parse_command(decoded)
+            if isinstance(command, p.CommandError):
+                if command.op == "connect":
+                    self._reply_error(command.id, "connect", command.error)
+                    continue
+                self._violation("connect must be the first message")
+                return False
+            if not isinstance(command, p.Connect):
+                self._violation("connect must be the first message")
+                return False
+            return await self._connect(command)
+        return False
+
+    async def _connect(self, command: p.Connect) -> bool:
+        node = self.node
+        principal = node.auth.authenticate(command.token)
+        if isinstance(principal, Error):
+            self._reply_error(command.id, "connect", principal)
+            code = (
+                CloseCode.FORBIDDEN if principal.code is ErrorCode.FORBIDDEN
+                else CloseCode.UNAUTHORIZED
+            )
+            self.close(code, principal.message)
+            return False
+        self.user = principal.user
+        tier = self._resolve_tier(principal)
+        try:
+            count = await node.presence.add(self.user, self.conn_id)
+            self.registered = True
+            limit = node.settings.max_connections_per_user or tier.max_connections
+            if count > limit:
+                self._reply_error(command.id, "connect", Error(
+                    ErrorCode.LIMIT_EXCEEDED, f"at most {limit} connections per user"))
+                self.close(CloseCode.TOO_MANY, "too many connections")
+                return False
+            await node.presence.set_tier(self.user, tier.name)
+            node.hub.add_user(self)
+            user_channel = f"user:{self.user}"
+            await node.hub.subscribe(self, user_channel)
+            self.subscriptions.add(user_channel)
+        except BrokerUnavailable:
+            self._reply_error(command.id, "connect", Error(
+                ErrorCode.UNAVAILABLE, "the server cannot reach its broker; retry shortly",
+                retry_after=1.0))
+            self.close(CloseCode.INTERNAL_ERROR, "broker unavailable")
+            return False
+        self._apply_tier(tier, initial=True)
+        self._set_expiry(principal.expires_at)
+        self._reply(command.id, "connect", {
+            "session": self.conn_id,
+            "user": self.user,
+            "tier": tier.name,
+            "ping_interval": node.settings.ping_interval,
+            "limits": tier.limits(node.settings.max_frame_bytes),
+            "subscriptions": sorted(self.subscriptions),
+        })
+        return True
+
+    async def _cleanup(self) -> None:
+        node = self.node
+        self.wire.listener = None
+        node.connections.discard(self)
+        node.batch_timers.cancel(self)
+        if self._expiry is not None:
+            self._expiry.cancel()
+        if self.batcher is not None:
+            node.metrics.connections.labels(self.tier.name).dec()
+        node.hub.remove_user(self)
+        for channel in list(self.subscriptions):
+            await node.hub.unsubscribe(self, channel)
+        self.subscriptions.clear()
+        if self.registered:
+            try:
+                await node.presence.remove(self.user, self.conn_id)
+            except BrokerUnavailable:
+                pass  # the entry expires with this node's heartbeat
+        if not self.closed:
+            self.closed = True
+
+    # ------------------------------------------------------------------ input
+
+    def _decode(self, message: Message) -> dict[str, Any] | None:
+        data = message.get("bytes")
+        if data is None:  # an ASGI text message (not produced by RealtimeWSProtocol)
+            data = (message.get("text") or "").encode()
+            binary = False
+        else:
+            binary = message.get("text") is None
+        try:
+            decoded = self.codec.decode(data, binary=binary)
+            p.message_id(decoded)
+        except ProtocolViolation as exc:
+            self._violation(str(exc))
+            return None
+        return decoded
+
+    def _violation(self, reason: str) -> None:
+        self.node.metrics.bad_frames.inc()
+        self.node.log_throttle.warning(self.peer, "closing %s (4000): %s", self.peer, reason)
+        self.close(CloseCode.BAD_REQUEST, reason[:100])
+
+    async def _command(self, message: dict[str, Any]) -> None:
+        command = p.parse_command(message)
+        op = command.op if isinstance(command, p.CommandError) else _OP_NAMES[type(command)]
+        op_label = op if op in p.OPS else "unknown"
+        decision = await self.node.limiter_hit(self.user, self.tier.commands_per_minute)
+        if not decision.allowed:
+            self._rate_limited(command.id, op_label, decision.retry_after)
+            return
+        if isinstance(command, p.CommandError):
+            self._reply_error(command.id, op_label, command.error)
+            return
+        if isinstance(command, p.Ping):
+            self._reply(command.id, "ping", {})
+        elif isinstance(command, p.Publish):
+            await self._publish(command)
+        elif isinstance(command, p.Subscribe):
+            await self._subscribe(command)
+        elif isinstance(command, p.Unsubscribe):
+            if command.channel.name in self.subscriptions:
+                self.subscriptions.discard(command.channel.name)
+                await self.node.hub.unsubscribe(self, command.channel.name)
+            self._reply(command.id, "unsubscribe", {})
+        elif isinstance(command, p.Refresh):
+            await self._refresh(command)
+        else:
+            self._reply_error(command.id, "connect", Error(
+                ErrorCode.BAD_REQUEST, "already connected"))
+
+    def _rate_limited(self, cid: int, op: str, retry_after: float) -> None:
+        now = self.loop.time()
+        if now >= self._strike_until:
+            self._strikes = 0
+            self._strike_until = now + 60.0
+        else:
+            self._strikes += 1
+            if self._strikes >= STRIKES_BEFORE_CLOSE:
+                self.node.metrics.commands.labels(op, "rate_limited").inc()
+                self.close(CloseCode.TOO_MANY, "rate limit exceeded again and again")
+                return
+        self.node.metrics.rate_limited.labels(self.tier.name).inc()
+        limit = self.tier.commands_per_minute
+        self._reply_error(cid, op, Error(
+            ErrorCode.RATE_LIMITED,
+            f"{limit} commands per minute on the {self.tier.name} tier",
+            retry_after=max(retry_after, 0.001),
+        ))
+
+    async def _subscribe(self, command: p.Subscribe) -> None:
+        channel = command.channel
+        if channel.name in self.subscriptions:
+            self._reply(command.id, "subscribe", {})
+            return
+        denied = self._may_subscribe(channel)
+        if denied is not None:
+            self._reply_error(command.id, "subscribe", denied)
+            return
+        if len(self.subscriptions) >= self.tier.max_subscriptions:
+            self._reply_error(command.id, "subscribe", Error(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"at most {self.tier.max_subscriptions} subscriptions per connection on the "
+                f"{self.tier.name} tier"))
+            return
+        self.subscriptions.add(channel.name)
+        try:
+            await self.node.hub.subscribe(self, channel.name)
+        except BrokerUnavailable:
+            self.subscriptions.discard(channel.name)
+            self._reply_error(command.id, "subscribe", Error(
+                ErrorCode.UNAVAILABLE, "broker unavailable; retry shortly", retry_after=1.0))
+            return
+        if self.closed:  # closed while subscribing: cleanup may have run already
+            await self.node.hub.unsubscribe(self, channel.name)
+            return
+        self._reply(command.id, "subscribe", {})
+
+    def _may_subscribe(self, channel: p.Channel) -> Error | None:
+        if channel.namespace == "user" and channel.key != self.user:
+            return Error(ErrorCode.FORBIDDEN, "a user channel is only for its own user")
+        if channel.namespace == "premium" and not self.tier.premium_channels:
+            return Error(ErrorCode.FORBIDDEN,
+                         f"premium channels are not available on the {self.tier.name} tier")
+        return None
+
+    async def _publish(self, command: p.Publish) -> None:
+        channel = command.channel
+        if channel.namespace != "user" or channel.key != self.user:
+            self._reply_error(command.id, "publish", Error(
+                ErrorCode.FORBIDDEN, "clients may publish only to their own user channel"))
+            return
+        eid = new_event_id()
+        payload = pack_event(channel.name, command.event, eid, now_ms(), command.data)
+        try:
+            await self.node.broker.publish(channel.name, payload)
+        except BrokerUnavailable:
+            self._reply_error(command.id, "publish", Error(
+                ErrorCode.UNAVAILABLE, "broker unavailable; not published", retry_after=1.0))
+            return
+        self.node.metrics.published.labels("ws").inc()
+        self._reply(command.id, "publish", {"id": eid})
+
+    async def _refresh(self, command: p.Refresh) -> None:
+        principal = self.node.auth.authenticate(command.token)
+        if isinstance(principal, Error):
+            self._reply_error(command.id, "refresh", principal)
+            return
+        if principal.user != self.user:
+            self._reply_error(command.id, "refresh", Error(
+                ErrorCode.FORBIDDEN, "the token belongs to another user"))
+            return
+        tier = self._resolve_tier(principal)
+        if tier is not self.tier:
+            self._apply_tier(tier)
+            try:
+                await self.node.presence.set_tier(self.user, tier.name)
+            except BrokerUnavailable:
+                pass  # push rules use the last tier known; refreshed at the next connect
+        self._set_expiry(principal.expires_at)
+        self._reply(command.id, "refresh", {"expires_at": int(principal.expires_at)})
+
+    # ------------------------------------------------------------------ helpers
+
+    def _resolve_tier(self, principal: Principal) -> Tier:
+        tier, known = self.node.policy.resolve(principal.tier)
+        if not known:
+            self.node.metrics.unknown_tiers.inc()
+        return tier
+
+    def _apply_tier(self, tier: Tier, *, initial: bool = False) -> None:
+        gauge = self.node.metrics.connections
+        if not initial:
+            gauge.labels(self.tier.name).dec()
+        gauge.labels(tier.name).inc()
+        self.tier = tier
+        window = tier.batch_window_ms / 1000.0
+        if self.batcher is None:
+            self.batcher = SpendingBatcher(window, tier.batch_max_items)
+        else:
+            self.batcher.set_limits(window, tier.batch_max_items)
+
+    def _set_expiry(self, expires_at: float) -> None:
+        self.expires_at = expires_at
+        if self._expiry is not None:
+            self._expiry.cancel()
+        delay = max(0.0, expires_at - time.time())
+        self._expiry = self.loop.call_later(delay, self._expired)
+
+    def _expired(self) -> None:
+        self._expiry = None
+        self.close(CloseCode.UNAUTHORIZED, "token expired")
+
+    def _reply(self, cid: int, op: str, result: dict[str, Any]) -> None:
+        self.node.metrics.commands.labels(op, "ok").inc()
+        self.send(p.reply(cid, result))
+
+    def _reply_error(self, cid: int, op: str, error: Error) -> None:
+        self.node.metrics.commands.labels(op, error.code.value).inc()
+        self.send(p.error_reply(cid, error))
+
+
+_OP_NAMES: dict[type, str] = {
+    p.Connect: "connect",
+    p.Refresh: "refresh",
+    p.Subscribe: "subscribe",
+    p.Unsubscribe: "unsubscribe",
+    p.Publish: "publish",
+    p.Ping: "ping",
+}

@@ -1,0 +1,86 @@
+"""The node: what every connection of one server process shares."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from realtime.broker import Broker, BrokerUnavailable
+from realtime.ratelimit import Decision
+
+if TYPE_CHECKING:
+    from realtime.auth import Authenticator
+    from realtime.connection import Connection
+    from realtime.hub import Hub
+    from realtime.idempotency import IdempotencyStore
+    from realtime.metrics import Metrics
+    from realtime.presence import ConnectionRegistry
+    from realtime.ratelimit import RateLimiter
+    from realtime.settings import Settings
+    from realtime.tiers import TierPolicy
+    from realtime.timers import Timers
+
+
+class LogThrottle:
+    """At most one log line per key (a client) per interval; remembers a bounded number of keys."""
+
+    def __init__(self, logger: logging.Logger, interval: float, max_keys: int = 10_000) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.max_keys = max_keys
+        self._last: OrderedDict[str, float] = OrderedDict()
+
+    def warning(self, key: str, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            return
+        self._last[key] = now
+        self._last.move_to_end(key)
+        while len(self._last) > self.max_keys:
+            self._last.popitem(last=False)
+        self.logger.warning(msg, *args)
+
+
+@dataclass(eq=False)
+class Node:
+    """Node-wide parts, built and owned by the app factory."""
+
+    node_id: str
+    settings: Settings
+    broker: Broker
+    hub: Hub
+    auth: Authenticator
+    policy: TierPolicy
+    limiter: RateLimiter
+    presence: ConnectionRegistry
+    idempotency: IdempotencyStore
+    metrics: Metrics
+    batch_timers: Timers[Connection]
+    log_throttle: LogThrottle
+    connections: set[Connection] = field(default_factory=set)
+    #: name -> check for /readyz; a check returns a map whose "ok" (default True) gates readiness
+    readiness: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
+    draining: bool = False
+
+    async def limiter_hit(self, user: str, limit: int) -> Decision:
+        """The user's command rate decision; allowed (fail open) when the limiter is down."""
+        try:
+            return await self.limiter.hit(f"cmd:{user}", limit)
+        except BrokerUnavailable:
+            return Decision(True, 0.0)
+
+    def flush_due_batches(self, conns: list[Connection]) -> None:
+        for conn in conns:
+            conn.flush_batches()
+
+    def is_ready(self) -> bool:
+        return self.broker.ready and not self.draining
+
+
+def make_log_throttle(interval: float) -> LogThrottle:
+    return LogThrottle(logging.getLogger("realtime.clients"), interval)

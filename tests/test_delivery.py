@@ -1,0 +1,90 @@
+"""Back-pressure, keepalive and draining, end to end on the embedded (memory) broker."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import signal
+
+import httpx
+import pytest
+
+from tests.server import connected, running_server
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_slow_consumer_is_cut_off_4008_and_never_stalls_others() -> None:
+    env = {"REALTIME_OUTBOX_MAX_BYTES": str(256 * 1024)}
+    async with running_server(env) as server:
+        # The slow client stops reading after its first frames: max_queue=1 stops its reads.
+        async with connected(server, "u-slow", max_queue=1) as slow, \
+                connected(server, "u-fast") as fast:
+            for client in (slow, fast):
+                assert "result" in await client.command("subscribe", channel="artist:flood")
+            payload = "x" * 4000
+            total = 0
+            for batch in range(15):  # 3,000 events of ~4 KB: far more than the slow one buffers
+                body = [{"channel": "artist:flood", "event": "tick",
+                         "data": {"n": batch * 200 + i, "p": payload}} for i in range(200)]
+                assert (await server.publish(body)).status_code == 202
+                total += 200
+            for n in range(total):
+                event = await fast.next_pushed(timeout=10)
+                assert event["data"]["n"] == n
+            # The slow client now reads what it was sent, then the close frame.
+            assert await slow.close_code(timeout=10) == 4008
+            async with httpx.AsyncClient(base_url=server.url) as http:
+                metrics = (await http.get("/metrics")).text
+            assert "piggybong_realtime_ws_queue_overflows_total 1.0" in metrics
+            assert 'piggybong_realtime_ws_closes_total{code="4008"} 1.0' in metrics
+            assert "result" in await fast.command("ping")
+
+
+async def test_unanswered_pings_close_the_connection() -> None:
+    async with running_server({"REALTIME_PING_INTERVAL": "0.5"}) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            f"GET /v1/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            f"Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 101")
+        # Never answer: the server pings at 0.5 s and gives up at the next ping.
+        received = b""
+        async with asyncio.timeout(5):
+            while chunk := await reader.read(4096):
+                received += chunk
+        frames = _frames(received)
+        assert frames[0][0] == 0x9  # a ping
+        assert frames[-1][0] == 0x8  # then a close: keepalive time-out, not the connect deadline
+        assert int.from_bytes(frames[-1][1][:2], "big") == 1011
+        writer.close()
+
+
+def _frames(data: bytes) -> list[tuple[int, bytes]]:
+    """Unmasked server frames with short payloads: (opcode, payload)."""
+    frames, i = [], 0
+    while i + 2 <= len(data):
+        opcode, length = data[i] & 0x0F, data[i + 1] & 0x7F
+        assert length < 126
+        frames.append((opcode, data[i + 2:i + 2 + length]))
+        i += 2 + length
+    return frames
+
+
+async def test_sigterm_delivers_what_is_queued_then_closes_1001_and_exits_0() -> None:
+    async with running_server() as server:
+        async with connected(server, "u-drain", max_queue=1) as client:
+            await client.command("subscribe", channel="artist:drain")
+            body = [{"channel": "artist:drain", "event": "tick", "data": {"n": n, "p": "y" * 2000}}
+                    for n in range(400)]
+            assert (await server.publish(body)).status_code == 202
+            server.proc.send_signal(signal.SIGTERM)
+            for n in range(400):
+                assert (await client.next_pushed(timeout=10))["data"]["n"] == n
+            assert await client.close_code() == 1001
+            assert await server.stop() == 0
