@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -19,7 +20,7 @@ WIDTH: Final = 760
 HEIGHT: Final = 260
 PAD_L: Final = 64
 PAD_R: Final = 16
-PAD_T: Final = 28
+PAD_T: Final = 44
 PAD_B: Final = 40
 COLORS: Final = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2")
 CURVE_POINTS: Final = (1, 10, 25, 50, 75, 90, 95, 97.5, 99, 99.5, 99.9, 99.95, 99.99, 100)
@@ -39,22 +40,57 @@ def _esc(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _nice_max(value: float) -> float:
-    if value <= 0:
-        return 1.0
-    exp = 10.0 ** math.floor(math.log10(value))
+def _nice_step(span: float, parts: int = 5) -> float:
+    """A round step (1, 2, 2.5 or 5 times a power of ten) near ``span / parts``."""
+    raw = span / parts if span > 0 else 1.0
+    exp = 10.0 ** math.floor(math.log10(raw))
     for step in (1, 2, 2.5, 5, 10):
-        if value <= step * exp:
+        if raw <= step * exp:
             return step * exp
     return 10 * exp
 
 
 def _num(value: float) -> str:
-    if value >= 1000:
+    if abs(value) >= 1000:
         return f"{value:,.0f}"
-    if value >= 10:
+    if abs(value) >= 10 or value == 0:
         return f"{value:.0f}"
     return f"{value:.3g}"
+
+
+@dataclass(frozen=True, slots=True)
+class Axis:
+    """Maps data to [0, 1] along an axis, linear or log10, with its tick values."""
+
+    lo: float
+    hi: float
+    log: bool = False
+
+    @classmethod
+    def linear(cls, lo: float, hi: float) -> Axis:
+        step = _nice_step(hi - lo)
+        return cls(math.floor(lo / step) * step, math.ceil(hi / step) * step or step)
+
+    @classmethod
+    def log10(cls, lo: float, hi: float) -> Axis:
+        low = 10.0 ** math.floor(math.log10(max(lo, 1e-3)))
+        return cls(low, max(10.0 ** math.ceil(math.log10(max(hi, low * 10))), low * 10), True)
+
+    def frac(self, value: float) -> float:
+        if self.log:
+            value = max(value, self.lo)
+            return (math.log10(value) - math.log10(self.lo)) / (
+                math.log10(self.hi) - math.log10(self.lo)
+            )
+        return (value - self.lo) / ((self.hi - self.lo) or 1.0)
+
+    def ticks(self) -> list[float]:
+        if self.log:
+            first, last = round(math.log10(self.lo)), round(math.log10(self.hi))
+            return [10.0**e for e in range(first, last + 1)]
+        step = _nice_step(self.hi - self.lo)
+        count = round((self.hi - self.lo) / step)
+        return [self.lo + i * step for i in range(count + 1)]
 
 
 def line_chart(
@@ -65,37 +101,38 @@ def line_chart(
     x_label: str,
     y_label: str,
     x_ticks: Sequence[tuple[float, str]] | None = None,
+    log_y: bool = False,
 ) -> str:
     """An SVG line chart; ``None`` values break a line."""
     values = [v for _, ys in series for v in ys if v is not None]
     if not xs or not values:
         return f"<p class=empty>{_esc(title)}: no data</p>"
-    x_lo, x_hi = min(xs), max(xs)
-    x_span = (x_hi - x_lo) or 1.0
-    y_hi = _nice_max(max(values))
+    x_axis = Axis(min(xs), max(xs)) if x_ticks else Axis.linear(min(xs), max(xs))
+    y_axis = Axis.log10(min(values), max(values)) if log_y else Axis.linear(0, max(values))
     plot_w = WIDTH - PAD_L - PAD_R
     plot_h = HEIGHT - PAD_T - PAD_B
 
     def sx(x: float) -> float:
-        return PAD_L + (x - x_lo) / x_span * plot_w
+        return PAD_L + x_axis.frac(x) * plot_w
 
     def sy(y: float) -> float:
-        return PAD_T + plot_h - y / y_hi * plot_h
+        return PAD_T + plot_h - y_axis.frac(y) * plot_h
 
     parts = [_frame(title, x_label, y_label)]
-    for i in range(5):
-        y = y_hi * i / 4
+    for y in y_axis.ticks():
         parts.append(
             f'<line x1="{PAD_L}" x2="{WIDTH - PAD_R}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" '
-            f'class="grid"/><text x="{PAD_L - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">'
+            f'stroke="#e5e7eb"/><text x="{PAD_L - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">'
             f"{_num(y)}</text>"
         )
-    ticks = x_ticks or [(x_lo + x_span * i / 5, _num(x_lo + x_span * i / 5)) for i in range(6)]
+    ticks = x_ticks or [(x, _num(x)) for x in x_axis.ticks()]
     for x, label in ticks:
+        anchor = "end" if sx(x) > WIDTH - PAD_R - 20 else "middle"
         parts.append(
-            f'<text x="{sx(x):.1f}" y="{HEIGHT - PAD_B + 16}" text-anchor="middle">'
+            f'<text x="{sx(x):.1f}" y="{HEIGHT - PAD_B + 16}" text-anchor="{anchor}">'
             f"{_esc(label)}</text>"
         )
+    legend_x = float(PAD_L)
     for k, (name, ys) in enumerate(series):
         color = COLORS[k % len(COLORS)]
         path: list[str] = []
@@ -108,8 +145,10 @@ def line_chart(
             pen_up = False
         parts.append(f'<path d="{" ".join(path)}" stroke="{color}" fill="none" stroke-width="2"/>')
         parts.append(
-            f'<text x="{PAD_L + 8 + 150 * k}" y="{PAD_T - 8}" fill="{color}">{_esc(name)}</text>'
+            f'<rect x="{legend_x:.0f}" y="{PAD_T - 16}" width="12" height="4" fill="{color}"/>'
+            f'<text x="{legend_x + 16:.0f}" y="{PAD_T - 11}">{_esc(name)}</text>'
         )
+        legend_x += 28 + 7 * len(name)
     parts.append("</svg>")
     return "".join(parts)
 
@@ -117,14 +156,21 @@ def line_chart(
 def bar_chart(title: str, bars: Sequence[tuple[str, float]], *, x_label: str, y_label: str) -> str:
     if not bars:
         return f"<p class=empty>{_esc(title)}: no data</p>"
-    y_hi = _nice_max(max(v for _, v in bars))
+    y_axis = Axis.linear(0, max(v for _, v in bars))
     plot_w = WIDTH - PAD_L - PAD_R
     plot_h = HEIGHT - PAD_T - PAD_B
     width = plot_w / len(bars)
     parts = [_frame(title, x_label, y_label)]
+    for y in y_axis.ticks():
+        top = PAD_T + plot_h - y_axis.frac(y) * plot_h
+        parts.append(
+            f'<line x1="{PAD_L}" x2="{WIDTH - PAD_R}" y1="{top:.1f}" y2="{top:.1f}" '
+            f'stroke="#e5e7eb"/><text x="{PAD_L - 6}" y="{top + 4:.1f}" text-anchor="end">'
+            f"{_num(y)}</text>"
+        )
     every = max(1, len(bars) // 10)
     for i, (label, value) in enumerate(bars):
-        h = value / y_hi * plot_h
+        h = y_axis.frac(value) * plot_h
         x = PAD_L + i * width
         parts.append(
             f'<rect x="{x + 1:.1f}" y="{PAD_T + plot_h - h:.1f}" width="{max(width - 2, 1):.1f}" '
@@ -135,23 +181,26 @@ def bar_chart(title: str, bars: Sequence[tuple[str, float]], *, x_label: str, y_
                 f'<text x="{x + width / 2:.1f}" y="{HEIGHT - PAD_B + 16}" '
                 f'text-anchor="middle">{_esc(label)}</text>'
             )
-    parts.append(
-        f'<text x="{PAD_L - 6}" y="{PAD_T + 4}" text-anchor="end">{_num(y_hi)}</text></svg>'
-    )
+    parts.append("</svg>")
     return "".join(parts)
 
 
 def _frame(title: str, x_label: str, y_label: str) -> str:
+    """The opening of a chart: styled by attributes, so it also stands alone."""
     plot_h = HEIGHT - PAD_T - PAD_B
+    middle = PAD_T + plot_h / 2
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" '
-        f'width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{_esc(title)}">'
-        f'<text x="{WIDTH / 2}" y="14" text-anchor="middle" class="title">{_esc(title)}</text>'
+        f'width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{_esc(title)}" '
+        f'font-family="system-ui, sans-serif" font-size="11" fill="#333">'
+        f'<rect width="{WIDTH}" height="{HEIGHT}" fill="#fff"/>'
+        f'<text x="{WIDTH / 2}" y="15" text-anchor="middle" font-size="13" font-weight="600">'
+        f"{_esc(title)}</text>"
         f'<rect x="{PAD_L}" y="{PAD_T}" width="{WIDTH - PAD_L - PAD_R}" height="{plot_h}" '
-        f'class="plot"/>'
+        f'fill="none" stroke="#bbb"/>'
         f'<text x="{WIDTH / 2}" y="{HEIGHT - 6}" text-anchor="middle">{_esc(x_label)}</text>'
-        f'<text x="14" y="{PAD_T + plot_h / 2}" text-anchor="middle" '
-        f'transform="rotate(-90 14 {PAD_T + plot_h / 2})">{_esc(y_label)}</text>'
+        f'<text x="14" y="{middle}" text-anchor="middle" '
+        f'transform="rotate(-90 14 {middle})">{_esc(y_label)}</text>'
     )
 
 
@@ -182,7 +231,13 @@ def latency_curves(results: Mapping[str, Any]) -> str:
     ]
     ticks = [(_nines(p), f"p{p:g}") for p in (50, 90, 99, 99.9, 99.99)]
     return line_chart(
-        "Latency by percentile", xs, series, x_label="percentile", y_label="ms", x_ticks=ticks
+        "Latency by percentile (log scale)",
+        xs,
+        series,
+        x_label="percentile",
+        y_label="ms",
+        x_ticks=ticks,
+        log_y=True,
     )
 
 
@@ -265,9 +320,8 @@ def render_html(results: Mapping[str, Any]) -> str:
 body{{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#111;max-width:820px}}
 table{{border-collapse:collapse;margin:8px 0}} td,th{{border:1px solid #ddd;padding:3px 8px;
 text-align:left}} tr.fail td{{background:#fee2e2}} tr.ok td{{background:#f0fdf4}}
-svg{{display:block;margin:12px 0}} svg text{{font:11px system-ui,sans-serif;fill:#333}}
-svg .title{{font-weight:600;font-size:13px}} svg .plot{{fill:none;stroke:#bbb}}
-svg .grid{{stroke:#eee}} .verdict{{font-size:18px;font-weight:700}} .empty{{color:#888}}
+svg{{display:block;margin:12px 0}} .verdict{{font-size:18px;font-weight:700}}
+.empty{{color:#888}}
 </style></head><body>
 <h1>Load test {_esc(results["run_id"])}</h1>
 <p class=verdict>{verdict}</p>
