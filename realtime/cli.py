@@ -8,12 +8,16 @@ a flag wins over the environment. Flags are handed to the server processes as
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import uvicorn
 from pydantic import ValidationError
+from uvicorn.supervisors import Multiprocess
 
 from realtime.settings import DEV_API_KEY, DEV_JWT_SECRET, Settings
 
@@ -72,9 +76,7 @@ def serve(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(f"realtime: invalid tier policy: {exc}", file=sys.stderr)
         return 2
-    import uvicorn
-
-    uvicorn.run(
+    config = uvicorn.Config(
         "realtime.app:create_app",
         factory=True,
         host=settings.host,
@@ -94,7 +96,24 @@ def serve(args: argparse.Namespace) -> int:
         server_header=False,
         h11_max_incomplete_event_size=settings.max_body_bytes,
     )
+    server = DrainingServer(config)
+    if settings.workers > 1:
+        Multiprocess(config, target=server.run, sockets=[config.bind_socket()]).run()
+    else:
+        server.run()
     return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's Server, except that a SIGTERM ends in exit status 0 after the drain."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            # uvicorn re-raises the signal after its shutdown; the contract says exit 0.
+            self._captured_signals = [sig for sig in self._captured_signals
+                                      if sig != signal.SIGTERM]
 
 
 def _has_uvloop() -> bool:

@@ -192,8 +192,10 @@ async def ws_client(server: ServerProcess, *, binary: bool = False,
                     **kw: Any) -> AsyncIterator[Client]:
     if subprotocols is None:
         subprotocols = ["piggybong.v1.msgpack" if binary else "piggybong.v1.json"]
-    async with connect(server.ws_url, subprotocols=subprotocols,  # type: ignore[arg-type]
-                       compression=None, open_timeout=5, close_timeout=2, **kw) as ws:
+    if subprotocols:
+        kw["subprotocols"] = subprotocols
+    async with connect(server.ws_url, compression=None, open_timeout=5, close_timeout=2,
+                       **kw) as ws:
         yield Client(ws, binary)
 
 

@@ -34,7 +34,7 @@ EVENT = {"channel": "broadcast", "event": "hello", "data": {}}
 
 
 async def test_api_keys(server: ServerProcess) -> None:
-    for key in (None, "wrong", ""):
+    for key in (None, "wrong", "test-api-key-but-longer"):
         response = await post(server, json_body=EVENT, key=key)
         assert response.status_code == 401
         assert response.json()["error"]["code"] == "unauthorized"

@@ -164,7 +164,7 @@ async def test_malformed_frames_close_4000(server: ServerProcess, binary: bool,
                 assert "result" in reply
             if frame == b"\xff\xfe not utf-8":
                 # websockets refuses to send invalid UTF-8 as text: write the frame by hand.
-                await client.ws.protocol.send_text(frame)  # type: ignore[arg-type]
+                client.ws.protocol.send_text(frame)  # type: ignore[arg-type]
                 client.ws.send_data()
             else:
                 await client.send_raw(frame)
