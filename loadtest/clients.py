@@ -34,6 +34,8 @@ MSGPACK_SUBPROTOCOL: Final = "piggybong.v1.msgpack"
 CATEGORIES: Final = ("event", "batch", "notification", "connect", "publish")
 DELIVERY_CATEGORIES: Final = ("event", "batch", "notification")
 CONTROL_PERIOD: Final = 0.05
+#: Seconds beyond the server's batch window that a batch may take to arrive.
+BATCH_SLACK: Final = 1.0
 json_decode = json.JSONDecoder().decode
 unpack = msgpack.unpackb
 
@@ -164,8 +166,8 @@ class AppClient(WSClient):
         self.finish(failed=True)
 
     def on_closed(self, code: int, reason: str, by_server: bool) -> None:
-        # an event sent up to `drain` seconds before the end may still have been in flight
-        ended = time.time() - self.fleet.scenario.drain
+        # an event sent shortly before the end may still have been in flight (or in a batch)
+        ended = time.time() - self.fleet.grace
         for receipt in self.receipts.values():
             receipt.closed = min(receipt.closed, ended)
         ours = self.phase in (CLOSING, DONE)
@@ -221,6 +223,10 @@ class AppClient(WSClient):
                 self.failed = True
                 return
             self.phase = READY
+            limits = msg.get("result", {}).get("limits") or {}
+            window = limits.get("batch_window_ms")
+            if isinstance(window, int | float) and window > self.fleet.batch_window_ms:
+                self.fleet.batch_window_ms = float(window)
             self.meter.hists["connect"].record(int((now - self.started) * 1_000_000))
             self.meter.counts["connects"] += 1
             self._entitle(user_channel(self.profile.user), now)
@@ -298,6 +304,7 @@ class Fleet:
         self.ready = 0
         self.subscribed = 0
         self.max_lag = 0.0
+        self.batch_window_ms = 0.0  # the longest spending window a connect reply announced
         self._dials: set[asyncio.Task[None]] = set()
         self._budget = 0.0
         self._free_from = 0  # no slot below this one is free to open
@@ -424,6 +431,11 @@ class Fleet:
                 client.abort()
                 client.finish(failed=True)
 
+    @property
+    def grace(self) -> float:
+        """How long before a close an event must have been sent to be owed."""
+        return max(self.scenario.drain, self.batch_window_ms / 1000.0 + BATCH_SLACK)
+
     # ------------------------------------------------------------ gauges and results
 
     def gauges(self) -> dict[str, int]:
@@ -433,6 +445,7 @@ class Fleet:
             "connecting": sum(1 for c in live if c.phase in (DIALING, UPGRADING, CONNECTING)),
             "subscribed": sum(1 for c in live if c.phase == READY and c.pending_subs == 0),
             "failed": len(self.failed_slots),
+            "batch_window_ms": round(self.batch_window_ms),
         }
 
     def receipts(self) -> Iterator[tuple[str, str, Receipt, bool]]:

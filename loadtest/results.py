@@ -68,6 +68,7 @@ class Aggregate:
         self.gauges: dict[int, dict[str, int]] = {}
         self.cpu: dict[int, list[tuple[float, float]]] = {}
         self.lag: dict[int, float] = {}
+        self.rss: dict[int, tuple[int, int]] = {}  # worker -> (peak rss, open connections then)
         self.seconds: dict[int, Second] = {}
         self.server: list[tuple[float, Usage]] = []
 
@@ -96,6 +97,9 @@ class Aggregate:
         if "cpu" in tick:
             self.cpu.setdefault(worker, []).append((tick["t"], tick["cpu"]))
         self.lag[worker] = max(self.lag.get(worker, 0.0), tick.get("lag", 0.0))
+        rss = tick.get("rss", 0)
+        if rss > self.rss.get(worker, (0, 0))[0]:
+            self.rss[worker] = (rss, tick.get("gauges", {}).get("open", 0))
 
     def add_server(self, t: float, usage: Usage) -> None:
         self.server.append((t, usage))
@@ -226,9 +230,17 @@ def _harness(agg: Aggregate, counts: Mapping[str, int]) -> dict[str, Any]:
     behind = counts.get("publish_behind", 0)
     if behind:
         warnings.append(f"{behind} publishes were not sent: the publisher lanes were full")
+    memory = {}
+    for worker, (rss, connections) in sorted(agg.rss.items()):
+        name = "main" if worker == MAIN else f"worker {worker}"
+        memory[name] = {
+            "peak_rss_mb": round(rss / 2**20, 1),
+            "kib_per_connection": round(rss / 1024 / connections, 1) if connections else None,
+        }
     return {
         "processes": len(agg.cpu),
         "peak_cpu_percent": busiest,
+        "memory": memory,
         "loop_lag_ms_max": round(1000 * max(agg.lag.values(), default=0.0), 1),
         "warnings": warnings,
     }

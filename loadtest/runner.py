@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final, TextIO
 
 from loadtest.accounting import Loss, PublishLog
-from loadtest.clients import Meter
+from loadtest.clients import BATCH_SLACK, Meter
 from loadtest.config import Scenario, auto_workers
 from loadtest.http import HttpConnection, HttpFailure
 from loadtest.publisher import Publisher
@@ -34,6 +34,7 @@ from loadtest.sysstats import (
     ephemeral_ports,
     find_listener,
     own_cpu_seconds,
+    own_rss_bytes,
     raise_nofile,
 )
 from loadtest.thresholds import effective, evaluate
@@ -214,7 +215,10 @@ class Run:
         while True:
             await asyncio.sleep(self.scenario.sample_interval)
             now = time.time()
-            self.agg.add(MAIN, {"t": now, **self.meter.take(), "cpu": own_cpu_seconds()})
+            self.agg.add(
+                MAIN,
+                {"t": now, **self.meter.take(), "cpu": own_cpu_seconds(), "rss": own_rss_bytes()},
+            )
             if self.sampler is not None:
                 usage = await self.sampler.sample()
                 if usage is not None:
@@ -321,7 +325,7 @@ class Run:
                 publish_end = await publisher.stop()
                 publisher = None
                 self.progress.phase = "drain"
-                await self._wait(scenario.drain)
+                await self._wait(self._drain_seconds())
             await self._sample_server_now()
             finished = time.time()
             self.progress.phase = "finish"
@@ -355,6 +359,15 @@ class Run:
             if isinstance(self.sampler, MetricsSampler):
                 await self.sampler.close()
             self.progress.close()
+
+    def _drain_seconds(self) -> float:
+        """The scenario's drain, or longer: enough for the longest announced batch window."""
+        window = max((g.get("batch_window_ms", 0) for g in self.agg.gauges.values()), default=0)
+        drain = self.scenario.drain
+        if self.scenario.spending_rate > 0 and window / 1000.0 + BATCH_SLACK > drain:
+            drain = window / 1000.0 + BATCH_SLACK
+            self.progress.note(f"drain {drain:g}s: the server batches spending for {window} ms")
+        return drain
 
     def _population(self, start_at: float) -> Callable[[float], int]:
         offset = time.time() - start_at

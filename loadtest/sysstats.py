@@ -158,6 +158,14 @@ def find_listener(port: int) -> int | None:
     return None
 
 
+def own_rss_bytes() -> int:
+    """This process's resident memory (0 where /proc is not readable)."""
+    try:
+        return int((PROC / "self" / "statm").read_text().split()[1]) * PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def own_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime

@@ -25,7 +25,7 @@ from typing import Any, Final, Protocol, TypeVar
 from loadtest.accounting import Loss, PublishLog, account
 from loadtest.clients import Fleet
 from loadtest.config import Scenario
-from loadtest.sysstats import own_cpu_seconds, pin_cpus, raise_nofile
+from loadtest.sysstats import own_cpu_seconds, own_rss_bytes, pin_cpus, raise_nofile
 
 T = TypeVar("T")
 Tick = dict[str, Any]
@@ -61,6 +61,7 @@ class Driver:
             **taken,
             "gauges": gauges,
             "cpu": own_cpu_seconds(),
+            "rss": own_rss_bytes(),
             "lag": lag,
         }
 
@@ -149,6 +150,8 @@ class ProcessWorker:
         self.loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[int] = self.loop.create_future()
         self.final: asyncio.Future[tuple[Tick, Loss]] = self.loop.create_future()
+        for future in (self.ready, self.final):  # a failure nobody waits for is not an error
+            future.add_done_callback(_retrieve)
         self.loop.add_reader(self.conn.fileno(), self._readable)
         self._reading = True
 
@@ -207,6 +210,11 @@ class ProcessWorker:
         for future in (self.ready, self.final):
             if not future.done():
                 future.cancel()
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 # ------------------------------------------------------------------ the worker process
