@@ -233,7 +233,6 @@ class AppClient(WSClient):
             self._entitle(notify_key(self.profile.user), now)
             for i, channel in enumerate(self.profile.artists):
                 self._command({"id": i + 2, "op": "subscribe", "channel": channel})
-            self.fleet.on_ready(self)
             return
         index = cid - 2
         if not 0 <= index < len(self.profile.artists):
@@ -244,8 +243,6 @@ class AppClient(WSClient):
             self.meter.error("subscribe:" + str(error.get("code")))
         else:
             self._entitle(self.profile.artists[index], now)
-        if self.pending_subs == 0:
-            self.fleet.on_subscribed(self)
 
     def _entitle(self, key: str, now: float) -> None:
         receipt = self.receipts.get(key)
@@ -301,8 +298,6 @@ class Fleet:
         self.active: dict[int, AppClient] = {}  # slot -> live client
         self.finished: list[AppClient] = []
         self.failed_slots: set[int] = set()
-        self.ready = 0
-        self.subscribed = 0
         self.max_lag = 0.0
         self.batch_window_ms = 0.0  # the longest spending window a connect reply announced
         self._dials: set[asyncio.Task[None]] = set()
@@ -329,14 +324,6 @@ class Fleet:
         return self.my_target(self.scenario.peak_clients)
 
     # ------------------------------------------------------------ callbacks
-
-    def on_ready(self, client: AppClient) -> None:
-        self.ready += 1
-        if client.pending_subs == 0:
-            self.on_subscribed(client)
-
-    def on_subscribed(self, client: AppClient) -> None:
-        self.subscribed += 1
 
     def on_done(self, client: AppClient) -> None:
         slot = client.profile.index // self.workers
