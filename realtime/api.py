@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from notifications.models import Platform
+from notifications.requests import DeviceRequest, NotificationRequest
+from notifications.service import NotificationService, QueueUnavailable
 from realtime.auth import ApiKeys
 from realtime.broker import BrokerUnavailable
 from realtime.envelope import new_event_id, now_ms, pack_event
@@ -24,6 +28,7 @@ from realtime.node import Node
 from realtime.protocol import MAX_EVENT_LENGTH, Error, ErrorCode, parse_channel
 
 MAX_ITEMS = 1000
+T = TypeVar("T")
 
 
 class HttpError(Exception):
@@ -119,9 +124,10 @@ class TokenBucket:
 class Api:
     """Handlers of the HTTP API, bound to one node."""
 
-    def __init__(self, node: Node, api_keys: ApiKeys) -> None:
+    def __init__(self, node: Node, api_keys: ApiKeys, notifications: NotificationService) -> None:
         self.node = node
         self.api_keys = api_keys
+        self.notifications = notifications
         rate = node.settings.publish_rate_per_key
         self.bucket = TokenBucket(rate) if rate else None
 
@@ -213,6 +219,54 @@ class Api:
         node.metrics.published.labels("http").inc(sum(fresh))
         return ids
 
+    async def notify(self, request: Request) -> Response:
+        try:
+            self.authorize(request)
+            self.refuse_when_draining()
+            body = await read_json(request, self.node.settings.max_body_bytes)
+            try:
+                req = NotificationRequest.model_validate(body)
+            except ValidationError as exc:
+                raise validation_error(exc) from None
+            nid = await self._queue(self.notifications.accept(req))
+        except HttpError as exc:
+            return self._answer(request, exc.response())
+        return self._answer(request, JSONResponse({"id": nid}, status_code=202))
+
+    async def register_device(self, request: Request) -> Response:
+        try:
+            self.authorize(request)
+            body = await read_json(request, self.node.settings.max_body_bytes)
+            try:
+                req = DeviceRequest.model_validate(body)
+            except ValidationError as exc:
+                raise validation_error(exc) from None
+            await self._queue(self.notifications.register_device(req))
+        except HttpError as exc:
+            return self._answer(request, exc.response())
+        return self._answer(request, Response(status_code=204))
+
+    async def remove_device(self, request: Request) -> Response:
+        try:
+            self.authorize(request)
+            try:
+                platform = Platform(request.path_params["platform"])
+            except ValueError:
+                raise HttpError(404, ErrorCode.NOT_FOUND, "platform is ios or android") from None
+            await self._queue(self.notifications.remove_device(
+                platform, request.path_params["token"]))
+        except HttpError as exc:
+            return self._answer(request, exc.response())
+        return self._answer(request, Response(status_code=204))
+
+    @staticmethod
+    async def _queue(call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except QueueUnavailable as exc:
+            raise HttpError(503, ErrorCode.UNAVAILABLE, f"notification queue unavailable: {exc}",
+                            retry_after=1.0) from None
+
     def _answer(self, request: Request, response: Response) -> Response:
         route = request.scope.get("route")
         path = getattr(route, "path", request.url.path)
@@ -225,12 +279,10 @@ class Api:
     async def readyz(self, request: Request) -> Response:
         node = self.node
         checks: dict[str, Any] = {"broker": node.broker.ready, "draining": node.draining}
+        ok = node.is_ready()
         for name, check in node.readiness.items():
-            checks[name] = check()
-        ok = node.is_ready() and all(
-            value.get("ok", True) if isinstance(value, dict) else True
-            for value in checks.values()
-        )
+            checks[name] = result = await check()
+            ok = ok and bool(result.get("ok", True))
         return JSONResponse({"status": "ready" if ok else "unavailable", **checks},
                             status_code=200 if ok else 503)
 

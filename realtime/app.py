@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -20,10 +23,20 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
+from notifications.apns import ApnsAdapter
+from notifications.breaker import CircuitBreaker
+from notifications.fcm import FcmAdapter
+from notifications.metrics import NotificationMetrics
+from notifications.models import Notification, Platform, Priority
+from notifications.push import LogAdapter, PushAdapter, WebhookAdapter
+from notifications.router import NotificationRouter
+from notifications.service import NotificationService
+from notifications.store import MemoryNotificationStore, NotificationStore, RedisNotificationStore
 from realtime.api import Api
 from realtime.auth import ApiKeys, Authenticator
 from realtime.broker import Broker, MemoryBroker
 from realtime.connection import Connection
+from realtime.envelope import pack_notification
 from realtime.hub import Hub
 from realtime.idempotency import IdempotencyStore, MemoryIdempotencyStore
 from realtime.metrics import Metrics
@@ -100,6 +113,28 @@ def _redis_parts(url: str, metrics: Metrics) -> tuple[Broker, IdempotencyStore,
     )
 
 
+def _adapters(settings: Settings) -> dict[Platform, PushAdapter]:
+    """The push adapter per platform: the provider when configured, else webhook, else log."""
+    ca = str(settings.push_ca_bundle) if settings.push_ca_bundle else None
+    fallback: PushAdapter = (
+        WebhookAdapter(settings.push_webhook_url, timeout=settings.push_timeout, ca_bundle=ca)
+        if settings.push_webhook_url else LogAdapter()
+    )
+    adapters: dict[Platform, PushAdapter] = {Platform.IOS: fallback, Platform.ANDROID: fallback}
+    if settings.apns_configured:
+        assert settings.apns_key_file and settings.apns_key_id and settings.apns_team_id
+        assert settings.apns_topic
+        adapters[Platform.IOS] = ApnsAdapter(
+            key_pem=settings.apns_key_file.read_bytes(), key_id=settings.apns_key_id,
+            team_id=settings.apns_team_id, topic=settings.apns_topic,
+            endpoint=settings.apns_endpoint, ca_bundle=ca, timeout=settings.push_timeout)
+    if settings.fcm_service_account:
+        adapters[Platform.ANDROID] = FcmAdapter(
+            service_account=json.loads(settings.fcm_service_account.read_text()),
+            endpoint=settings.fcm_endpoint, ca_bundle=ca, timeout=settings.push_timeout)
+    return adapters
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the server app. Without a Redis URL: in-process broker and stores (one node)."""
     settings = settings or Settings()
@@ -127,9 +162,41 @@ def create_app(settings: Settings | None = None) -> Starlette:
         broker, idempotency = MemoryBroker(), MemoryIdempotencyStore()
         presence, limiter = MemoryConnectionRegistry(), MemoryRateLimiter()
 
+    notification_metrics = NotificationMetrics(registry)
+    store: NotificationStore
+    if settings.redis_url:
+        store = RedisNotificationStore(
+            aioredis.Redis.from_url(settings.redis_url), max_depth=settings.notification_queue_max,
+            owns_client=True)
+    else:
+        store = MemoryNotificationStore(max_depth=settings.notification_queue_max)
+    service = NotificationService(store, metrics=notification_metrics,
+                                  idempotency_window=settings.idempotency_window)
+
+    async def deliver_in_app(n: Notification) -> None:
+        message = {"type": "notification", "id": n.id, "priority": n.priority.value,
+                   "title": n.title, "body": n.body, "data": n.data,
+                   "ts": int(n.created_at * 1000)}
+        await broker.publish(f"user:{n.user}", pack_notification(message))
+
+    async def push_allowed(user: str, priority: Priority) -> bool:
+        tier, _ = policy.resolve(await presence.tier_of(user) or policy.default_tier)
+        return priority.value in tier.push_priorities
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         hub = Hub(broker, policy, metrics)
+        adapters = _adapters(settings)
+        breakers = {
+            platform: CircuitBreaker(
+                name=f"{adapter.name}-{platform.value}", clock=time.time,
+                on_transition=notification_metrics.breaker_transition)
+            for platform, adapter in adapters.items()
+        }
+        router = NotificationRouter(
+            store, adapters, breakers, deliver_in_app, push_allowed, notification_metrics,
+            concurrency=settings.notification_concurrency,
+            max_attempts=settings.notification_max_attempts)
         node = Node(
             node_id=node_id, settings=settings, broker=broker, hub=hub, auth=auth,
             policy=policy, limiter=limiter, presence=presence, idempotency=idempotency,
@@ -137,9 +204,18 @@ def create_app(settings: Settings | None = None) -> Starlette:
             log_throttle=make_log_throttle(settings.log_interval),
         )
         node.batch_timers = Timers(node.flush_due_batches)
+        async def notifications_ready() -> dict[str, Any]:
+            try:
+                ok = await service.ready()
+            except Exception:
+                ok = False
+            return {"ok": ok, "breakers": {b.name: b.state.value for b in breakers.values()}}
+
+        node.readiness["notifications"] = notifications_ready
         app.state.node = node
-        app.state.api = Api(node, api_keys)
+        app.state.api = Api(node, api_keys, service)
         await broker.start(hub.on_message)
+        await router.start()
         housekeeping = asyncio.create_task(_housekeeping(node), name="housekeeping")
         gc.collect()
         gc.freeze()
@@ -152,6 +228,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
             with contextlib.suppress(asyncio.CancelledError):
                 await housekeeping
             node.batch_timers.close()
+            await router.close()
+            for adapter in set(adapters.values()):
+                await adapter.close()
+            await store.close()
             for part in (broker, idempotency, presence, limiter):
                 await part.close()
 
@@ -164,6 +244,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     routes = [
         Route("/v1/publish", handler("publish"), methods=["POST"]),
+        Route("/v1/notifications", handler("notify"), methods=["POST"]),
+        Route("/v1/devices", handler("register_device"), methods=["POST"]),
+        Route("/v1/devices/{platform}/{token:path}", handler("remove_device"),
+              methods=["DELETE"]),
         Route("/healthz", handler("healthz"), methods=["GET"]),
         Route("/readyz", handler("readyz"), methods=["GET"]),
         Route("/metrics", handler("metrics"), methods=["GET"]),

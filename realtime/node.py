@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -64,7 +64,7 @@ class Node:
     log_throttle: LogThrottle
     connections: set[Connection] = field(default_factory=set)
     #: name -> check for /readyz; a check returns a map whose "ok" (default True) gates readiness
-    readiness: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
+    readiness: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = field(default_factory=dict)
     draining: bool = False
 
     async def limiter_hit(self, user: str, limit: int) -> Decision:

@@ -86,6 +86,27 @@ class Settings(BaseSettings):
         None, ge=1, description="overrides the tiers' connections per user"
     )
 
+    notification_concurrency: int = Field(
+        16, ge=1, description="notification deliveries in flight per node"
+    )
+    notification_max_attempts: int = Field(
+        8, ge=1, description="push attempts before a notification is dead-lettered"
+    )
+    notification_queue_max: int = Field(
+        100_000, ge=1, description="queued notifications per priority (503 beyond)"
+    )
+    apns_key_file: Path | None = Field(None, description="APNs .p8 token-signing key (ES256)")
+    apns_key_id: str | None = Field(None, description="APNs key id (kid)")
+    apns_team_id: str | None = Field(None, description="Apple team id (iss)")
+    apns_topic: str | None = Field(None, description="the app's bundle id (apns-topic)")
+    apns_endpoint: str = Field("https://api.push.apple.com", description="APNs base URL")
+    fcm_service_account: Path | None = Field(None, description="FCM service-account JSON key")
+    fcm_endpoint: str = Field("https://fcm.googleapis.com", description="FCM base URL")
+    push_ca_bundle: Path | None = Field(None, description="CA bundle for push endpoints")
+    push_webhook_url: str | None = Field(
+        None, description="POST pushes here for platforms with no provider configured"
+    )
+    push_timeout: float = Field(10.0, gt=0, description="seconds per push request")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_interval: float = Field(
         10.0, gt=0, description="seconds between log lines about one bad client"
@@ -109,6 +130,12 @@ class Settings(BaseSettings):
         if self.workers > 1 and not self.redis_url:
             raise ValueError("REALTIME_WORKERS > 1 needs REALTIME_REDIS_URL")
         return self
+
+    @property
+    def apns_configured(self) -> bool:
+        return bool(
+            self.apns_key_file and self.apns_key_id and self.apns_team_id and self.apns_topic
+        )
 
     @property
     def dev_jwt(self) -> bool:

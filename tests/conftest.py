@@ -1,3 +1,3 @@
-"""Shared test configuration: registers the real-Redis fixtures (tests/redis_server.py)."""
+"""Shared test configuration: real Redis (tests/redis_server.py) and the HTTP/2 push fakes."""
 
-pytest_plugins = ["tests.redis_server"]
+pytest_plugins = ["tests.redis_server", "tests.fakes.apns_server", "tests.fakes.fcm_server"]
