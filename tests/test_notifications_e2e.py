@@ -63,7 +63,7 @@ async def test_notification_in_app_and_pushed_by_tier_and_priority(
                     "user": user, "priority": "normal", "title": "Budget",
                     "body": "80% of your album budget", "data": {"pct": 80}})
                 assert response.status_code == 202
-            for client, user in ((paid, "u-paid"), (free, "u-free")):
+            for client in (paid, free):
                 message = await client.next_pushed(timeout=10)
                 assert message["type"] == "notification"
                 assert (message["priority"], message["title"], message["data"]) == (
