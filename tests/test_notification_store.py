@@ -332,13 +332,13 @@ async def test_redis_keys_live_under_the_prefix_and_streams_lost_are_recreated(
     redis_url: str,
 ) -> None:
     store = RedisNotificationStore.from_url(redis_url)
-    client = aioredis.Redis.from_url(redis_url)
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:
         await store.enqueue(note("p1"), idempotency_window=60)
         await store.add_device(Device("u1", Platform.IOS, "t"))
         lease = await take(store)
         await store.settle(lease, state=lease.state, retry_at=time.time() + 60)
-        keys = {k.decode() for k in await client.keys("*")}
+        keys = {str(k) for k in await client.keys("*")}
         assert keys and all(k.startswith("rt:notif:") for k in keys), keys
 
         await client.flushdb()  # as after a restart of a Redis without persistence
