@@ -267,27 +267,29 @@ class NotificationRouter:
     async def _dispatch(self) -> None:
         pause = 0.0
         while not self._closing:
-            await self._slots.acquire()
             try:
-                lease = await self._store.claim(self.consumer, self._clock())
-                if lease is None:
-                    self._slots.release()
-                    await self._store.wait(self._idle_wait)
-                    pause = 0.0
-                    continue
-            except QueueUnavailable as exc:
-                self._slots.release()
+                await self._claim_and_start()
+                pause = 0.0
+            except Exception as exc:  # QueueUnavailable, or a bug: keep dispatching
                 pause = min(5.0, max(0.05, pause * 2))
-                log.warning("notification queue unavailable (retrying in %.2fs): %s", pause, exc)
+                log.warning("notification dispatch failed (retrying in %.2fs): %r", pause, exc)
                 await asyncio.sleep(pause)
-                continue
-            except BaseException:
-                self._slots.release()
-                raise
-            pause = 0.0
-            task = asyncio.create_task(self._run(lease), name=f"notif-{lease.notification.id}")
-            self._rounds.add(task)
-            task.add_done_callback(self._round_done)
+
+    async def _claim_and_start(self) -> None:
+        """Starts a round for the next lease once a slot is free, or waits for work."""
+        await self._slots.acquire()
+        try:
+            lease = await self._store.claim(self.consumer, self._clock())
+        except BaseException:
+            self._slots.release()
+            raise
+        if lease is None:
+            self._slots.release()
+            await self._store.wait(self._idle_wait)
+            return
+        task = asyncio.create_task(self._run(lease), name=f"notif-{lease.notification.id}")
+        self._rounds.add(task)
+        task.add_done_callback(self._round_done)  # releases the slot
 
     def _round_done(self, task: asyncio.Task[None]) -> None:
         self._rounds.discard(task)

@@ -486,3 +486,38 @@ async def test_router_rides_out_a_redis_restart(rig: Rig, redis_server: RedisSer
         except Exception:
             await asyncio.sleep(0.1)
     await wait_until(lambda: in_app.ids == ["before", "after"], timeout=20)
+
+
+@pytest.mark.timeout(60)
+async def test_an_outage_while_idle_does_not_raise_concurrency(
+    rig: Rig, redis_server: RedisServer
+) -> None:
+    store = rig.store()
+    in_flight, peak = 0, 0
+
+    class Counting(ScriptedAdapter):
+        async def send(self, notification: Notification, device: Device) -> PushResult:
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            try:
+                return await super().send(notification, device)
+            finally:
+                in_flight -= 1
+
+    apns = Counting("apns", delay=0.1)
+    await rig.router(store, {Platform.IOS: apns}, in_app=InApp(), concurrency=1)
+    await asyncio.sleep(0.5)  # idle: the dispatcher blocks in wait()
+    redis_server.kill()
+    await asyncio.sleep(1.5)
+    redis_server.restart()
+    for _ in range(100):  # the first command on a stale connection may fail once
+        try:
+            await with_device(store)
+            break
+        except Exception:
+            await asyncio.sleep(0.1)
+    for i in range(6):
+        await store.enqueue(note(id=f"o{i}"))
+    await wait_until(lambda: len(apns.calls) == 6, timeout=30)
+    assert peak == 1
