@@ -13,7 +13,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -165,9 +164,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     notification_metrics = NotificationMetrics(registry)
     store: NotificationStore
     if settings.redis_url:
-        store = RedisNotificationStore(
-            aioredis.Redis.from_url(settings.redis_url), max_depth=settings.notification_queue_max,
-            owns_client=True)
+        store = RedisNotificationStore.from_url(
+            settings.redis_url, max_depth=settings.notification_queue_max)
     else:
         store = MemoryNotificationStore(max_depth=settings.notification_queue_max)
     service = NotificationService(store, metrics=notification_metrics,
@@ -187,12 +185,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         hub = Hub(broker, policy, metrics)
         adapters = _adapters(settings)
-        breakers = {
-            platform: CircuitBreaker(
-                name=f"{adapter.name}-{platform.value}", clock=time.time,
-                on_transition=notification_metrics.breaker_transition)
-            for platform, adapter in adapters.items()
+        # One breaker per adapter (a webhook serving both platforms has one), named as it is.
+        by_adapter = {
+            id(adapter): CircuitBreaker(name=adapter.name, clock=time.time,
+                                        on_transition=notification_metrics.breaker_transition)
+            for adapter in adapters.values()
         }
+        breakers = {platform: by_adapter[id(adapter)] for platform, adapter in adapters.items()}
         router = NotificationRouter(
             store, adapters, breakers, deliver_in_app, push_allowed, notification_metrics,
             concurrency=settings.notification_concurrency,
@@ -209,7 +208,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 ok = await service.ready()
             except Exception:
                 ok = False
-            return {"ok": ok, "breakers": {b.name: b.state.value for b in breakers.values()}}
+            return {"ok": ok, "breakers": {b.name: b.state.value for b in by_adapter.values()}}
 
         node.readiness["notifications"] = notifications_ready
         app.state.node = node
