@@ -96,11 +96,11 @@ def serve(args: argparse.Namespace) -> int:
         server_header=False,
         h11_max_incomplete_event_size=settings.max_body_bytes,
     )
-    server = DrainingServer(config)
     if settings.workers > 1:
-        Multiprocess(config, target=server.run, sockets=[config.bind_socket()]).run()
+        # Each worker drains on the SIGTERM the supervisor forwards; the supervisor exits 0.
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
     else:
-        server.run()
+        DrainingServer(config).run()
     return 0
 
 

@@ -53,10 +53,9 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
         if self.close_sent:
             return
         # Both kinds arrive as bytes; "text" tells the app which opcode it was.
-        self.queue.put_nowait(
-            {"type": "websocket.receive", "bytes": bytes(data),
-             "text": "" if self.curr_msg_data_type == "text" else None}
-        )
+        message = {"type": "websocket.receive", "bytes": bytes(data),
+                   "text": "" if self.curr_msg_data_type == "text" else None}
+        self.queue.put_nowait(message)  # type: ignore[arg-type]
         if not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
