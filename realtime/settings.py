@@ -112,6 +112,11 @@ class Settings(BaseSettings):
         10.0, gt=0, description="seconds between log lines about one bad client"
     )
 
+    @field_validator("jwt_secret", "redis_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
     @field_validator("jwt_audiences", "api_keys", "blocked_users", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
