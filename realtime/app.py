@@ -46,7 +46,7 @@ from realtime.ratelimit import MemoryRateLimiter, RateLimiter
 from realtime.settings import Settings
 from realtime.tiers import load_policy
 from realtime.timers import Timers
-from realtime.wsprotocol import EXTENSION
+from realtime.wsprotocol import EXTENSION, WS_LOG
 
 log = logging.getLogger("realtime")
 
@@ -78,7 +78,7 @@ class WebSocketEndpoint:
         codec, accepted = choice
         await websocket.accept(subprotocol=accepted)
         client = scope.get("client") or ("?", 0)
-        await Connection(node, wire, receive, codec, f"{client[0]}:{client[1]}").run()
+        await Connection(node, wire, receive, codec, str(client[0])).run()
 
 
 def _error(status: int, code: ErrorCode, message: str) -> JSONResponse:
@@ -213,6 +213,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         node.readiness["notifications"] = notifications_ready
         app.state.node = node
         app.state.api = Api(node, api_keys, service)
+        metrics.open_connections.set_function(lambda: len(node.connections))
+        metrics.channels.set_function(lambda: len(hub.channels))
+        metrics.queued_bytes.set_function(lambda: sum(c.outbox_bytes for c in node.connections))
+        if settings.log_level != "debug":
+            WS_LOG.setLevel(logging.WARNING)
         await broker.start(hub.on_message)
         await router.start()
         housekeeping = asyncio.create_task(_housekeeping(node), name="housekeeping")

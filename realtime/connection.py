@@ -329,7 +329,9 @@ class Connection:
 
     def _violation(self, reason: str) -> None:
         self.node.metrics.bad_frames.inc()
-        self.node.log_throttle.warning(self.peer, "closing %s (4000): %s", self.peer, reason)
+        # One line per client address per interval, however many connections it opens.
+        self.node.log_throttle.warning(self.peer, "closing a connection of %s (4000): %s",
+                                       self.peer, reason)
         self.close(CloseCode.BAD_REQUEST, reason[:100])
 
     async def _command(self, message: dict[str, Any]) -> None:

@@ -22,6 +22,18 @@ class Metrics:
             "connections", "Open, connected WebSocket connections by tier",
             ["tier"], namespace=NS, subsystem="ws", registry=registry,
         )
+        self.open_connections = Gauge(
+            "open", "WebSocket connections held by this node (connected or not yet)",
+            namespace=NS, subsystem="ws", registry=registry,
+        )
+        self.channels = Gauge(
+            "channels", "Channels with at least one subscriber on this node",
+            namespace=NS, subsystem="hub", registry=registry,
+        )
+        self.queued_bytes = Gauge(
+            "queued_bytes", "Bytes waiting in connections' outbound queues",
+            namespace=NS, subsystem="ws", registry=registry,
+        )
         self.commands = Counter(
             "commands", "Client commands by op and outcome (ok or an error code)",
             ["op", "outcome"], namespace=NS, subsystem="ws", registry=registry,

@@ -11,12 +11,16 @@ UTF-8 is the app's 4000, not a 1007) and the server's shutdown becomes a drain
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 #: Key in the ASGI scope's ``extensions`` under which the protocol object is found.
 EXTENSION = "piggybong.wire"
+#: Per-connection lines (accepted, open, closed) go here; the app sets it to WARNING
+#: unless the log level is debug, so 100,000 connections do not mean 200,000 log lines.
+WS_LOG = logging.getLogger("realtime.ws")
 
 
 class WireListener(Protocol):
@@ -38,6 +42,11 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
     paused: bool = False
     #: Set while a close frame of ours is on its way; the transport is aborted after the timeout.
     closing: bool = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.logger = WS_LOG
+        self.conn.logger = WS_LOG
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)

@@ -10,7 +10,7 @@ import signal
 import httpx
 import pytest
 
-from tests.server import connected, running_server
+from tests.server import connected, running_server, ws_client
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -90,3 +90,41 @@ async def test_sigterm_delivers_what_is_queued_then_closes_1001_and_exits_0() ->
                 assert (await client.next_pushed(timeout=10))["data"]["n"] == n
             assert await client.close_code() == 1001
             assert await server.stop() == 0
+
+
+def _gauge(metrics: str, name: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")
+
+
+async def test_nothing_is_left_behind_and_bad_clients_log_one_line() -> None:
+    async with running_server() as server:
+        # Connections that end every way: clean close, abrupt drop, bad frame, refused connect.
+        for i in range(30):
+            async with connected(server, f"u-leak-{i}") as client:
+                await client.command("subscribe", channel=f"artist:leak-{i % 5}")
+                await client.command("subscribe", channel="broadcast")
+                if i % 3 == 1:
+                    client.ws.transport.abort()
+                elif i % 3 == 2:
+                    await client.send_raw("not json")
+                    assert await client.close_code() == 4000
+        for _ in range(10):
+            async with ws_client(server) as client:
+                await client.command("connect", token="bad")
+                assert await client.close_code() == 4001
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            deadline = asyncio.get_running_loop().time() + 5
+            while True:
+                metrics = (await http.get("/metrics")).text
+                gauges = [_gauge(metrics, f"piggybong_realtime_{name}") for name in
+                          ("ws_open", "hub_channels", "ws_queued_bytes")]
+                if gauges == [0, 0, 0] or asyncio.get_running_loop().time() > deadline:
+                    break
+                await asyncio.sleep(0.1)
+            assert gauges == [0, 0, 0]
+            assert 'piggybong_realtime_ws_connections{tier="free"} 0.0' in metrics
+        # Ten connections from one address sent bad frames: one log line in the interval.
+        assert server.log().count("closing a connection of 127.0.0.1") == 1
