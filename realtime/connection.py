@@ -474,10 +474,11 @@ class Connection:
             self.batcher.set_limits(window, tier.batch_max_items)
 
     def _set_expiry(self, expires_at: float) -> None:
+        """Close with 4001 when the token expires (``exp`` plus the configured leeway)."""
         self.expires_at = expires_at
         if self._expiry is not None:
             self._expiry.cancel()
-        delay = max(0.0, expires_at - time.time())
+        delay = max(0.0, expires_at + self.node.settings.jwt_leeway - time.time())
         self._expiry = self.loop.call_later(delay, self._expired)
 
     def _expired(self) -> None:
