@@ -1,0 +1,183 @@
+"""Exact per-key rate limits: at most ``limit`` hits in ANY sliding window (a log, not GCRA).
+
+GCRA or a token bucket with a burst of ``limit`` lets nearly twice the limit
+through within one minute; "60 commands per minute" is exact here: the times of
+the counted hits are kept (only the newest ``limit`` of them matter).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import count
+from typing import Protocol
+
+from realtime.redis_broker import make_client, redis_errors
+
+__all__ = [
+    "Decision",
+    "MemoryRateLimiter",
+    "RateLimiter",
+    "RedisRateLimiter",
+    "SlidingWindowLog",
+]
+
+KEY_PREFIX = "rt:rl:"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """``allowed``, else ``retry_after`` seconds until one more hit fits (0.0 when allowed)."""
+
+    allowed: bool
+    retry_after: float
+
+
+class SlidingWindowLog:
+    """Sans-I/O sliding-window log of one key: ``hit(now)`` decides and records.
+
+    A hit at ``now`` is allowed when fewer than ``limit`` counted hits lie in
+    ``(now - window, now]``; refused hits are not counted. ``retry_after`` of a
+    refusal is when the hit that keeps it out (the ``limit``-th newest) leaves the
+    window. ``limit`` / ``window`` may be changed between hits and apply at once.
+    Memory: at most ``limit`` timestamps (older ones can never decide again).
+    """
+
+    __slots__ = ("_hits", "limit", "window")
+
+    def __init__(self, limit: int, window: float = 60.0) -> None:
+        self.limit = limit
+        self.window = window
+        self._hits: deque[float] = deque()
+
+    def __len__(self) -> int:
+        return len(self._hits)
+
+    def hit(self, now: float) -> Decision:
+        hits = self._hits
+        horizon = now - self.window
+        while hits and hits[0] <= horizon:
+            hits.popleft()
+        limit = self.limit
+        while len(hits) > limit:  # a lowered limit: only the newest `limit` hits matter
+            hits.popleft()
+        if len(hits) < limit:
+            hits.append(now)
+            return Decision(True, 0.0)
+        if limit <= 0:
+            return Decision(False, self.window)
+        return Decision(False, max(0.0, hits[0] + self.window - now))
+
+    def idle_at(self) -> float:
+        """The time from which this log no longer counts any hit (it may be dropped)."""
+        return self._hits[-1] + self.window if self._hits else float("-inf")
+
+
+class RateLimiter(Protocol):
+    """Per-key limits shared by every node using the limiter.
+
+    Contract (tests/test_ratelimit.py, against every implementation): ``hit(key,
+    limit, window)`` allows at most ``limit`` hits of ``key`` in any ``window``
+    seconds; a refused hit is not counted and its ``retry_after`` (seconds) is
+    truthful: a hit that long later is allowed (if nothing else hit the key). A
+    changed ``limit`` (tier change) applies to the next hit. Raises
+    ``BrokerUnavailable`` when the backend cannot answer. ``close()`` releases it.
+    """
+
+    async def hit(self, key: str, limit: int, window: float = 60.0) -> Decision: ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryRateLimiter:
+    """One node's limiter: a ``SlidingWindowLog`` per key.
+
+    Bounded: a log holds at most ``limit`` entries and a key idle for its window
+    is dropped (keys are kept in last-hit order; idle ones are dropped on each hit).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._logs: OrderedDict[str, SlidingWindowLog] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._logs)
+
+    async def hit(self, key: str, limit: int, window: float = 60.0) -> Decision:
+        return self.hit_at(key, limit, window, self._clock())
+
+    def hit_at(self, key: str, limit: int, window: float, now: float) -> Decision:
+        """``hit`` at time ``now`` (sans-I/O)."""
+        logs = self._logs
+        log = logs.get(key)
+        if log is None:
+            log = logs[key] = SlidingWindowLog(limit, window)
+        else:
+            log.limit = limit
+            log.window = window
+            logs.move_to_end(key)
+        decision = log.hit(now)
+        while logs:
+            oldest_key, oldest = next(iter(logs.items()))
+            if oldest_key == key or oldest.idle_at() > now:
+                break
+            del logs[oldest_key]
+        return decision
+
+    async def close(self) -> None:
+        self._logs.clear()
+
+
+# KEYS[1]: the key's log (sorted set: member unique per hit, score = time in µs, Redis clock).
+# ARGV: limit, window µs, unique member. Returns {1, 0} or {0, retry_after µs}.
+_HIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local limit = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local n = redis.call('ZCARD', KEYS[1])
+if n > limit then
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - limit - 1)
+  n = limit
+end
+if n < limit then
+  redis.call('ZADD', KEYS[1], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000))
+  return {1, 0}
+end
+if limit <= 0 then
+  return {0, window}
+end
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {0, tonumber(first[2]) + window - now}
+"""
+
+
+class RedisRateLimiter:
+    """The limiter shared by every node: one Lua script per hit (atomic, on Redis's clock).
+
+    A ZSET per key (``rt:rl:<key>``) of at most ``limit`` hits, ``PEXPIRE`` = window.
+    Members are unique per limiter instance and hit, so two nodes never collide.
+    """
+
+    def __init__(self, url: str, *, timeout: float = 5.0) -> None:
+        self._client = make_client(url, timeout=timeout)
+        self._script = self._client.register_script(_HIT)
+        self._node = os.urandom(6).hex()
+        self._seq = count()
+
+    async def hit(self, key: str, limit: int, window: float = 60.0) -> Decision:
+        member = f"{self._node}:{next(self._seq)}"
+        args: list[int | str] = [limit, max(1, round(window * 1_000_000)), member]
+        with redis_errors("rate limit"):
+            allowed, retry_us = await self._script(keys=[KEY_PREFIX + key], args=args)
+        if allowed:
+            return Decision(True, 0.0)
+        return Decision(False, max(0.0, int(retry_us) / 1_000_000))
+
+    async def close(self) -> None:
+        await self._client.aclose()

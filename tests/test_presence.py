@@ -1,0 +1,171 @@
+"""The ConnectionRegistry contract, against the memory and the Redis implementation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aredis
+
+from realtime.broker import BrokerUnavailable
+from realtime.presence import (
+    TIER_TTL,
+    ConnectionRegistry,
+    MemoryConnectionRegistry,
+    RedisConnectionRegistry,
+)
+from tests.redis_server import RedisServer
+
+MakeRegistry = Callable[..., ConnectionRegistry]
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def make_registry(request: pytest.FixtureRequest) -> AsyncIterator[MakeRegistry]:
+    """Registries of one kind; Redis ones share one Redis (several nodes)."""
+    registries: list[ConnectionRegistry] = []
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
+
+    def make(**options: Any) -> ConnectionRegistry:
+        registry: ConnectionRegistry = (
+            RedisConnectionRegistry(url, **options) if url else MemoryConnectionRegistry(**options)
+        )
+        registries.append(registry)
+        return registry
+
+    yield make
+    for registry in registries:
+        await registry.close()
+
+
+async def test_add_counts_the_users_connections(make_registry: MakeRegistry) -> None:
+    registry = make_registry()
+    assert [await registry.add("u1", f"c{i}") for i in range(3)] == [1, 2, 3]
+    assert await registry.add("u2", "c0") == 1  # per user
+    assert await registry.add("u1", "c1") == 3  # the same connection again: still 3
+
+
+async def test_remove_forgets_a_connection(make_registry: MakeRegistry) -> None:
+    registry = make_registry()
+    await registry.add("u", "a")
+    await registry.add("u", "b")
+    await registry.remove("u", "a")
+    await registry.remove("u", "unknown")
+    await registry.remove("nobody", "x")
+    assert await registry.add("u", "c") == 2
+
+
+@pytest.mark.timeout(20)
+async def test_unrefreshed_entries_expire_refreshed_ones_stay(make_registry: MakeRegistry) -> None:
+    registry = make_registry(ttl=0.6)
+    await registry.add("u", "live")
+    await registry.add("u", "dead")
+    for _ in range(3):  # 3 x 0.3 s > ttl: only the refreshed entry survives
+        await asyncio.sleep(0.3)
+        await registry.refresh([("u", "live")])
+    assert await registry.add("u", "new") == 2  # live + new
+
+
+@pytest.mark.timeout(20)
+async def test_refresh_restores_an_expired_entry(make_registry: MakeRegistry) -> None:
+    registry = make_registry(ttl=0.3)
+    await registry.add("u", "a")
+    await asyncio.sleep(0.6)
+    await registry.refresh([("u", "a"), ("v", "b")])
+    assert await registry.add("u", "c") == 2
+    assert await registry.add("v", "d") == 2
+    await registry.refresh([])
+
+
+async def test_tier_is_remembered(make_registry: MakeRegistry) -> None:
+    registry = make_registry()
+    assert await registry.tier_of("u") is None
+    await registry.set_tier("u", "free")
+    await registry.set_tier("u", "paid")
+    await registry.set_tier("w", "free")
+    assert await registry.tier_of("u") == "paid"
+    assert await registry.tier_of("w") == "free"
+
+
+@pytest.mark.timeout(20)
+async def test_redis_nodes_count_together_and_a_dead_nodes_entries_expire(redis_url: str) -> None:
+    node_a = RedisConnectionRegistry(redis_url, ttl=0.8)
+    node_b = RedisConnectionRegistry(redis_url, ttl=0.8)
+    try:
+        assert await node_a.add("u", "a1") == 1
+        assert await node_b.add("u", "b1") == 2
+        assert await node_a.add("u", "a2") == 3
+        await node_b.set_tier("u", "paid")
+        assert await node_a.tier_of("u") == "paid"
+        await node_b.close()  # node B dies: only A beats
+        for _ in range(4):
+            await asyncio.sleep(0.35)
+            await node_a.refresh([("u", "a1"), ("u", "a2")])
+        assert await node_a.add("u", "a3") == 3
+    finally:
+        await node_a.close()
+        await node_b.close()
+
+
+async def test_concurrent_adds_see_distinct_counts(make_registry: MakeRegistry) -> None:
+    nodes = [make_registry(), make_registry()]
+    counts = await asyncio.gather(*(nodes[i % 2].add("busy", f"c{i}") for i in range(20)))
+    if isinstance(nodes[0], RedisConnectionRegistry):
+        assert sorted(counts) == list(range(1, 21))  # atomic across nodes
+    else:
+        assert sorted(counts) == sorted([*range(1, 11), *range(1, 11)])
+
+
+async def test_redis_keys_expire_with_their_entries(redis_url: str) -> None:
+    registry = RedisConnectionRegistry(redis_url, ttl=90)
+    client = aredis.Redis.from_url(redis_url)
+    try:
+        await registry.add("u", "c")
+        await registry.set_tier("u", "paid")
+        assert 85_000 < await client.pttl("rt:presence:u") <= 90_000
+        tier_ttl = await client.pttl("rt:tier:u")
+        assert TIER_TTL * 1000 - 10_000 < tier_ttl <= TIER_TTL * 1000
+        await registry.remove("u", "c")
+        assert await client.zcard("rt:presence:u") == 0
+    finally:
+        await client.aclose()
+        await registry.close()
+
+
+async def test_redis_down_raises_unavailable(redis_url: str, redis_server: RedisServer) -> None:
+    registry = RedisConnectionRegistry(redis_url, timeout=2.0)
+    try:
+        await registry.add("u", "a")
+        redis_server.kill()
+        for call in (
+            registry.add("u", "b"),
+            registry.remove("u", "a"),
+            registry.refresh([("u", "a")]),
+            registry.set_tier("u", "paid"),
+            registry.tier_of("u"),
+        ):
+            with pytest.raises(BrokerUnavailable):
+                await call
+        redis_server.restart()
+        assert await registry.add("u", "b") == 1  # Redis lost its data; the store recovers
+    finally:
+        await registry.close()
+
+
+# --------------------------------------------------------------------------- memory, fake clock
+
+
+async def test_memory_bounds_tiers_and_sweeps_expired_users() -> None:
+    now = [0.0]
+    registry = MemoryConnectionRegistry(ttl=10, max_tiers=2, clock=lambda: now[0])
+    for user in ("a", "b", "c"):
+        await registry.set_tier(user, "paid")
+    assert [await registry.tier_of(u) for u in ("a", "b", "c")] == [None, "paid", "paid"]
+    now[0] = TIER_TTL + 1
+    assert await registry.tier_of("b") is None  # tiers expire too
+    for i in range(100):
+        await registry.add(f"user{i}", "c")
+    now[0] += 11
+    await registry.refresh([("user0", "c")])
+    assert list(registry._conns) == ["user0"]
