@@ -5,7 +5,8 @@ RESP2 in ``data_received`` and hands every message to the handler synchronously
 (no task, no await, no queue per message), and ONE supervisor task that
 connects, re-subscribes every wanted channel after a loss (exponential backoff
 with jitter), health-checks the connection with PING and is cancelled and
-awaited by ``close()``. PUBLISH goes through a separate bounded connection pool.
+awaited by ``close()``. PUBLISHes are pipelined on a second connection (opened
+on demand, bounded in-flight count), in call order.
 
 Redis channel of channel ``c``: ``"rt:" + c``. The parser is ``hiredis`` when it
 is installed (``parser="auto"``), else a pure-Python RESP2 reader.
@@ -302,12 +303,13 @@ class _Pending:
         self.remaining = remaining
 
 
-class _PubSubConnection(asyncio.Protocol):
-    """One pub/sub connection. Messages go to ``handler`` from ``data_received``.
+class _RespConnection(asyncio.Protocol):
+    """One Redis connection: commands are pipelined, pub/sub messages go to ``handler``.
 
     Every command sent expects ``replies`` replies, in order (SUBSCRIBE of n
     channels: n confirmations); its future gets the last one, or the error
-    reply, or ``_ConnectionLost``. ``lost`` completes when the connection ends.
+    reply, or ``_ConnectionLost``. Messages of channels in ``wanted`` are handed to
+    ``handler`` from ``data_received``. ``lost`` completes when the connection ends.
     """
 
     def __init__(self, reader: _Reader, wanted: dict[bytes, str], handler: MessageHandler) -> None:
@@ -316,6 +318,7 @@ class _PubSubConnection(asyncio.Protocol):
         self._handler = handler
         self._transport: asyncio.Transport | None = None
         self._pending: deque[_Pending] = deque()
+        self._outgoing: list[bytes] = []  # packed commands not yet written (this iteration)
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -384,7 +387,14 @@ class _PubSubConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             raise _ConnectionLost("not connected")
         self._pending.append(pending)
-        transport.write(_pack(*args))
+        if not self._outgoing:  # commands sent in one loop iteration go in one write
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outgoing.append(_pack(*args))
+
+    def _flush(self) -> None:
+        outgoing, self._outgoing = self._outgoing, []
+        if self._transport is not None:
+            self._transport.write(b"".join(outgoing))
 
     def abort(self) -> None:
         if self._transport is not None:
@@ -432,7 +442,9 @@ class RedisBroker:
     - Calls for one channel are serialised; different channels proceed concurrently.
     - ``on_reconnect`` is called (synchronously) after every successful RE-connection,
       once every wanted channel is subscribed again: messages may have been missed.
-    - ``publish`` raises ``BrokerUnavailable`` unless Redis answered the PUBLISH.
+    - ``publish`` raises ``BrokerUnavailable`` unless Redis answered the PUBLISH (within
+      ``timeout``). PUBLISHes are pipelined on one connection of their own, in call order;
+      at most ``max_inflight`` await their reply, later callers wait (within ``timeout``).
     """
 
     def __init__(
@@ -443,6 +455,7 @@ class RedisBroker:
         max_backoff: float = 5.0,
         health_check_interval: float = 5.0,
         timeout: float = 5.0,
+        max_inflight: int = 10_000,
         parser: Literal["auto", "hiredis", "python"] = "auto",
     ) -> None:
         self._make_reader = _make_reader(parser)
@@ -460,12 +473,14 @@ class RedisBroker:
         self._max_backoff = max_backoff
         self._health_interval = health_check_interval
         self._timeout = timeout
-        self._publisher = make_client(url, timeout=timeout)
+        self._publisher: _RespConnection | None = None  # pipelined PUBLISH connection
+        self._publisher_attempt: asyncio.Future[_RespConnection] | None = None
+        self._inflight = asyncio.Semaphore(max_inflight)
         self._handler: MessageHandler | None = None
         self._wanted: dict[bytes, str] = {}  # Redis channel -> channel name
         self._locks = _KeyedLock()
-        self._conn: _PubSubConnection | None = None  # set while connected and re-subscribed
-        self._latest: _PubSubConnection | None = None  # the newest connection, for close()
+        self._conn: _RespConnection | None = None  # set while connected and re-subscribed
+        self._latest: _RespConnection | None = None  # the newest connection, for close()
         self._task: asyncio.Task[None] | None = None
         self._first_attempt = asyncio.Event()
         self._closed = False
@@ -482,8 +497,38 @@ class RedisBroker:
     async def publish(self, channel: str, payload: bytes) -> None:
         if self._closed:
             raise BrokerUnavailable("broker closed")
-        with redis_errors("PUBLISH"):
-            await self._publisher.publish(CHANNEL_PREFIX + channel.encode(), payload)
+        conn: _RespConnection | None = None
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._inflight:
+                    conn = self._publisher
+                    if conn is None or conn.lost.done():
+                        conn = await self._publisher_connection()
+                    await conn.command(b"PUBLISH", CHANNEL_PREFIX + channel.encode(), payload)
+        except TimeoutError as exc:
+            if conn is not None:
+                conn.abort()  # Redis does not answer: the next publish reconnects
+            raise BrokerUnavailable(f"redis PUBLISH timed out after {self._timeout} s") from exc
+        except (OSError, _ConnectionLost, RedisReplyError) as exc:
+            raise BrokerUnavailable(f"redis PUBLISH failed: {exc}") from exc
+
+    async def _publisher_connection(self) -> _RespConnection:
+        """The publisher connection; concurrent callers share one connection attempt."""
+        attempt = self._publisher_attempt
+        if attempt is None:
+            attempt = asyncio.ensure_future(self._open({}, _ignore_message))
+            self._publisher_attempt = attempt
+            attempt.add_done_callback(self._publisher_opened)
+        return await asyncio.shield(attempt)
+
+    def _publisher_opened(self, attempt: asyncio.Future[_RespConnection]) -> None:
+        self._publisher_attempt = None
+        if attempt.cancelled() or attempt.exception() is not None:
+            return
+        if self._closed:
+            attempt.result().abort()
+        else:
+            self._publisher = attempt.result()
 
     async def subscribe(self, channel: str) -> None:
         key = CHANNEL_PREFIX + channel.encode()
@@ -534,12 +579,16 @@ class RedisBroker:
             except asyncio.CancelledError:
                 if not task.cancelled():
                     raise
-        conn, self._latest = self._latest, None
-        if conn is not None:
-            conn.abort()
-            await asyncio.wait([conn.lost], timeout=self._timeout)
+        attempt = self._publisher_attempt
+        if attempt is not None:
+            attempt.cancel()
+            await asyncio.wait([attempt])
+        for conn in (self._latest, self._publisher):
+            if conn is not None:
+                conn.abort()
+                await asyncio.wait([conn.lost], timeout=self._timeout)
+        self._latest = self._publisher = None
         self._wanted.clear()
-        await self._publisher.aclose()
 
     # -- introspection (tests, metrics) ---------------------------------------------------
 
@@ -583,15 +632,13 @@ class RedisBroker:
                 self._conn = None
             log.warning("redis pub/sub connection lost; reconnecting")
 
-    async def _connect(self) -> _PubSubConnection:
-        handler = self._handler
-        assert handler is not None
+    async def _open(self, wanted: dict[bytes, str], handler: MessageHandler) -> _RespConnection:
+        """A new authenticated connection (raises OSError, TimeoutError, _ConnectionLost...)."""
         loop = asyncio.get_running_loop()
         reader = self._make_reader()
 
-        def factory() -> _PubSubConnection:
-            self._latest = _PubSubConnection(reader, self._wanted, handler)
-            return self._latest
+        def factory() -> _RespConnection:
+            return _RespConnection(reader, wanted, handler)
 
         async with asyncio.timeout(self._timeout):
             if self._path is not None:
@@ -603,6 +650,18 @@ class RedisBroker:
             try:
                 if self._auth:
                     await conn.command(*self._auth)
+            except BaseException:
+                conn.abort()
+                raise
+        return conn
+
+    async def _connect(self) -> _RespConnection:
+        """The pub/sub connection, with every wanted channel subscribed."""
+        handler = self._handler
+        assert handler is not None
+        conn = self._latest = await self._open(self._wanted, handler)
+        try:
+            async with asyncio.timeout(self._timeout):
                 sent = list(self._wanted)
                 await asyncio.gather(*(
                     conn.command(b"SUBSCRIBE", *chunk, replies=len(chunk))
@@ -613,12 +672,12 @@ class RedisBroker:
                 while extra := [key for key in subscribed if key not in self._wanted]:
                     subscribed.difference_update(extra)
                     await conn.command(b"UNSUBSCRIBE", *extra, replies=len(extra))
-            except BaseException:
-                conn.abort()
-                raise
+        except BaseException:
+            conn.abort()
+            raise
         return conn
 
-    async def _watch(self, conn: _PubSubConnection) -> None:
+    async def _watch(self, conn: _RespConnection) -> None:
         """Return when ``conn`` is lost; PING it when idle and drop it if it does not answer."""
         try:
             while not conn.lost.done():
@@ -635,6 +694,10 @@ class RedisBroker:
         except asyncio.CancelledError:
             conn.abort()
             raise
+
+
+def _ignore_message(channel: str, payload: bytes) -> None:
+    """The publisher connection subscribes to nothing."""
 
 
 def _chunks(items: list[bytes], size: int) -> Iterator[list[bytes]]:

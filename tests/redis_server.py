@@ -3,9 +3,10 @@
 Fixtures:
 
 - ``redis_server`` (session): a ``redis-server`` this plugin starts on a free
-  127.0.0.1 port (``--save "" --appendonly no``) and stops at session end. If
-  ``REALTIME_TEST_REDIS_URL`` is set, that server is used instead and
-  ``kill()`` / ``restart()`` skip the calling test.
+  127.0.0.1 port (``--save "" --appendonly no``) and stops at session end, with
+  ``kill()`` (SIGKILL), ``restart()`` (same port), ``pause()`` / ``resume()``
+  (SIGSTOP / SIGCONT). If ``REALTIME_TEST_REDIS_URL`` is set, that server is used
+  instead and those methods skip the calling test.
 - ``redis_url`` (function): a URL to a logical DB flushed before the test. A
   server killed by an earlier test is restarted first.
 
@@ -67,7 +68,7 @@ def _pings(url: str) -> bool:
 
 
 class RedisServer:
-    """A Redis for tests: ``url``, ``port``, ``kill()`` (SIGKILL) and ``restart()``.
+    """A Redis for tests: ``url``, ``port``, ``kill()``, ``restart()``, ``pause()``, ``resume()``.
 
     ``external`` servers (from ``REALTIME_TEST_REDIS_URL``) are never touched:
     ``kill()`` / ``restart()`` skip the calling test.
@@ -135,6 +136,18 @@ class RedisServer:
             self._proc.send_signal(signal.SIGKILL)
             self._proc.wait(timeout=10)
 
+    def pause(self) -> None:
+        """SIGSTOP the server: connections stay open, nothing is answered (skips if external)."""
+        if self.external:
+            pytest.skip(f"{ENV_URL} is set: the test needs to pause Redis, which it does not own")
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused server."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGCONT)
+
     def restart(self) -> None:
         """Start the server again on the same port; returns once it answers PING."""
         if self.external:
@@ -151,6 +164,7 @@ class RedisServer:
             if not _pings(self.url):
                 pytest.fail(f"{ENV_URL}={self.url} does not answer PING", pytrace=False)
             return
+        self.resume()  # a test that failed while it was paused
         if not self.running or not _pings(self.url):
             self.restart()
 
@@ -173,6 +187,7 @@ class RedisServer:
         """Terminate an own server and remove its directory."""
         proc = self._proc
         if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
             proc.terminate()
             try:
                 proc.wait(timeout=5)

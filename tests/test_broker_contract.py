@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal
 
@@ -149,6 +150,22 @@ async def test_one_publisher_order_is_kept(make_broker: MakeBroker) -> None:
         await broker.publish("seq", payload)
     await got.wait_for(len(sent))
     assert got.on("seq") == sent
+
+
+async def test_concurrent_publishers_each_keep_their_order(make_broker: MakeBroker) -> None:
+    broker, got = await make_broker()
+    await broker.subscribe("many")
+
+    async def publisher(name: bytes) -> None:
+        for i in range(200):
+            await broker.publish("many", b"%s:%d" % (name, i))
+
+    names = [b"p%d" % n for n in range(8)]
+    await asyncio.gather(*(publisher(name) for name in names))
+    await got.wait_for(200 * len(names))
+    for name in names:
+        mine = [p for p in got.on("many") if p.startswith(name + b":")]
+        assert mine == [b"%s:%d" % (name, i) for i in range(200)]
 
 
 async def test_unsubscribe_stops_delivery(make_broker: MakeBroker) -> None:
@@ -324,6 +341,31 @@ async def test_redis_restart_mid_stream(
     assert len(got.items) == 100
     assert await _numsub(redis_url, "stream") == 1
     assert await _numsub(redis_url, "later-dropped") == 0
+
+
+@pytest.mark.timeout(40)
+async def test_hung_redis_publish_is_refused_and_ready_flips(
+    make_redis_broker: MakeBroker, redis_server: RedisServer
+) -> None:
+    broker, got = await make_redis_broker(timeout=1.0, health_check_interval=0.5, max_inflight=2)
+    await broker.subscribe("h")
+    await broker.publish("h", b"before")
+    await got.wait_for(1)
+    redis_server.pause()
+    try:
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(broker.publish("h", b"unanswered") for _ in range(5)), return_exceptions=True
+        )
+        assert all(isinstance(r, BrokerUnavailable) for r in results), results
+        assert time.monotonic() - started < 10
+        await wait_until(lambda: not broker.ready)  # the PING health check gave up
+    finally:
+        redis_server.resume()
+    await wait_until(lambda: broker.ready)
+    await broker.publish("h", b"after")
+    await wait_until(lambda: b"after" in got.on("h"))
+    assert got.on("h")[0] == b"before"
 
 
 async def test_start_while_redis_is_down_then_it_comes_up(
