@@ -26,7 +26,7 @@ BANNER = """\
  DEV MODE: {what} not configured. Using the documented dev credentials:
    API key:    {api_key}
    JWT secret: {secret}
- Mint a token:  realtime token <user> [--tier paid]
+ Mint a token:  realtime token <user> [--tier paid]   (from a clone: .venv/bin/realtime)
  Publish:       curl -H 'Authorization: Bearer {api_key}' -d '{{"channel":"broadcast",\
 "event":"hello","data":{{}}}}' http://{host}:{port}/v1/publish
  Never use dev mode in production; it is refused on any host but loopback.
