@@ -446,12 +446,20 @@ class Connection:
         tier = self._resolve_tier(principal)
         if tier is not self.tier:
             self._apply_tier(tier)
+            if not tier.premium_channels:  # a downgrade: premium channels are paid tiers' only
+                for channel in [c for c in self.subscriptions if c.startswith("premium:")]:
+                    self.subscriptions.discard(channel)
+                    await self.node.hub.unsubscribe(self, channel)
             try:
                 await self.node.presence.set_tier(self.user, tier.name)
             except BrokerUnavailable:
                 pass  # push rules use the last tier known; refreshed at the next connect
         self._set_expiry(principal.expires_at)
-        self._reply(command.id, "refresh", {"expires_at": int(principal.expires_at)})
+        self._reply(command.id, "refresh", {
+            "expires_at": int(principal.expires_at),
+            "tier": tier.name,
+            "subscriptions": sorted(self.subscriptions),
+        })
 
     # ------------------------------------------------------------------ helpers
 

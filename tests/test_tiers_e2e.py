@@ -327,15 +327,18 @@ async def test_refresh_changes_tier_without_reconnecting(server: ServerProcess) 
         while commands < 70:
             assert "result" in await command(client, "ping")
 
-        # Downgrade (the 71st command, still under paid's 300).
+        # Downgrade (the 71st command, still under paid's 300): premium channels are dropped.
         reply = await command(client, "refresh", token=server.token(user))
-        assert "result" in reply
+        assert reply["result"]["tier"] == "free"
+        assert premium not in reply["result"]["subscriptions"]
+        assert channel in reply["result"]["subscriptions"]
         response = await server.publish([
+            {"channel": premium, "event": "chart.updated", "data": {}},
             {"channel": channel, "event": "market.price", "data": {}},
             {"channel": channel, "event": "comeback.announced", "data": {}},
         ])
         event = await client.next_pushed()
-        assert (event["event"], event["id"]) == ("comeback.announced", response.json()["ids"][1])
+        assert (event["event"], event["id"]) == ("comeback.announced", response.json()["ids"][2])
         assert FREE_WINDOW_MS - CLOCK_SLACK_MS <= await lone_spending_wait(client, 2) <= 3000
         # Free's 60 commands a minute apply at once: 71 were counted within the minute.
         reply = await command(client, "ping")
