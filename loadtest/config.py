@@ -315,6 +315,8 @@ def broadcast_preset(values: dict[str, Any]) -> dict[str, Any]:
     out.setdefault("spending_rate", 0.0)
     out.setdefault("notification_rate", 0.0)
     out.setdefault("premium_fraction", 0.0)
+    # one channel is one ordered lane: let a backlog go as one request
+    out.setdefault("publish_batch", 20)
     for key, want in (("artists", 1), ("artists_per_client", 1)):
         if out[key] != want:
             raise ValueError(f"the broadcast scenario uses {key}={want}, not {out[key]}")

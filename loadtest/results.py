@@ -230,6 +230,12 @@ def _harness(agg: Aggregate, counts: Mapping[str, int]) -> dict[str, Any]:
     behind = counts.get("publish_behind", 0)
     if behind:
         warnings.append(f"{behind} publishes were not sent: the publisher lanes were full")
+    unsent = counts.get("publish_unsent_at_stop", 0)
+    if unsent:
+        warnings.append(
+            f"{unsent} publishes were still queued when publishing stopped: the publisher fell "
+            "behind its rate (raise --publish-batch or --publish-lanes)"
+        )
     memory = {}
     for worker, (rss, connections) in sorted(agg.rss.items()):
         name = "main" if worker == MAIN else f"worker {worker}"
@@ -296,6 +302,7 @@ def build_results(
             "accepted": counts.get("publish_accepted", 0),
             "rejected": counts.get("publish_rejected", 0),
             "not_sent_lanes_full": counts.get("publish_behind", 0),
+            "not_sent_at_stop": counts.get("publish_unsent_at_stop", 0),
             "rate_per_s": round(counts.get("published", 0) / seconds, 2) if seconds else None,
             "http_ms": summarize(agg.hists["publish"]).to_json(),
         },
