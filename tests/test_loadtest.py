@@ -4,10 +4,12 @@ WebSocket server, and short runs against the real server."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import math
 import random
 import struct
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +18,11 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from loadtest import cli
 from loadtest.accounting import PublishLog, Receipt, account, notify_key
+from loadtest.clients import Fleet, profile
 from loadtest.config import ConfigError, Scenario, auto_workers, load_scenario, parse_duration
 from loadtest.report import percentile_from_pairs, render_html
 from loadtest.results import MAIN, Aggregate, Phases, build_results, metrics, summary_text
-from loadtest.runner import plan_sources
+from loadtest.runner import Outcome, plan_sources, run
 from loadtest.stats import Histogram, bucket_bounds, bucket_index, exact_percentile, summarize
 from loadtest.sysstats import Usage, parse_process_metrics
 from loadtest.thresholds import (
@@ -30,6 +33,7 @@ from loadtest.thresholds import (
     parse_threshold,
 )
 from loadtest.wsclient import ABNORMAL, OP_BINARY, OP_TEXT, WSClient, accept_key
+from tests.server import ROOT, ServerProcess, free_port, running_server
 
 # ------------------------------------------------------------------ statistics
 
@@ -336,6 +340,28 @@ def test_workers_and_source_addresses_are_planned() -> None:
     assert "source addresses" in refused.reason
 
 
+def test_worker_shares_cover_every_client_once() -> None:
+    scenario = Scenario(clients=1003)
+    for workers in (1, 2, 3, 7):
+        fleets = [Fleet(scenario, "r", w, workers) for w in range(workers)]
+        for total in (0, 1, 2, 6, 7, 500, 1003):
+            assert sum(f.my_target(total) for f in fleets) == total
+        indices = sorted(f.slot_index(slot) for f in fleets for slot in range(f.my_peak))
+        assert indices == list(range(1003))
+
+
+def test_profiles_follow_the_seed_and_the_mix() -> None:
+    scenario = Scenario(clients=4000, paid_fraction=0.25, msgpack_fraction=0.5, seed=3)
+    profiles = [profile(scenario, "r", i) for i in range(4000)]
+    assert profiles == [profile(scenario, "r", i) for i in range(4000)]  # any process agrees
+    assert sum(p.paid for p in profiles) / 4000 == pytest.approx(0.25, abs=0.03)
+    assert sum(p.msgpack for p in profiles) / 4000 == pytest.approx(0.5, abs=0.03)
+    assert all(len(set(p.artists)) == 3 for p in profiles)
+    assert len({a for p in profiles for a in p.artists}) == scenario.artists
+    other_seed = [profile(scenario.model_copy(update={"seed": 4}), "r", i) for i in range(50)]
+    assert other_seed != profiles[:50]
+
+
 def test_cli_refuses_bad_configuration_before_anything_starts(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -571,3 +597,101 @@ def test_frames_split_at_every_byte_boundary_are_read_whole() -> None:
         assert len(sink.written) == 1  # the pong, sent between the fragments
         assert sink.written[0][0] == 0x8A  # FIN + pong
         assert sink.written[0][1] & 0x80  # masked, as a client must
+
+
+# ------------------------------------------------------------------ against the real server
+
+
+def _short_run(server: ServerProcess, **values: Any) -> Scenario:
+    scenario = load_scenario(
+        overrides={
+            "target": server.url,
+            "jwt_secret": server.jwt_secret,
+            "api_key": server.api_key,
+            "clients": 50,
+            "connect_rate": 250,
+            "paid_fraction": 0.4,
+            "msgpack_fraction": 0.5,
+            "artists": 5,
+            "artists_per_client": 2,
+            "event_rate": 30,
+            "premium_fraction": 0.3,
+            "spending_rate": 10,
+            "notification_rate": 4,
+            "duration": 3,
+            "drain": 3,  # longer than the free tier's 2 s spending window
+            "progress": "off",
+            **values,
+        }
+    )
+    assert isinstance(scenario, Scenario), scenario
+    return scenario
+
+
+@pytest.mark.timeout(120)
+async def test_a_short_run_against_the_real_server_gets_every_owed_message() -> None:
+    async with running_server() as server:
+        scenario = _short_run(
+            server, workers=0, default_thresholds=False, thresholds=["lost==0", "p95<5s"]
+        )
+        outcome = await run(scenario, stream=io.StringIO())
+    assert isinstance(outcome, Outcome), outcome
+    results = outcome.results
+    assert results["connections"]["connected"] == 50
+    assert results["errors"]["by_kind"] == {}
+    delivery = results["delivery"]
+    # 30 events/s to 5 channels x 2 of them per client x 50 clients, for 3 s: ~1,000 owed
+    assert delivery["expected"] > 300
+    assert delivery["delivered"] == delivery["expected"]
+    assert delivery["lost"] == 0
+    assert delivery["duplicates"] == delivery["out_of_order"] == delivery["premium_leaks"] == 0
+    latency = results["latency_ms"]
+    assert latency["event"]["count"] >= delivery["expected"] * 0.9
+    assert latency["batch"]["count"] > 0  # spending updates came in batches
+    assert latency["notification"]["count"] > 0
+    assert results["publishing"]["accepted"] == results["publishing"]["sent"] > 0
+    assert outcome.exit_code == 0
+    assert results["passed"] is True
+
+
+@pytest.mark.timeout(180)
+async def test_the_cli_with_workers_exits_99_on_a_breached_threshold(tmp_path: Path) -> None:
+    async with running_server() as server:
+        out, html = tmp_path / "results.json", tmp_path / "report.html"
+        args = [
+            *("--target", server.url, "--jwt-secret", server.jwt_secret),
+            *("--api-key", server.api_key, "--workers", "2", "--clients", "40"),
+            *("--duration", "2s", "--drain", "3s", "--quiet", "--server-pid", "auto"),
+            *("--threshold", "p95<0.001ms", "--out", str(out), "--html", str(html)),
+        ]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "loadtest",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=str(ROOT),
+        )
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 150)
+    summary = stdout.decode()
+    assert proc.returncode == 99, stderr.decode()[-3000:]
+    assert "FAIL p95<0.001ms" in summary
+    results = json.loads(out.read_text())
+    assert results["workers"] == 2
+    assert results["exit_code"] == 99
+    assert results["connections"]["connected"] == 40
+    assert results["delivery"]["lost"] == 0
+    assert results["delivery"]["delivered"] == results["delivery"]["expected"] > 0
+    assert results["server"]["source"] == "proc"
+    assert results["server"]["cpu_seconds"] > 0
+    assert "<svg" in html.read_text()
+
+
+@pytest.mark.timeout(60)
+async def test_an_unreachable_target_aborts_with_exit_1() -> None:
+    port = free_port()  # nothing listens there
+    outcome = await run(Scenario(target=f"http://127.0.0.1:{port}", progress="off"))
+    assert not isinstance(outcome, Outcome)
+    assert outcome.exit_code == 1
+    assert "not reachable" in outcome.reason
