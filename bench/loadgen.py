@@ -1,0 +1,660 @@
+"""Lean load for the benchmark: WebSocket subscribers that count, an HTTP publisher, a blaster.
+
+The full harness (``loadtest``) decodes and accounts for every delivery, which
+caps it near 60,000 deliveries/s per core. These clients are cheaper so that
+the server, not the load, is what a benchmark step measures:
+
+- only every ``probe_every``-th subscriber (a probe) is read by the event loop
+  as data arrives and reads each event's send time for the latency histogram
+  (the same events reach every subscriber, so probes spread over the fan-out
+  order sample its latency); the others are read in bulk every
+  ``LAZY_PERIOD`` (one ``recv`` per socket, frame headers walked and counted),
+  which a real client far away would never cost the server either: on
+  loopback a socket that a process waits on costs the sender a wake-up;
+- the publisher is open-loop: event ``i`` is due at ``start + i / rate`` and
+  carries that due time as ``data.t``, so a server that falls behind shows it
+  as latency (no coordinated omission);
+- the blaster keeps ``depth`` pipelined ``POST /v1/publish`` requests in flight
+  on each connection and counts the answers.
+
+Subscribers can live in this process (``Fleet``) or in child processes
+(``RemoteFleet``, ``python -m bench.loadgen --child``) that answer ``snap``
+and ``quit`` on stdin with one JSON line each; more than ~18,000 connections
+need children (open-file limits) and several source addresses (ports).
+Targets must be on 127.0.0.0/8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import math
+import os
+import resource
+import socket
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, cast
+
+from realtime.auth import mint_token
+from realtime.settings import DEV_API_KEY, DEV_JWT_SECRET
+
+_KEY = base64.b64encode(b"piggybong-bench!").decode()
+_T_MARK = b'"t":'
+#: Seconds between bulk reads of the subscribers that are not probes.
+LAZY_PERIOD = 0.1
+#: Histogram resolution: bucket = int(ln(latency_us) * _RES), about 1% wide.
+_RES = 100
+
+
+def ws_frame(payload: bytes) -> bytes:
+    """A client text frame, masked with the all-zero key (so the payload stays as it is)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, 0x80 | n)) + b"\0\0\0\0" + payload
+    return bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big") + b"\0\0\0\0" + payload
+
+
+def _frame(opcode: int, payload: bytes) -> bytes:
+    return bytes((0x80 | opcode, 0x80 | len(payload))) + b"\0\0\0\0" + payload
+
+
+def check_loopback(host: str) -> None:
+    if not host.startswith("127."):
+        raise SystemExit(f"bench: refusing target {host!r}: only 127.0.0.0/8")
+
+
+def raise_nofile() -> int:
+    """Raise this process's open-file limit as far as it goes; the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for want in (1_048_576, 262_144, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
+            return want
+        except (ValueError, OSError):
+            continue
+    return soft
+
+
+# --------------------------------------------------------------------------- histogram
+
+
+class Histogram:
+    """Log-bucketed latencies in microseconds (about 1% resolution); mergeable as a dict."""
+
+    __slots__ = ("buckets", "count")
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, int] = {}
+        self.count = 0
+
+    def record(self, seconds: float) -> None:
+        us = seconds * 1e6
+        b = int(math.log(us) * _RES) if us > 1.0 else 0
+        self.buckets[b] = self.buckets.get(b, 0) + 1
+        self.count += 1
+
+    def merge(self, buckets: dict[int, int] | dict[str, int]) -> None:
+        for b, n in buckets.items():
+            key = int(b)
+            self.buckets[key] = self.buckets.get(key, 0) + n
+            self.count += n
+
+    def percentile_ms(self, q: float) -> float | None:
+        if not self.count:
+            return None
+        rank = q / 100.0 * self.count
+        seen = 0
+        for b in sorted(self.buckets):
+            seen += self.buckets[b]
+            if seen >= rank:
+                return round(math.exp((b + 0.5) / _RES) / 1000.0, 3)
+        return None
+
+    def summary(self) -> dict[str, float | None]:
+        return {"n": self.count, "p50": self.percentile_ms(50), "p90": self.percentile_ms(90),
+                "p99": self.percentile_ms(99), "p999": self.percentile_ms(99.9),
+                "max": self.percentile_ms(100)}
+
+
+# --------------------------------------------------------------------------- subscribers
+
+
+@dataclass
+class FleetPlan:
+    host: str
+    port: int
+    clients: int
+    channel: str
+    probe_every: int = 10
+    connect_rate: float = 2000.0
+    in_flight: int = 200
+    source_ip: str | None = None
+    secret: str = DEV_JWT_SECRET
+    first: int = 0  # index of the first client (names are unique across workers)
+
+
+@dataclass
+class Counts:
+    delivered: int = 0
+    connected: int = 0
+    failed: int = 0
+    closed: dict[str, int] = field(default_factory=dict)
+    hist: Histogram = field(default_factory=Histogram)
+
+
+class Sub(asyncio.Protocol):
+    """One subscriber: handshake, ``connect``, ``subscribe``, then count frames."""
+
+    __slots__ = ("buf", "counts", "fleet", "probe", "state", "token", "transport")
+
+    def __init__(self, fleet: Fleet, token: str, probe: bool) -> None:
+        self.fleet = fleet
+        self.counts = fleet.counts
+        self.token = token
+        self.probe = probe
+        self.state = 0  # 0 handshake, 1 connecting, 2 subscribing, 3 ready, 4 gone
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's: no subclass
+        plan = self.fleet.plan
+        transport.write(
+            f"GET /v1/ws HTTP/1.1\r\nHost: {plan.host}:{plan.port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {_KEY}\r\n"
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: piggybong.v1.json\r\n\r\n"
+            .encode())
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        if self.state == 0:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                self.buf = buf
+                return
+            if not buf.startswith(b"HTTP/1.1 101"):
+                self._fail()
+                return
+            buf = buf[end + 4:]
+            self.state = 1
+            assert self.transport is not None
+            self.transport.write(ws_frame(json.dumps(
+                {"id": 1, "op": "connect", "token": self.token}).encode()))
+        i, n, frames = 0, len(buf), 0
+        probe = self.probe or self.state != 3
+        while n - i >= 2:
+            b1 = buf[i + 1]
+            if b1 < 126:
+                start, size = i + 2, b1
+            elif b1 == 126:
+                if n - i < 4:
+                    break
+                start, size = i + 4, (buf[i + 2] << 8) | buf[i + 3]
+            else:
+                if n - i < 10:
+                    break
+                start, size = i + 10, int.from_bytes(buf[i + 2:i + 10], "big")
+            end = start + size
+            if end > n:
+                break
+            op = buf[i] & 0x0F
+            if op > 2:
+                self._control(op, buf[start:end])
+            elif probe:
+                self._read(buf[start:end])
+            else:
+                frames += 1
+            i = end
+        self.buf = buf[i:] if i < n else b""
+        if frames:
+            self.counts.delivered += frames
+
+    def _read(self, payload: bytes) -> None:
+        if self.state == 3:
+            self.counts.delivered += 1
+            at = payload.find(_T_MARK)
+            if at >= 0:
+                stop = at + 4
+                while payload[stop] not in b",}":
+                    stop += 1
+                self.counts.hist.record(time.time() - float(payload[at + 4:stop]))
+            return
+        reply = json.loads(payload)
+        if reply.get("id") is None:  # an event before the subscribe reply: not counted
+            return
+        if "error" in reply:
+            self._fail()
+        elif self.state == 1:
+            self.state = 2
+            assert self.transport is not None
+            self.transport.write(ws_frame(json.dumps(
+                {"id": 2, "op": "subscribe", "channel": self.fleet.plan.channel}).encode()))
+        elif self.state == 2:
+            self.state = 3
+            self.fleet.settled(ok=True)
+            if not self.probe:
+                self.fleet.go_lazy(self)
+
+    def _control(self, op: int, payload: bytes) -> None:
+        assert self.transport is not None
+        if op == 9:
+            self.transport.write(_frame(0xA, payload))
+        elif op == 8:
+            code = str(int.from_bytes(payload[:2], "big")) if len(payload) >= 2 else "1005"
+            if not self.fleet.closing:
+                self.counts.closed[code] = self.counts.closed.get(code, 0) + 1
+            self.transport.close()
+
+    def _fail(self) -> None:
+        if self.state < 3:
+            self.state = 4
+            self.fleet.settled(ok=False)
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state < 3:
+            self.state = 4
+            self.fleet.settled(ok=False)
+        elif self.state == 3 and not self.fleet.closing:
+            self.counts.closed["lost"] = self.counts.closed.get("lost", 0) + 1
+        self.state = 4
+
+
+class FleetLike(Protocol):
+    """Subscribers somewhere: ``ready`` once all settled, ``snap`` resets the histogram."""
+
+    async def start(self) -> None: ...
+
+    async def ready(self) -> tuple[int, int]: ...
+
+    async def snap(self) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
+
+
+class Fleet:
+    """Subscribers in this process; owns its dialer task."""
+
+    def __init__(self, plan: FleetPlan) -> None:
+        self.plan = plan
+        self.counts = Counts()
+        self.subs: list[Sub] = []
+        self.closing = False
+        self._all_settled = asyncio.Event()
+        self._dialer: asyncio.Task[None] | None = None
+        self.lazy: list[tuple[socket.socket, Sub]] = []
+        self._lazy_reader: asyncio.Task[None] | None = None
+
+    def go_lazy(self, sub: Sub) -> None:
+        """Stop the loop reading ``sub``; ``_read_lazily`` reads its socket in bulk instead."""
+        assert sub.transport is not None
+        sock = sub.transport.get_extra_info("socket")
+        if sock is None:
+            return
+        sub.transport.pause_reading()
+        dup = socket.socket(fileno=os.dup(sock.fileno()))
+        dup.setblocking(False)
+        self.lazy.append((dup, sub))
+
+    def _read_lazily(self) -> None:
+        """One bulk read of every lazy subscriber (they are not polled between reads)."""
+        keep = []
+        for sock, sub in self.lazy:
+            try:
+                data = sock.recv(1 << 20)
+            except BlockingIOError:
+                keep.append((sock, sub))
+                continue
+            except OSError:
+                data = b""
+            if data:
+                sub.data_received(data)
+            if not data or sub.state == 4:
+                if not data and not self.closing:
+                    self.counts.closed["lost"] = self.counts.closed.get("lost", 0) + 1
+                sub.state = 4
+                sock.close()
+                continue
+            keep.append((sock, sub))
+        self.lazy = keep
+
+    async def _lazy_loop(self) -> None:
+        while True:
+            await asyncio.sleep(LAZY_PERIOD)
+            self._read_lazily()
+
+    def settled(self, *, ok: bool) -> None:
+        if ok:
+            self.counts.connected += 1
+        else:
+            self.counts.failed += 1
+        if self.counts.connected + self.counts.failed >= self.plan.clients:
+            self._all_settled.set()
+
+    async def start(self) -> None:
+        self._dialer = asyncio.create_task(self._dial_all())
+        self._lazy_reader = asyncio.create_task(self._lazy_loop())
+
+    async def _dial_all(self) -> None:
+        loop = asyncio.get_running_loop()
+        plan = self.plan
+        gate = asyncio.Semaphore(plan.in_flight)
+        local = (plan.source_ip, 0) if plan.source_ip else None
+        started = loop.time()
+        now = time.time()
+
+        async def dial(index: int) -> None:
+            token = mint_token(plan.secret, f"bench-{plan.first + index}", now=now, ttl=7200)
+            sub = Sub(self, token, probe=(plan.first + index) % plan.probe_every == 0)
+            self.subs.append(sub)
+            try:
+                await loop.create_connection(lambda: sub, plan.host, plan.port,
+                                             local_addr=local)
+            except OSError:
+                sub.state = 4
+                self.settled(ok=False)
+            finally:
+                gate.release()
+
+        dials: set[asyncio.Task[None]] = set()
+        for index in range(plan.clients):
+            await gate.acquire()
+            due = started + index / plan.connect_rate
+            if due > loop.time():
+                await asyncio.sleep(due - loop.time())
+            task = asyncio.create_task(dial(index))
+            dials.add(task)
+            task.add_done_callback(dials.discard)
+        if dials:
+            await asyncio.gather(*dials)
+
+    async def ready(self) -> tuple[int, int]:
+        await self._all_settled.wait()
+        return self.counts.connected, self.counts.failed
+
+    async def snap(self) -> dict[str, Any]:
+        self._read_lazily()
+        c = self.counts
+        out = {"delivered": c.delivered, "connected": c.connected, "failed": c.failed,
+               "closed": dict(c.closed), "hist": c.hist.buckets}
+        c.hist = Histogram()
+        return out
+
+    async def close(self) -> None:
+        self.closing = True
+        for task in (self._dialer, self._lazy_reader):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        for sock, _ in self.lazy:
+            sock.close()
+        self.lazy = []
+        for sub in self.subs:
+            if sub.transport is not None:
+                sub.transport.abort()
+        await asyncio.sleep(0)
+
+
+class RemoteFleet:
+    """Subscribers in a child process (``python -m bench.loadgen --child PLAN_JSON``)."""
+
+    def __init__(self, plan: FleetPlan) -> None:
+        self.plan = plan
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.loadgen", "--child", json.dumps(asdict(self.plan)),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 26)
+
+    async def _line(self) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdout is not None
+        line = await self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("bench child exited early")
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    async def ready(self) -> tuple[int, int]:
+        first = await self._line()
+        return int(first["connected"]), int(first["failed"])
+
+    async def snap(self) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(b"snap\n")
+        await self.proc.stdin.drain()
+        return await self._line()
+
+    async def close(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            assert self.proc.stdin is not None
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self.proc.stdin.write(b"quit\n")
+                await self.proc.stdin.drain()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 30)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+async def _child(plan: FleetPlan) -> None:
+    raise_nofile()
+    fleet = Fleet(plan)
+    await fleet.start()
+    connected, failed = await fleet.ready()
+    print(json.dumps({"connected": connected, "failed": failed}), flush=True)
+    reader = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while True:
+        command = (await reader.readline()).strip()
+        if command == b"snap":
+            print(json.dumps(await fleet.snap()), flush=True)
+        else:
+            break
+    await fleet.close()
+
+
+def merge_snaps(snaps: Iterable[dict[str, Any]]) -> tuple[dict[str, Any], Histogram]:
+    total: dict[str, Any] = {"delivered": 0, "connected": 0, "failed": 0, "closed": {}}
+    hist = Histogram()
+    for s in snaps:
+        for key in ("delivered", "connected", "failed"):
+            total[key] += s[key]
+        for code, n in s["closed"].items():
+            total["closed"][code] = total["closed"].get(code, 0) + n
+        hist.merge(s["hist"])
+    return total, hist
+
+
+# --------------------------------------------------------------------------- publisher
+
+
+def http_request(host: str, port: int, path: str, body: bytes, api_key: str) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {api_key}"
+            f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode() + body
+
+
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    if length:
+        await reader.readexactly(length)
+    return status
+
+
+@dataclass
+class PublishResult:
+    sent: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    late: int = 0  # sent more than 50 ms after it was due (the lanes were all busy)
+
+
+async def publish(host: str, port: int, channel: str, rate: float, duration: float, *,
+                  payload: int = 150, lanes: int = 8, batch: int = 1,
+                  api_key: str = DEV_API_KEY) -> PublishResult:
+    """Publish ``rate`` events/s for ``duration`` s, open loop; owns its lane tasks."""
+    result = PublishResult()
+    queue: asyncio.Queue[float] = asyncio.Queue()  # bounded by rate * duration items
+    pad = "x" * payload
+
+    async def lane() -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while True:
+                due = [await queue.get()]
+                while len(due) < batch and not queue.empty():
+                    due.append(queue.get_nowait())
+                items = [{"channel": channel, "event": "bench", "data": {"t": t, "pad": pad}}
+                         for t in due]
+                body = json.dumps(items[0] if len(items) == 1 else items).encode()
+                if time.time() - due[0] > 0.05:
+                    result.late += len(due)
+                writer.write(http_request(host, port, "/v1/publish", body, api_key))
+                result.sent += len(due)
+                status = await _read_response(reader)
+                if status == 202:
+                    result.accepted += len(due)
+                else:
+                    result.rejected += len(due)
+                for _ in due:
+                    queue.task_done()
+        finally:
+            writer.close()
+
+    tasks = [asyncio.create_task(lane()) for _ in range(lanes)]
+    try:
+        start = time.time() + 0.01
+        total = int(rate * duration)
+        for i in range(total):
+            due = start + i / rate
+            delay = due - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            queue.put_nowait(due)
+        await asyncio.wait_for(queue.join(), timeout=30)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return result
+
+
+# --------------------------------------------------------------------------- blaster
+
+
+class _Blast(asyncio.Protocol):
+    """Keeps ``depth`` pipelined requests in flight; counts status lines."""
+
+    def __init__(self, request: bytes, depth: int, stats: dict[str, int]) -> None:
+        self.request = request
+        self.depth = depth
+        self.stats = stats
+        self.tail = b""
+        self.transport: asyncio.Transport | None = None
+        self.stopped = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        transport.write(self.request * self.depth)
+
+    def data_received(self, data: bytes) -> None:
+        chunk = self.tail + data
+        answers = chunk.count(b"HTTP/1.1 ")
+        accepted = chunk.count(b"HTTP/1.1 202")
+        self.tail = chunk[-11:]
+        # a status line cut by the chunk boundary is counted with the next chunk
+        answers -= self.tail.count(b"HTTP/1.1 ")
+        accepted -= self.tail.count(b"HTTP/1.1 202")
+        self.stats["answers"] += answers
+        self.stats["accepted"] += accepted
+        if answers and not self.stopped and self.transport is not None:
+            self.transport.write(self.request * answers)
+
+
+async def blast(targets: list[tuple[str, int]], *, connections: int, depth: int,
+                duration: float, channel: str, api_key: str = DEV_API_KEY) -> dict[str, Any]:
+    """Pipelined ``POST /v1/publish`` for ``duration`` s; answers per second."""
+    loop = asyncio.get_running_loop()
+    stats = {"answers": 0, "accepted": 0}
+    protocols: list[_Blast] = []
+    body = json.dumps({"channel": channel, "event": "bench", "data": {"n": 1}}).encode()
+    for i in range(connections):
+        host, port = targets[i % len(targets)]
+        request = http_request(host, port, "/v1/publish", body, api_key)
+        proto = _Blast(request, depth, stats)
+        await loop.create_connection(lambda p=proto: p, host, port)  # type: ignore[misc]
+        protocols.append(proto)
+    await asyncio.sleep(1.0)  # warm-up
+    first, t0 = dict(stats), time.time()
+    await asyncio.sleep(duration)
+    last, t1 = dict(stats), time.time()
+    for proto in protocols:
+        proto.stopped = True
+        if proto.transport is not None:
+            proto.transport.close()
+    span = t1 - t0
+    return {"requests_per_s": round((last["answers"] - first["answers"]) / span),
+            "accepted_per_s": round((last["accepted"] - first["accepted"]) / span),
+            "connections": connections, "depth": depth, "seconds": round(span, 2)}
+
+
+# --------------------------------------------------------------------------- server stats
+
+
+def proc_cpu_seconds(pids: Iterable[int]) -> float:
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def proc_rss_bytes(pids: Iterable[int]) -> int:
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * page
+        except OSError:
+            continue
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="bench load (used by bench.run)")
+    parser.add_argument("--child", help="run a subscriber fleet from this plan (JSON)")
+    args = parser.parse_args()
+    if args.child:
+        plan = FleetPlan(**json.loads(args.child))
+        check_loopback(plan.host)
+        import uvloop
+
+        uvloop.run(_child(plan))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,564 @@
+"""``make bench``: the fan-out benchmark, side by side, with ratios to the naive baseline.
+
+Targets (each started fresh, pinned to CPU 0; the load runs in this process on CPU 1):
+
+- ``memory``: this server, one process, in-memory broker;
+- ``redis``: this server, one process, on Redis;
+- ``redis2``: two processes of this server on one Redis (SO_REUSEPORT, both on CPU 0);
+- ``baseline``: bench/baseline_server.py (Starlette + uvicorn, a set of sockets, a send loop).
+
+Per target: deliveries per second of server CPU (S=1000, R=50 msg/s), a ramp of
+R at S=1000 and at S=5000 (a step passes when >= 99% of the deliveries owed
+arrive and p99 <= 250 ms; the ramp stops at the first failure), p50/p99 at
+S=1000 for R=20 and R=100, and server memory per idle connection. Then, for
+this server only: one vs two processes on Redis with a core each, HTTP publish
+requests per second across two processes, and connections held by several
+processes on Redis (100,000 in the full run), each answering a broadcast.
+
+Results go to bench/results/<date>-<mode>.json and .md. ``--quick`` takes about 3 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench.loadgen import (
+    Fleet,
+    FleetLike,
+    FleetPlan,
+    Histogram,
+    RemoteFleet,
+    blast,
+    check_loopback,
+    merge_snaps,
+    proc_cpu_seconds,
+    proc_rss_bytes,
+    publish,
+    raise_nofile,
+)
+
+HOST = "127.0.0.1"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+LOGS = Path(tempfile.gettempdir()) / "piggybong-bench"
+PASS_P99_MS = 250.0
+PASS_DELIVERED = 0.99
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    step_s: float
+    cpu_step_s: float
+    ramp_1000: tuple[int, ...]
+    ramp_5000: tuple[int, ...]
+    idle: int
+    held: int
+    held_procs: int
+    blast_s: float
+    targets: tuple[str, ...] = ("memory", "redis", "redis2", "baseline")
+
+
+FULL = Mode("full", step_s=8, cpu_step_s=10, ramp_1000=(20, 50, 100, 150, 200, 250, 300, 400),
+            ramp_5000=(4, 10, 20, 30, 40, 50, 60, 80), idle=5000, held=100_000, held_procs=4,
+            blast_s=8)
+QUICK = Mode("quick", step_s=3, cpu_step_s=5, ramp_1000=(20, 100, 200, 300),
+             ramp_5000=(10, 20, 40, 60), idle=2000, held=10_000, held_procs=2, blast_s=4)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port} after {timeout} s")
+
+
+@dataclass
+class Servers:
+    """Processes started for one target; ``stop`` ends each by its pid."""
+
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def start_redis(cpu: str | None) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    cmd = ["redis-server", "--port", str(port), "--bind", HOST, "--save", "", "--appendonly",
+           "no", "--maxclients", "10000", "--loglevel", "warning"]
+    if cpu is not None:
+        cmd = ["taskset", "-c", cpu, *cmd]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_port(port, proc)
+    return proc, f"redis://{HOST}:{port}/0"
+
+
+def start_servers(kind: str, *, procs: int = 1, redis_url: str | None = None,
+                  cpus: Sequence[str | None] = ("0",)) -> Servers:
+    """``procs`` server processes of ``kind`` ("realtime" or "baseline") on one port."""
+    port = free_port()
+    servers = Servers(port=port)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for i in range(procs):
+        if kind == "baseline":
+            cmd = [sys.executable, "-m", "bench.baseline_server", "--port", str(port)]
+        else:
+            cmd = [sys.executable, "-m", "bench.serve", "--port", str(port),
+                   "--log-level", "warning", "--outbox-max-messages", "1000"]
+            if redis_url:
+                cmd += ["--redis-url", redis_url, "--node-id", f"bench-{port}-{i}"]
+        cpu = cpus[i % len(cpus)]
+        if cpu is not None:
+            cmd = ["taskset", "-c", cpu, *cmd]
+        log = LOGS / f"{kind}-{port}-{i}.log"
+        with log.open("wb") as err:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        servers.procs.append(proc)
+        servers.logs.append(log)
+    for proc in servers.procs:
+        _wait_port(port, proc)
+    time.sleep(0.5 if procs == 1 else 1.5)  # every process listening and subscribed
+    return servers
+
+
+def pin_self(cpu: int | None) -> None:
+    cpus = {cpu} if cpu is not None else set(range(os.cpu_count() or 1))
+    os.sched_setaffinity(0, cpus)
+
+
+# --------------------------------------------------------------------------- steps
+
+
+async def connect(plans: list[FleetPlan], *, remote: bool = False) -> list[FleetLike]:
+    fleets: list[FleetLike] = [RemoteFleet(p) if remote else Fleet(p) for p in plans]
+    for fleet in fleets:
+        await fleet.start()
+    for fleet in fleets:
+        await fleet.ready()
+    return fleets
+
+
+async def step(fleets: list[FleetLike], servers: Servers, rate: float, duration: float,
+               *, extra_pids: Sequence[int] = (), lanes: int = 8) -> dict[str, Any]:
+    """Publish ``rate`` msg/s for ``duration`` s; deliveries, latency and server CPU."""
+    before, _ = merge_snaps([await f.snap() for f in fleets])
+    subscribers = before["connected"] - sum(before["closed"].values())
+    pids = [*servers.pids, *extra_pids]
+    cpu0, t0 = proc_cpu_seconds(servers.pids), time.time()
+    extra0 = proc_cpu_seconds(extra_pids)
+    sent = await publish(HOST, servers.port, "artist:bench", rate, duration, lanes=lanes)
+    owed = sent.accepted * subscribers
+    deadline = time.time() + 3.0
+    hist = Histogram()  # each snap hands over (and resets) the latencies since the last
+    while True:  # drain: until everything owed arrived, or 3 s
+        after, part = merge_snaps([await f.snap() for f in fleets])
+        hist.merge(part.buckets)
+        if after["delivered"] - before["delivered"] >= owed or time.time() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    cpu1, t1 = proc_cpu_seconds(servers.pids), time.time()
+    delivered = after["delivered"] - before["delivered"]
+    cpu = cpu1 - cpu0
+    lat = hist.summary()
+    closed = {k: v - before["closed"].get(k, 0) for k, v in after["closed"].items()
+              if v != before["closed"].get(k, 0)}
+    ratio = delivered / owed if owed else 0.0
+    return {
+        "rate": rate, "subscribers": subscribers, "published": sent.accepted,
+        "rejected": sent.rejected, "late_publishes": sent.late,
+        "owed": owed, "delivered": delivered, "delivered_ratio": round(ratio, 4),
+        "deliveries_per_s": round(delivered / duration),
+        "server_cpu_s": round(cpu, 3),
+        "server_cpu_percent": round(100 * cpu / (t1 - t0), 1),
+        "deliveries_per_cpu_s": round(delivered / cpu) if cpu > 0 else None,
+        "other_cpu_s": round(proc_cpu_seconds(extra_pids) - extra0, 3) if extra_pids else None,
+        "server_rss_mib": round(proc_rss_bytes(pids) / 2**20, 1),
+        "latency_ms": lat, "closed": closed,
+        "passed": ratio >= PASS_DELIVERED and (lat["p99"] or 1e9) <= PASS_P99_MS,
+    }
+
+
+async def ramp(fleets: list[FleetLike], servers: Servers, rates: Sequence[int],
+               duration: float, log: Any, **kw: Any) -> list[dict[str, Any]]:
+    steps = []
+    for rate in rates:
+        result = await step(fleets, servers, rate, duration, **kw)
+        steps.append(result)
+        log(f"    R={rate:<4} S={result['subscribers']:<6} {result['deliveries_per_s']:>8,}/s "
+            f"p50 {result['latency_ms']['p50']} p99 {result['latency_ms']['p99']} ms "
+            f"cpu {result['server_cpu_percent']}% "
+            f"{'pass' if result['passed'] else 'FAIL'} {result['closed'] or ''}")
+        if not result["passed"]:
+            break
+    return steps
+
+
+def best(steps: list[dict[str, Any]]) -> dict[str, Any] | None:
+    passing = [s for s in steps if s["passed"]]
+    return max(passing, key=lambda s: s["deliveries_per_s"]) if passing else None
+
+
+async def close_all(fleets: list[FleetLike]) -> None:
+    for fleet in fleets:
+        await fleet.close()
+
+
+def plan(port: int, clients: int, channel: str, first: int = 0, **kw: Any) -> FleetPlan:
+    return FleetPlan(host=HOST, port=port, clients=clients, channel=channel, first=first, **kw)
+
+
+# --------------------------------------------------------------------------- a target
+
+
+@contextlib.asynccontextmanager
+async def target(name: str, log: Any) -> AsyncIterator[tuple[Servers, list[int]]]:
+    """Servers for ``name``, pinned to CPU 0, with Redis's pid when there is one."""
+    redis_proc = None
+    try:
+        if name == "baseline":
+            servers = start_servers("baseline")
+        elif name == "memory":
+            servers = start_servers("realtime")
+        else:
+            redis_proc, url = start_redis("0")
+            servers = start_servers("realtime", procs=2 if name == "redis2" else 1,
+                                    redis_url=url)
+        try:
+            yield servers, [redis_proc.pid] if redis_proc else []
+        finally:
+            servers.stop()
+            for path in servers.logs:
+                text = path.read_text(errors="replace")
+                if "Traceback" in text:
+                    log(f"  {path}: {text[-2000:]}")
+    finally:
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait()
+
+
+async def side_by_side(name: str, mode: Mode, log: Any) -> dict[str, Any]:
+    log(f"== {name}")
+    out: dict[str, Any] = {}
+    async with target(name, log) as (servers, extra):
+        warm = await connect([plan(servers.port, 100, "artist:warm", first=900_000)])
+        await asyncio.sleep(1.0)
+        rss0 = proc_rss_bytes(servers.pids)
+        fleets = await connect([plan(servers.port, mode.idle, "artist:bench")])
+        await asyncio.sleep(2.0)
+        rss1 = proc_rss_bytes(servers.pids)
+        connected = (await fleets[0].snap())["connected"]
+        out["idle"] = {"connections": connected,
+                       "kib_per_connection": round((rss1 - rss0) / 1024 / max(connected, 1), 1),
+                       "rss_mib": round(rss1 / 2**20, 1)}
+        log(f"  idle: {connected} connections, {out['idle']['kib_per_connection']} KiB each")
+        log(f"  ramp S={mode.idle}")
+        out["ramp_5000"] = await ramp(fleets, servers, mode.ramp_5000, mode.step_s, log,
+                                      extra_pids=extra)
+        await close_all([*warm, *fleets])
+    async with target(name, log) as (servers, extra):
+        fleets = await connect([plan(servers.port, 1000, "artist:bench")])
+        await asyncio.sleep(1.0)
+        out["cpu"] = await step(fleets, servers, 50, mode.cpu_step_s, extra_pids=extra)
+        log(f"  S=1000 R=50: {out['cpu']['deliveries_per_cpu_s']:,} deliveries per CPU-second "
+            f"(cpu {out['cpu']['server_cpu_percent']}%)")
+        log("  ramp S=1000")
+        out["ramp_1000"] = await ramp(fleets, servers, mode.ramp_1000, mode.step_s, log,
+                                      extra_pids=extra)
+        for rate in (20, 100):
+            found = next((s for s in out["ramp_1000"] if s["rate"] == rate), None)
+            if found is None:
+                found = await step(fleets, servers, rate, mode.step_s, extra_pids=extra)
+            out[f"latency_r{rate}"] = found
+        await close_all(fleets)
+    return out
+
+
+# --------------------------------------------------------------------------- this server only
+
+
+async def scaling(mode: Mode, log: Any) -> dict[str, Any]:
+    """One vs two processes on Redis, each with a core; the load is not pinned."""
+    log("== scaling: one vs two processes on Redis, a core each (load unpinned)")
+    pin_self(None)
+    out: dict[str, Any] = {}
+    rates = mode.ramp_5000 + ((100, 120, 150) if mode.name == "full" else (80, 100))
+    try:
+        for procs in (1, 2):
+            redis_proc, url = start_redis(None)
+            servers = start_servers("realtime", procs=procs, redis_url=url,
+                                    cpus=("0", "1")[:procs])
+            try:
+                fleets = await connect([plan(servers.port, mode.idle, "artist:bench")])
+                steps = await ramp(fleets, servers, rates, mode.step_s, log,
+                                   extra_pids=[redis_proc.pid])
+                await close_all(fleets)
+            finally:
+                servers.stop()
+                redis_proc.terminate()
+                redis_proc.wait()
+            top = best(steps)
+            out[f"procs_{procs}"] = {"steps": steps,
+                                     "max_deliveries_per_s": top["deliveries_per_s"]
+                                     if top else None}
+        one, two = out["procs_1"]["max_deliveries_per_s"], out["procs_2"]["max_deliveries_per_s"]
+        out["ratio"] = round(two / one, 2) if one and two else None
+    finally:
+        pin_self(1)
+    return out
+
+
+async def http_publish(mode: Mode, log: Any) -> dict[str, Any]:
+    log("== HTTP publish: two processes on Redis (SO_REUSEPORT), pipelined clients")
+    pin_self(None)
+    redis_proc, url = start_redis(None)
+    servers = start_servers("realtime", procs=2, redis_url=url, cpus=(None,))
+    try:
+        result = await blast([(HOST, servers.port)], connections=16, depth=16,
+                             duration=mode.blast_s, channel="artist:blast")
+    finally:
+        servers.stop()
+        redis_proc.terminate()
+        redis_proc.wait()
+        pin_self(1)
+    log(f"  {result['accepted_per_s']:,} accepted publishes/s")
+    return result
+
+
+async def held(mode: Mode, log: Any) -> dict[str, Any]:
+    """``mode.held`` connections across ``mode.held_procs`` processes; one broadcast."""
+    log(f"== held: {mode.held:,} connections, {mode.held_procs} processes on Redis")
+    pin_self(None)
+    redis_proc, url = start_redis(None)
+    servers = start_servers("realtime", procs=mode.held_procs, redis_url=url, cpus=(None,))
+    per_child = 16_000
+    children = -(-mode.held // per_child)
+    plans = [plan(servers.port, min(per_child, mode.held - i * per_child), "broadcast",
+                  first=i * per_child, source_ip=f"127.0.0.{2 + i}", connect_rate=1500 /
+                  children, probe_every=1000)
+             for i in range(children)]
+    out: dict[str, Any] = {}
+    fleets: list[FleetLike] = []
+    try:
+        t0 = time.time()
+        fleets = await connect(plans, remote=True)
+        snap, _ = merge_snaps([await f.snap() for f in fleets])
+        out["connect_seconds"] = round(time.time() - t0, 1)
+        out["connected"], out["failed"] = snap["connected"], snap["failed"]
+        log(f"  connected {snap['connected']:,} (failed {snap['failed']}) "
+            f"in {out['connect_seconds']} s")
+        rss = [proc_rss_bytes([pid]) for pid in servers.pids]
+        out["server_rss_mib"] = [round(r / 2**20, 1) for r in rss]
+        broadcast = await step(fleets, servers, 1, 3.0, lanes=1)
+        out["broadcast"] = broadcast
+        out["per_process"] = await _per_process_connections(servers)
+        log(f"  broadcast: {broadcast['delivered']:,} of {broadcast['owed']:,} delivered, "
+            f"p99 {broadcast['latency_ms']['p99']} ms; per process {out['per_process']}")
+    finally:
+        await close_all(fleets)
+        servers.stop()
+        redis_proc.terminate()
+        redis_proc.wait()
+        pin_self(1)
+    return out
+
+
+async def _per_process_connections(servers: Servers) -> list[int]:
+    """Established sockets per server process (from /proc/<pid>/fd)."""
+    counts = []
+    for pid in servers.pids:
+        try:
+            counts.append(sum(1 for fd in os.listdir(f"/proc/{pid}/fd")
+                              if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")))
+        except OSError:
+            counts.append(-1)
+    return counts
+
+
+# --------------------------------------------------------------------------- report
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
+                .splitlines() if line.startswith("model name")), "?")
+    redis_version = subprocess.run(["redis-server", "--version"], check=False,
+                                   capture_output=True,
+                                   text=True).stdout.strip()
+    versions = {name: metadata.version(name) for name in (
+        "uvicorn", "websockets", "starlette", "uvloop", "redis", "hiredis", "msgpack", "h11")}
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version(), "redis": redis_version, **versions}
+
+
+def ratios(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    base = results["targets"].get("baseline")
+    out: dict[str, dict[str, float | None]] = {}
+    if not base:
+        return out
+    for name, res in results["targets"].items():
+        out[name] = {
+            "deliveries_per_cpu_s": _div(res["cpu"]["deliveries_per_cpu_s"],
+                                         base["cpu"]["deliveries_per_cpu_s"]),
+            "max_1000": _div(_max(res["ramp_1000"]), _max(base["ramp_1000"])),
+            "max_5000": _div(_max(res["ramp_5000"]), _max(base["ramp_5000"])),
+            "kib_per_idle": _div(res["idle"]["kib_per_connection"],
+                                 base["idle"]["kib_per_connection"]),
+        }
+    return out
+
+
+def _max(steps: list[dict[str, Any]]) -> int | None:
+    top = best(steps)
+    return top["deliveries_per_s"] if top else None
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [f"# Fan-out benchmark, {results['date']} ({results['mode']})", "",
+             "Machine: " + ", ".join(f"{k} {v}" for k, v in results["machine"].items()), "",
+             "| target | deliveries per server CPU-second (S=1000, R=50) | max deliveries/s "
+             "passing, S=1000 | max, S=5000 | p50 / p99 ms, S=1000 R=20 | p50 / p99 ms, "
+             "S=1000 R=100 | KiB per idle connection |", "|---|---:|---:|---:|---:|---:|---:|"]
+    rat = results.get("ratios", {})
+    for name, res in results["targets"].items():
+        r = rat.get(name, {})
+
+        def with_ratio(value: Any, key: str, r: dict[str, Any] = r, name: str = name) -> str:
+            if value is None:
+                return "-"
+            text = f"{value:,}"
+            return f"{text} ({r[key]}x)" if r.get(key) and name != "baseline" else text
+
+        l20, l100 = res["latency_r20"]["latency_ms"], res["latency_r100"]["latency_ms"]
+        lines.append(
+            f"| {name} | {with_ratio(res['cpu']['deliveries_per_cpu_s'], 'deliveries_per_cpu_s')}"
+            f" | {with_ratio(_max(res['ramp_1000']), 'max_1000')}"
+            f" | {with_ratio(_max(res['ramp_5000']), 'max_5000')}"
+            f" | {l20['p50']} / {l20['p99']} | {l100['p50']} / {l100['p99']}"
+            f" | {with_ratio(res['idle']['kib_per_connection'], 'kib_per_idle')} |")
+    if "scaling" in results:
+        s = results["scaling"]
+        lines += ["", f"One vs two processes on Redis (a core each, load unpinned): "
+                  f"{s['procs_1']['max_deliveries_per_s']} vs "
+                  f"{s['procs_2']['max_deliveries_per_s']} deliveries/s max passing at "
+                  f"S={results['targets_idle']}: {s['ratio']}x"]
+    if "http" in results:
+        h = results["http"]
+        lines += ["", f"HTTP publish, two processes on Redis: {h['accepted_per_s']:,} accepted "
+                  f"requests/s ({h['connections']} connections x {h['depth']} pipelined)"]
+    if "held" in results:
+        h = results["held"]
+        b = h.get("broadcast", {})
+        lines += ["", f"Connections held: {h.get('connected', 0):,} (failed "
+                  f"{h.get('failed', 0)}) over {len(h.get('server_rss_mib', []))} processes "
+                  f"on Redis, RSS MiB {h.get('server_rss_mib')}; one broadcast delivered "
+                  f"{b.get('delivered', 0):,} of {b.get('owed', 0):,}, p99 "
+                  f"{b.get('latency_ms', {}).get('p99')} ms"]
+    return "\n".join(lines) + "\n"
+
+
+async def main_async(mode: Mode, only: list[str] | None, log: Any) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "mode": mode.name,
+        "machine": machine(), "targets": {}, "targets_idle": mode.idle,
+        "pass_rule": f">= {PASS_DELIVERED:.0%} delivered and p99 <= {PASS_P99_MS} ms",
+    }
+    pin_self(1)
+    started = time.time()
+    for name in mode.targets:
+        if only and name not in only:
+            continue
+        results["targets"][name] = await side_by_side(name, mode, log)
+    results["ratios"] = ratios(results)
+    if not only or "scaling" in only:
+        results["scaling"] = await scaling(mode, log)
+    if not only or "http" in only:
+        results["http"] = await http_publish(mode, log)
+    if not only or "held" in only:
+        results["held"] = await held(mode, log)
+    results["seconds"] = round(time.time() - started)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short steps (~3 minutes)")
+    parser.add_argument("--only", action="append",
+                        help="memory, redis, redis2, baseline, scaling, http, held (repeat)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    args = parser.parse_args(argv)
+    check_loopback(HOST)
+    if (os.cpu_count() or 1) < 2:
+        print("bench: needs 2 cores (server on CPU 0, load on CPU 1)", file=sys.stderr)
+        return 1
+    raise_nofile()
+    LOGS.mkdir(exist_ok=True)
+    mode = QUICK if args.quick else FULL
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    import uvloop
+
+    results = uvloop.run(main_async(mode, args.only, log))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{results['date'][:10]}-{mode.name}" + ("-" + "-".join(args.only) if args.only
+                                                      else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+    report = markdown(results)
+    (args.out / f"{stem}.md").write_text(report)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
