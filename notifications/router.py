@@ -360,6 +360,7 @@ class NotificationRouter:
                 await self._store.remove_device(device.platform, device.token)
             except QueueUnavailable as exc:
                 log.warning("could not remove dead device %s: %s", device.key, exc)
+        rnd.now = self._clock()  # backoff and Retry-After count from the answers, not the start
         retry_at = rnd.retry_at(self._backoff, self._rng.random())
         if not await self._settle(lease, state, retry_at, rnd.dead):
             return

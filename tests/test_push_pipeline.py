@@ -365,13 +365,6 @@ async def test_429_retry_after_is_honoured_without_tripping_the_breaker(
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("backend", ["redis"], indirect=True)
-@pytest.mark.xfail(
-    strict=True,
-    reason="Retry-After is counted from the round's start, not from the answer: "
-    "NotificationRouter._round takes now = clock() before pushing (notifications/router.py:333) "
-    "and DeliveryRound.retry_at returns self.now + delay (router.py:185), so a 429 answered "
-    "after 1 s with Retry-After: 1.5 is retried 0.5 s after the answer",
-)
 async def test_retry_after_counts_from_a_slow_answer(pipe: Pipeline) -> None:
     store = pipe.store()
     device = await pipe.device(store, IOS)
