@@ -35,7 +35,8 @@ class HttpFailure:
 
 
 class HttpConnection:
-    """Requests to one ``host:port``, in sequence, over one reused connection."""
+    """Requests to one ``host:port`` over one reused connection; concurrent callers
+    take turns."""
 
     def __init__(self, host: str, port: int, *, timeout: float = 10.0) -> None:
         self.host = host
@@ -43,6 +44,7 @@ class HttpConnection:
         self.timeout = timeout
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._turn = asyncio.Lock()  # one request at a time on the one connection
 
     async def request(
         self,
@@ -51,6 +53,12 @@ class HttpConnection:
         body: bytes | None = None,
         *,
         headers: dict[str, str] | None = None,
+    ) -> HttpResponse | HttpFailure:
+        async with self._turn:
+            return await self._request(method, path, body, headers)
+
+    async def _request(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str] | None
     ) -> HttpResponse | HttpFailure:
         try:
             return await asyncio.wait_for(

@@ -16,6 +16,7 @@ import contextlib
 import gc
 import multiprocessing
 import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable, Coroutine
@@ -31,6 +32,7 @@ T = TypeVar("T")
 Tick = dict[str, Any]
 TickHandler = Callable[[int, Tick], None]
 READY_TIMEOUT: Final = 60.0
+READER_JOIN_TIMEOUT: Final = 15.0
 FREEZE_EVERY: Final = 1000  # gc.freeze() after this many new connections
 
 
@@ -152,35 +154,25 @@ class ProcessWorker:
         self.final: asyncio.Future[tuple[Tick, Loss]] = self.loop.create_future()
         for future in (self.ready, self.final):  # a failure nobody waits for is not an error
             future.add_done_callback(_retrieve)
-        self.loop.add_reader(self.conn.fileno(), self._readable)
-        self._reading = True
+        self.reader = PipeReader(self.conn, self.loop, self._received, until=None)
 
     def _fail(self, error: BaseException) -> None:
         for future in (self.ready, self.final):
             if not future.done():
                 future.set_exception(error)
 
-    def _readable(self) -> None:
-        try:
-            while self.conn.poll():
-                message = self.conn.recv()
-                kind = message[0]
-                if kind == "tick":
-                    self.on_tick(self.index, message[1])
-                elif kind == "ready" and not self.ready.done():
-                    self.ready.set_result(message[1])
-                elif kind == "final" and not self.final.done():
-                    self.final.set_result((message[1], message[2]))
-                elif kind == "error":
-                    self._fail(WorkerFailed(f"worker {self.index}: {message[1]}"))
-        except (EOFError, OSError):
-            self._stop_reading()
+    def _received(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "tick":
+            self.on_tick(self.index, message[1])
+        elif kind == "ready" and not self.ready.done():
+            self.ready.set_result(message[1])
+        elif kind == "final" and not self.final.done():
+            self.final.set_result((message[1], message[2]))
+        elif kind == "error":
+            self._fail(WorkerFailed(f"worker {self.index}: {message[1]}"))
+        elif kind == EOF:
             self._fail(WorkerFailed(f"worker {self.index} exited ({self.proc.exitcode})"))
-
-    def _stop_reading(self) -> None:
-        if self._reading:
-            self._reading = False
-            self.loop.remove_reader(self.conn.fileno())
 
     async def wait_ready(self) -> int:
         """The worker's open-file limit, once it is ready."""
@@ -205,11 +197,57 @@ class ProcessWorker:
         if self.proc.is_alive():
             self.proc.terminate()
             await self.loop.run_in_executor(None, self.proc.join, 5.0)
-        self._stop_reading()
+        # the worker is gone, so its end of the pipe is closed and the reader saw EOF
+        await self.loop.run_in_executor(None, self.reader.join, 5.0)
         self.conn.close()
         for future in (self.ready, self.final):
             if not future.done():
                 future.cancel()
+
+
+EOF: Final = "eof"
+
+
+class PipeReader(threading.Thread):
+    """Reads a pipe with blocking calls and hands each message to ``handler`` on ``loop``.
+
+    A thread, because an event loop's reader would make the pipe non-blocking and
+    ``Connection.recv`` cannot resume a message cut short. It ends after a message
+    whose kind is ``until``, or at end of file (then handing over ``("eof",)``); its
+    owner joins it.
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        loop: asyncio.AbstractEventLoop,
+        handler: Callable[[tuple[Any, ...]], None],
+        *,
+        until: str | None,
+    ) -> None:
+        super().__init__(name="loadtest-pipe-reader", daemon=True)
+        self.conn = conn
+        self.loop = loop
+        self.handler = handler
+        self.until = until
+        self.start()
+
+    def _hand(self, message: tuple[Any, ...]) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(self.handler, message)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            return False
+        return True
+
+    def run(self) -> None:
+        while True:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                self._hand((EOF,))
+                return
+            if not self._hand(message) or message[0] == self.until:
+                return
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -243,18 +281,9 @@ async def _serve(
 ) -> None:
     index, count = share
     loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue(maxsize=8)  # control messages only
-
-    def readable() -> None:
-        try:
-            while conn.poll():
-                inbox.put_nowait(conn.recv())
-        except (EOFError, OSError):  # the parent is gone
-            loop.remove_reader(conn.fileno())
-            with contextlib.suppress(asyncio.QueueFull):
-                inbox.put_nowait(("exit",))
-
-    loop.add_reader(conn.fileno(), readable)
+    # control messages only: the parent sends at most start, finish and exit
+    inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue(maxsize=8)
+    reader = PipeReader(conn, loop, inbox.put_nowait, until="exit")  # EOF: the parent is gone
     driver: Driver | None = None
     ticker: asyncio.Task[None] | None = None
     try:
@@ -281,7 +310,7 @@ async def _serve(
             return
         tick, loss = await driver.finish(message[2], message[1])
         conn.send(("final", tick, loss))
-        while (await inbox.get())[0] != "exit":
+        while (await inbox.get())[0] not in ("exit", EOF):
             pass
     except Exception:
         with contextlib.suppress(OSError):
@@ -293,6 +322,6 @@ async def _serve(
                 await ticker
         if driver is not None:
             await driver.fleet.shutdown(close_timeout=1.0)
-        with contextlib.suppress(OSError, ValueError):
-            loop.remove_reader(conn.fileno())
+        # the reader ends at "exit" (the parent's close sends it) or when the parent is gone
+        await loop.run_in_executor(None, reader.join, READER_JOIN_TIMEOUT)
         conn.close()

@@ -20,6 +20,7 @@ from loadtest import cli
 from loadtest.accounting import PublishLog, Receipt, account, notify_key
 from loadtest.clients import Fleet, profile
 from loadtest.config import ConfigError, Scenario, auto_workers, load_scenario, parse_duration
+from loadtest.http import HttpConnection, HttpFailure, HttpResponse
 from loadtest.report import percentile_from_pairs, render_html
 from loadtest.results import MAIN, Aggregate, Phases, build_results, metrics, summary_text
 from loadtest.runner import Outcome, plan_sources, run
@@ -452,6 +453,50 @@ def test_process_metrics_parsing() -> None:
     usage = parse_process_metrics(text)
     assert usage == Usage(12.5, 104857600)
     assert parse_process_metrics("realtime_up 1\n") is None
+
+
+# ------------------------------------------------------------------ the HTTP client
+
+
+@pytest.mark.timeout(20)
+async def test_http_connection_takes_turns_and_reads_chunked_bodies() -> None:
+    """Concurrent callers share one keep-alive connection without mixing answers."""
+    connections = 0
+
+    async def serve_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            path = head.split(b" ")[1].decode()
+            await asyncio.sleep(0.01)  # slow enough for callers to overlap
+            if path == "/chunked":
+                body = b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+            else:
+                answer = path.encode()
+                writer.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: %d\r\n\r\n" % len(answer))
+                writer.write(answer)
+            await writer.drain()
+
+    server = await asyncio.start_server(serve_http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    conn = HttpConnection("127.0.0.1", port, timeout=5.0)
+    try:
+        answers = await asyncio.gather(*(conn.request("GET", f"/{i}") for i in range(8)))
+        chunked = await conn.request("GET", "/chunked")
+    finally:
+        await conn.close()
+        server.close()
+        await server.wait_closed()
+    assert [(a.status, a.body) for a in answers if isinstance(a, HttpResponse)] == [
+        (202, f"/{i}".encode()) for i in range(8)
+    ]
+    assert isinstance(chunked, HttpResponse)
+    assert chunked.body == b"abcde"
+    assert connections == 1
+    refused = await HttpConnection("127.0.0.1", free_port(), timeout=2.0).request("GET", "/")
+    assert isinstance(refused, HttpFailure)
+    assert refused.kind == "refused"
 
 
 # ------------------------------------------------------------------ the WebSocket client
