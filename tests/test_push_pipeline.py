@@ -354,9 +354,9 @@ async def test_429_retry_after_is_honoured_without_tripping_the_breaker(
     await wait_until(lambda: ("paced", device.token) in adapter.delivered())
     throttled, retry = [s for s in adapter.sends if s.notification == "paced"]
     assert (throttled.result.status, throttled.result.retry_after) == (429, 1.0)
-    # Without Retry-After the backoff would retry within 0.02 s. The slack covers the round's
-    # own work between its start and the answer (the router counts from the round's start).
-    assert retry.started - throttled.ended >= 1.0 - 0.15, retry.started - throttled.ended
+    # Counted from the answer (without Retry-After the backoff would retry within 0.02 s); the
+    # slack only covers the two clocks (the router's unix time, the recorder's monotonic).
+    assert retry.started - throttled.ended >= 1.0 - 0.01, retry.started - throttled.ended
     assert breaker.state is BreakerState.CLOSED
     assert pipe.transitions == []
     assert pipe.sample("retried_total", priority="high", adapter=adapter.name) == 1
@@ -366,6 +366,7 @@ async def test_429_retry_after_is_honoured_without_tripping_the_breaker(
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("backend", ["redis"], indirect=True)
 async def test_retry_after_counts_from_a_slow_answer(pipe: Pipeline) -> None:
+    """Not from the start of the round that waited 1 s for the answer."""
     store = pipe.store()
     device = await pipe.device(store, IOS)
     apns = pipe.adapter(IOS)
@@ -379,7 +380,7 @@ async def test_retry_after_counts_from_a_slow_answer(pipe: Pipeline) -> None:
     await wait_until(lambda: ("paced", device.token) in apns.delivered())
     throttled, retry = [s for s in apns.sends if s.notification == "paced"]
     assert throttled.result.retry_after == 1.5
-    assert retry.started - throttled.ended >= 1.5 - 0.15, retry.started - throttled.ended
+    assert retry.started - throttled.ended >= 1.5 - 0.01, retry.started - throttled.ended
 
 
 # --------------------------------------------------------------------------- dead tokens
