@@ -1,10 +1,13 @@
 """One client WebSocket: the connect deadline, its commands, its bounded outbox, its closes.
 
-Writes are synchronous: a frame goes straight to the transport while it is
-not paused; under back-pressure it waits in the outbox (bounded in messages
-and bytes; at the bound the connection is closed with 4008 and its outbox
-dropped) and is written, in order, when the transport resumes. Only this
-class writes to its socket, so order is kept without a writer task.
+Writes are synchronous and coalesced: while the transport is not paused a
+frame joins the connection's pending frames, and the hub's flush at the end
+of the loop tick writes them with one ``transport.write`` (or sooner, once
+``FLUSH_BYTES`` are pending). Under back-pressure a frame waits in the outbox
+instead (bounded in messages and bytes; at the bound the connection is closed
+with 4008 and its outbox dropped) and is written, in order, when the transport
+resumes. Only this class writes to its socket, so order is kept without a
+writer task.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ log = logging.getLogger("realtime.connection")
 
 #: Rejected commands within the minute after the first ``rate_limited`` that close with 4029.
 STRIKES_BEFORE_CLOSE = 10
+#: Pending bytes at which a connection writes at once instead of at the end of the tick.
+FLUSH_BYTES = 64 * 1024
+#: The outbox of a connection that never queued: takes nothing (maxlen 0), costs nothing.
+_NO_OUTBOX: deque[bytes] = deque(maxlen=0)
 
 
 class Connection:
@@ -56,6 +63,8 @@ class Connection:
         "outbox",
         "outbox_bytes",
         "peer",
+        "pending",
+        "pending_bytes",
         "registered",
         "subscriptions",
         "tier",
@@ -77,8 +86,11 @@ class Connection:
         self.tier: Tier = node.policy.resolve(node.policy.default_tier)[0]
         self.expires_at = 0.0
         self.subscriptions: set[str] = set()
-        self.outbox: deque[bytes] = deque()
+        self.outbox = _NO_OUTBOX  # a deque of its own from the first frame it queues
         self.outbox_bytes = 0
+        #: frames written this tick, not yet handed to the transport (see ``flush``)
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
         self.closed = False
         self.draining = False
         self.registered = False
@@ -91,11 +103,21 @@ class Connection:
     # ------------------------------------------------------------------ output
 
     def write(self, data: bytes) -> None:
-        """Write one complete frame, or queue it under back-pressure (4008 at the bound)."""
+        """Write one complete frame at the end of the tick, or queue it under back-pressure
+        (4008 at the bound)."""
         if self.closed:
+            return
+        pending = self.pending
+        if pending:
+            pending.append(data)
+            self.pending_bytes += len(data)
+            if self.pending_bytes >= FLUSH_BYTES:
+                self.flush()
             return
         if self.outbox or self.wire.paused:
             outbox = self.outbox
+            if outbox is _NO_OUTBOX:
+                outbox = self.outbox = deque()
             settings = self.node.settings
             if (
                 len(outbox) >= settings.outbox_max_messages
@@ -107,7 +129,24 @@ class Connection:
             outbox.append(data)
             self.outbox_bytes += len(data)
             return
-        self._write(data)
+        pending.append(data)
+        self.pending_bytes = len(data)
+        self.node.hub.mark_pending(self)
+
+    def flush(self) -> None:
+        """Hand the pending frames to the transport in one write (the hub calls it per tick).
+
+        They go even if the transport paused meanwhile: that is at most ``FLUSH_BYTES``
+        plus one frame more in its buffer; later frames wait in the bounded outbox.
+        """
+        pending = self.pending
+        if not pending:
+            return
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        self.pending_bytes = 0
+        if not self.closed:
+            self._write(data)
 
     def send(self, message: dict[str, Any]) -> None:
         self.write(self.codec.encode(message))
@@ -134,6 +173,7 @@ class Connection:
         """Close with ``code`` after what was already written; drop the outbox."""
         if self.closed:
             return
+        self.flush()
         self.closed = True
         self.outbox.clear()
         self.outbox_bytes = 0
@@ -158,6 +198,8 @@ class Connection:
         self.closed = True
         self.outbox.clear()
         self.outbox_bytes = 0
+        self.pending.clear()
+        self.pending_bytes = 0
 
     # ------------------------------------------------------------------ batching
 

@@ -34,6 +34,8 @@ class Hub:
         #: user -> that user's connections on this node
         self.users: dict[str, set[Connection]] = {}
         self._subscribing: dict[str, asyncio.Future[None]] = {}
+        #: connections with pending frames this tick; one loop callback flushes them all
+        self._pending: list[Connection] = []
         self._events_out = metrics.messages_out.labels("event")
         self._notifications_out = metrics.messages_out.labels("notification")
         self._latency = metrics.latency
@@ -102,6 +104,22 @@ class Hub:
                 await self.broker.unsubscribe(channel)
             except BrokerUnavailable:
                 pass  # the broker forgets the channel; it will not be re-subscribed
+
+    # ------------------------------------------------------------------ writes
+
+    def mark_pending(self, conn: Connection) -> None:
+        """``conn`` has its first pending frame of this tick: flush it with the others."""
+        pending = self._pending
+        pending.append(conn)
+        if len(pending) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """One write per connection that has pending frames (runs once per tick)."""
+        pending = self._pending
+        self._pending = []
+        for conn in pending:
+            conn.flush()
 
     # ------------------------------------------------------------------ fan-out
 

@@ -11,10 +11,15 @@ UTF-8 is the app's 4000, not a 1007) and the server's shutdown becomes a drain
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+import weakref
 from typing import Any, Protocol
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import Protocol as SansIOProtocol
+from websockets.protocol import State
 
 #: Key in the ASGI scope's ``extensions`` under which the protocol object is found.
 EXTENSION = "piggybong.wire"
@@ -35,6 +40,109 @@ class WireListener(Protocol):
     def on_lost(self) -> None: ...
 
 
+class Inbox:
+    """The ASGI receive queue of one connection: single consumer, FIFO.
+
+    A lighter stand-in for the ``asyncio.Queue`` uvicorn makes (which holds four
+    deques, about 3 KiB). Bounded by flow control, not by a size: the protocol
+    pauses reading while a received message waits here, so it holds at most
+    one message plus the disconnect event.
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Any:
+        while not self._items:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        return self._items.pop(0)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+
+class Flag:
+    """``asyncio.Event``'s set/clear/wait without a deque until someone waits (uvicorn's
+    ``writable``, which gates its ASGI ``send`` during the handshake)."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = True
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> bool:
+        if not self._set:
+            waiter = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(waiter)
+            await waiter
+        return True
+
+
+class PingWheel:
+    """The keepalive pings due on one loop, in one-second buckets: one timer per bucket
+    instead of a TimerHandle per connection. A ping goes out up to a second late."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.buckets: dict[int, dict[RealtimeWSProtocol, None]] = {}
+
+    def add(self, proto: RealtimeWSProtocol, due: float) -> None:
+        key = math.ceil(due)
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = {}
+            self.loop.call_at(key, self._fire, key)
+        bucket[proto] = None
+        proto.ping_bucket = key
+
+    def discard(self, proto: RealtimeWSProtocol) -> None:
+        bucket = self.buckets.get(proto.ping_bucket or 0)
+        if bucket is not None:
+            bucket.pop(proto, None)
+        proto.ping_bucket = None
+
+    def _fire(self, key: int) -> None:
+        for proto in self.buckets.pop(key, {}):
+            proto.ping_bucket = None
+            proto.send_keepalive_ping()
+
+
+_wheels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PingWheel] = (
+    weakref.WeakKeyDictionary())
+
+
 class RealtimeWSProtocol(WebSocketsSansIOProtocol):
     """A WebSocketsSansIOProtocol with a direct write path. See the module docstring."""
 
@@ -42,17 +150,50 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
     paused: bool = False
     #: Set while a close frame of ours is on its way; the transport is aborted after the timeout.
     closing: bool = False
+    #: The PingWheel bucket this connection's next ping waits in.
+    ping_bucket: int | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.logger = WS_LOG
         self.conn.logger = WS_LOG
+        # Per-connection memory: lighter receive queue and write gate than asyncio's.
+        self.queue = Inbox()  # type: ignore[assignment]
+        self.writable = Flag()  # type: ignore[assignment]
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
         scope = getattr(self, "scope", None)
         if scope is not None:
             scope["extensions"][EXTENSION] = self
+        conn = self.conn
+        if conn.state is State.CONNECTING and not conn.reader.buffer and conn.parser_exc is None:
+            # ServerProtocol.parse keeps the handshake request (and its headers) alive in
+            # its frame for the connection's life; at a frame boundary (nothing buffered)
+            # the plain frame parser it delegates to is the same, without it.
+            conn.parser = SansIOProtocol.parse(conn)
+            next(conn.parser)
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.accept" and self.handshake_complete:
+            # Nothing reads the handshake's request, response or headers after this.
+            self.request = self.response = None  # type: ignore[assignment]
+            self.scope["headers"] = []
+
+    # ------------------------------------------------------------------ keepalive
+
+    def schedule_ping(self) -> None:
+        assert self.ping_interval is not None
+        wheel = _wheels.get(self.loop)
+        if wheel is None:
+            wheel = _wheels[self.loop] = PingWheel(self.loop)
+        wheel.add(self, self.loop.time() + max(0.0, self.ping_interval - self.last_ping_rtt))
+
+    def stop_keepalive(self) -> None:
+        super().stop_keepalive()
+        if self.ping_bucket is not None:
+            _wheels[self.loop].discard(self)
 
     # ------------------------------------------------------------------ inbound
 
