@@ -33,6 +33,7 @@ TIME_CHARTS: Final = (
     ("Event latency over time", (("p50", "p50"), ("p95", "p95"), ("p99", "p99")), "ms"),
     ("Server CPU", (("cpu %", "server_cpu_percent"),), "% of one core"),
     ("Server memory", (("rss MiB", "server_rss_mb"),), "MiB"),
+    ("Harness event-loop lag", (("lag", "harness_lag_ms"),), "ms"),
 )
 
 

@@ -38,6 +38,7 @@ class Second:
     latency: Histogram = field(default_factory=Histogram)
     gauges: dict[int, dict[str, int]] = field(default_factory=dict)
     server: tuple[float, Usage] | None = None
+    lag: float = 0.0  # the longest harness event-loop lag seen in this second
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +69,7 @@ class Aggregate:
         self.gauges: dict[int, dict[str, int]] = {}
         self.cpu: dict[int, list[tuple[float, float]]] = {}
         self.lag: dict[int, float] = {}
-        self.rss: dict[int, tuple[int, int]] = {}  # worker -> (peak rss, open connections then)
+        self.rss: dict[int, tuple[int, int]] = {}  # worker -> (peak rss, peak open connections)
         self.seconds: dict[int, Second] = {}
         self.server: list[tuple[float, Usage]] = []
 
@@ -97,9 +98,12 @@ class Aggregate:
         if "cpu" in tick:
             self.cpu.setdefault(worker, []).append((tick["t"], tick["cpu"]))
         self.lag[worker] = max(self.lag.get(worker, 0.0), tick.get("lag", 0.0))
-        rss = tick.get("rss", 0)
-        if rss > self.rss.get(worker, (0, 0))[0]:
-            self.rss[worker] = (rss, tick.get("gauges", {}).get("open", 0))
+        sec.lag = max(sec.lag, tick.get("lag", 0.0))
+        rss, peak_open = self.rss.get(worker, (0, 0))
+        self.rss[worker] = (
+            max(rss, tick.get("rss", 0)),
+            max(peak_open, tick.get("gauges", {}).get("open", 0)),
+        )
 
     def add_server(self, t: float, usage: Usage) -> None:
         self.server.append((t, usage))
@@ -195,6 +199,7 @@ def _timeseries(agg: Aggregate) -> list[dict[str, Any]]:
             "deliveries": sec.counts.get("deliveries", 0),
             "published": sec.counts.get("published", 0),
             "errors": sec.counts.get("errors", 0),
+            "harness_lag_ms": round(1000 * sec.lag, 1),
         }
         summary = summarize(sec.latency)
         row.update(p50=summary.p50, p95=summary.p95, p99=summary.p99)
