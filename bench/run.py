@@ -76,11 +76,11 @@ class Mode:
     targets: tuple[str, ...] = ("memory", "redis", "redis2", "baseline")
 
 
-FULL = Mode("full", step_s=8, cpu_step_s=10, ramp_1000=(20, 50, 100, 150, 200, 250, 300, 400),
-            ramp_5000=(4, 10, 20, 30, 40, 50, 60, 80), idle=5000, held=100_000, held_procs=4,
+FULL = Mode("full", step_s=6, cpu_step_s=10, ramp_1000=(20, 50, 100, 200, 300, 400, 500),
+            ramp_5000=(4, 10, 20, 40, 60, 80), idle=5000, held=100_000, held_procs=4,
             blast_s=8)
 QUICK = Mode("quick", step_s=3, cpu_step_s=5, ramp_1000=(20, 100, 200, 300),
-             ramp_5000=(10, 20, 40, 60), idle=2000, held=10_000, held_procs=2, blast_s=4)
+             ramp_5000=(10, 20, 40, 60), idle=5000, held=10_000, held_procs=2, blast_s=4)
 
 
 # --------------------------------------------------------------------------- processes
@@ -185,14 +185,16 @@ async def connect(plans: list[FleetPlan], *, remote: bool = False) -> list[Fleet
 
 
 async def step(fleets: list[FleetLike], servers: Servers, rate: float, duration: float,
-               *, extra_pids: Sequence[int] = (), lanes: int = 8) -> dict[str, Any]:
+               *, channel: str = "artist:bench", extra_pids: Sequence[int] = (), lanes: int = 16,
+               batch: int = 20) -> dict[str, Any]:
     """Publish ``rate`` msg/s for ``duration`` s; deliveries, latency and server CPU."""
     before, _ = merge_snaps([await f.snap() for f in fleets])
     subscribers = before["connected"] - sum(before["closed"].values())
     pids = [*servers.pids, *extra_pids]
-    cpu0, t0 = proc_cpu_seconds(servers.pids), time.time()
+    cpu0, t0, own0 = proc_cpu_seconds(servers.pids), time.time(), time.process_time()
     extra0 = proc_cpu_seconds(extra_pids)
-    sent = await publish(HOST, servers.port, "artist:bench", rate, duration, lanes=lanes)
+    sent = await publish(HOST, servers.port, channel, rate, duration, lanes=lanes,
+                         batch=batch)
     owed = sent.accepted * subscribers
     deadline = time.time() + 3.0
     hist = Histogram()  # each snap hands over (and resets) the latencies since the last
@@ -202,7 +204,7 @@ async def step(fleets: list[FleetLike], servers: Servers, rate: float, duration:
         if after["delivered"] - before["delivered"] >= owed or time.time() > deadline:
             break
         await asyncio.sleep(0.1)
-    cpu1, t1 = proc_cpu_seconds(servers.pids), time.time()
+    cpu1, t1, own1 = proc_cpu_seconds(servers.pids), time.time(), time.process_time()
     delivered = after["delivered"] - before["delivered"]
     cpu = cpu1 - cpu0
     lat = hist.summary()
@@ -217,6 +219,7 @@ async def step(fleets: list[FleetLike], servers: Servers, rate: float, duration:
         "server_cpu_s": round(cpu, 3),
         "server_cpu_percent": round(100 * cpu / (t1 - t0), 1),
         "deliveries_per_cpu_s": round(delivered / cpu) if cpu > 0 else None,
+        "load_cpu_percent": round(100 * (own1 - own0) / (t1 - t0), 1),
         "other_cpu_s": round(proc_cpu_seconds(extra_pids) - extra0, 3) if extra_pids else None,
         "server_rss_mib": round(proc_rss_bytes(pids) / 2**20, 1),
         "latency_ms": lat, "closed": closed,
@@ -232,7 +235,7 @@ async def ramp(fleets: list[FleetLike], servers: Servers, rates: Sequence[int],
         steps.append(result)
         log(f"    R={rate:<4} S={result['subscribers']:<6} {result['deliveries_per_s']:>8,}/s "
             f"p50 {result['latency_ms']['p50']} p99 {result['latency_ms']['p99']} ms "
-            f"cpu {result['server_cpu_percent']}% "
+            f"cpu {result['server_cpu_percent']}% load {result['load_cpu_percent']}% "
             f"{'pass' if result['passed'] else 'FAIL'} {result['closed'] or ''}")
         if not result["passed"]:
             break
@@ -328,7 +331,7 @@ async def scaling(mode: Mode, log: Any) -> dict[str, Any]:
     log("== scaling: one vs two processes on Redis, a core each (load unpinned)")
     pin_self(None)
     out: dict[str, Any] = {}
-    rates = mode.ramp_5000 + ((100, 120, 150) if mode.name == "full" else (80, 100))
+    rates = mode.ramp_5000 + ((100, 120) if mode.name == "full" else (80, 100))
     try:
         for procs in (1, 2):
             redis_proc, url = start_redis(None)
@@ -395,9 +398,9 @@ async def held(mode: Mode, log: Any) -> dict[str, Any]:
             f"in {out['connect_seconds']} s")
         rss = [proc_rss_bytes([pid]) for pid in servers.pids]
         out["server_rss_mib"] = [round(r / 2**20, 1) for r in rss]
-        broadcast = await step(fleets, servers, 1, 3.0, lanes=1)
+        broadcast = await step(fleets, servers, 1, 3.0, channel="broadcast", lanes=1)
         out["broadcast"] = broadcast
-        out["per_process"] = await _per_process_connections(servers)
+        out["per_process"] = _per_process_connections(servers)
         log(f"  broadcast: {broadcast['delivered']:,} of {broadcast['owed']:,} delivered, "
             f"p99 {broadcast['latency_ms']['p99']} ms; per process {out['per_process']}")
     finally:
@@ -409,16 +412,30 @@ async def held(mode: Mode, log: Any) -> dict[str, Any]:
     return out
 
 
-async def _per_process_connections(servers: Servers) -> list[int]:
-    """Established sockets per server process (from /proc/<pid>/fd)."""
+def _per_process_connections(servers: Servers) -> list[int]:
+    """Established TCP sockets to the server port per server process (from /proc)."""
+    inodes: set[str] = set()
+    port = f"{servers.port:04X}"
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(":" + port) and fields[3] == "01":  # local port, ESTABLISHED
+                inodes.add(f"socket:[{fields[9]}]")
     counts = []
     for pid in servers.pids:
         try:
-            counts.append(sum(1 for fd in os.listdir(f"/proc/{pid}/fd")
-                              if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")))
+            fds = os.listdir(f"/proc/{pid}/fd")
+            counts.append(sum(1 for fd in fds if _readlink(f"/proc/{pid}/fd/{fd}") in inodes))
         except OSError:
             counts.append(-1)
     return counts
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
 
 
 # --------------------------------------------------------------------------- report
@@ -458,6 +475,13 @@ def _max(steps: list[dict[str, Any]]) -> int | None:
     return top["deliveries_per_s"] if top else None
 
 
+def _top_efficiency(steps: list[dict[str, Any]]) -> str:
+    top = best(steps)
+    if top is None or top["deliveries_per_cpu_s"] is None:
+        return "-"
+    return f"{top['deliveries_per_cpu_s']:,} (R={top['rate']})"
+
+
 def _div(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a and b else None
 
@@ -467,7 +491,8 @@ def markdown(results: dict[str, Any]) -> str:
              "Machine: " + ", ".join(f"{k} {v}" for k, v in results["machine"].items()), "",
              "| target | deliveries per server CPU-second (S=1000, R=50) | max deliveries/s "
              "passing, S=1000 | max, S=5000 | p50 / p99 ms, S=1000 R=20 | p50 / p99 ms, "
-             "S=1000 R=100 | KiB per idle connection |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "S=1000 R=100 | KiB per idle connection | deliveries per server CPU-second at the "
+             "highest passing step, S=1000 |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     rat = results.get("ratios", {})
     for name, res in results["targets"].items():
         r = rat.get(name, {})
@@ -484,7 +509,8 @@ def markdown(results: dict[str, Any]) -> str:
             f" | {with_ratio(_max(res['ramp_1000']), 'max_1000')}"
             f" | {with_ratio(_max(res['ramp_5000']), 'max_5000')}"
             f" | {l20['p50']} / {l20['p99']} | {l100['p50']} / {l100['p99']}"
-            f" | {with_ratio(res['idle']['kib_per_connection'], 'kib_per_idle')} |")
+            f" | {with_ratio(res['idle']['kib_per_connection'], 'kib_per_idle')}"
+            f" | {_top_efficiency(res['ramp_1000'])} |")
     if "scaling" in results:
         s = results["scaling"]
         lines += ["", f"One vs two processes on Redis (a core each, load unpinned): "
