@@ -48,6 +48,9 @@ _KEY = base64.b64encode(b"piggybong-bench!").decode()
 _T_MARK = b'"t":'
 #: Seconds between bulk reads of the subscribers that are not probes.
 LAZY_PERIOD = 0.1
+#: Tries per subscriber before it counts as failed, and seconds a handshake may take.
+ATTEMPTS = 3
+HANDSHAKE_TIMEOUT = 15.0
 #: Histogram resolution: bucket = int(ln(latency_us) * _RES), about 1% wide.
 _RES = 100
 
@@ -145,16 +148,20 @@ class Counts:
     connected: int = 0
     failed: int = 0
     closed: dict[str, int] = field(default_factory=dict)
+    fail_reasons: dict[str, int] = field(default_factory=dict)
+    retries: int = 0
     hist: Histogram = field(default_factory=Histogram)
 
 
 class Sub(asyncio.Protocol):
     """One subscriber: handshake, ``connect``, ``subscribe``, then count frames."""
 
-    __slots__ = ("buf", "counts", "fleet", "probe", "state", "token", "transport")
+    __slots__ = ("buf", "counts", "done", "fleet", "probe", "state", "token", "transport")
 
     def __init__(self, fleet: Fleet, token: str, probe: bool) -> None:
         self.fleet = fleet
+        #: "ok" once subscribed, else why it failed (settled once)
+        self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.counts = fleet.counts
         self.token = token
         self.probe = probe
@@ -179,7 +186,7 @@ class Sub(asyncio.Protocol):
                 self.buf = buf
                 return
             if not buf.startswith(b"HTTP/1.1 101"):
-                self._fail()
+                self._fail("http:" + buf[9:12].decode(errors="replace"))
                 return
             buf = buf[end + 4:]
             self.state = 1
@@ -229,7 +236,8 @@ class Sub(asyncio.Protocol):
         if reply.get("id") is None:  # an event before the subscribe reply: not counted
             return
         if "error" in reply:
-            self._fail()
+            self._fail(("connect:" if self.state == 1 else "subscribe:")
+                       + str(reply["error"].get("code")))
         elif self.state == 1:
             self.state = 2
             assert self.transport is not None
@@ -237,7 +245,7 @@ class Sub(asyncio.Protocol):
                 {"id": 2, "op": "subscribe", "channel": self.fleet.plan.channel}).encode()))
         elif self.state == 2:
             self.state = 3
-            self.fleet.settled(ok=True)
+            self._settle("ok")
             if not self.probe:
                 self.fleet.go_lazy(self)
 
@@ -251,17 +259,21 @@ class Sub(asyncio.Protocol):
                 self.counts.closed[code] = self.counts.closed.get(code, 0) + 1
             self.transport.close()
 
-    def _fail(self) -> None:
+    def _settle(self, outcome: str) -> None:
+        if not self.done.done():
+            self.done.set_result(outcome)
+
+    def _fail(self, reason: str) -> None:
         if self.state < 3:
             self.state = 4
-            self.fleet.settled(ok=False)
+            self._settle(reason)
         if self.transport is not None:
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state < 3:
             self.state = 4
-            self.fleet.settled(ok=False)
+            self._settle("lost")
         elif self.state == 3 and not self.fleet.closing:
             self.counts.closed["lost"] = self.counts.closed.get("lost", 0) + 1
         self.state = 4
@@ -330,11 +342,12 @@ class Fleet:
             await asyncio.sleep(LAZY_PERIOD)
             self._read_lazily()
 
-    def settled(self, *, ok: bool) -> None:
+    def settled(self, *, ok: bool, reason: str = "") -> None:
         if ok:
             self.counts.connected += 1
         else:
             self.counts.failed += 1
+            self.counts.fail_reasons[reason] = self.counts.fail_reasons.get(reason, 0) + 1
         if self.counts.connected + self.counts.failed >= self.plan.clients:
             self._all_settled.set()
 
@@ -351,17 +364,30 @@ class Fleet:
         now = time.time()
 
         async def dial(index: int) -> None:
+            """Up to ``ATTEMPTS`` tries, as an app reconnects; the gate bounds handshakes."""
             token = mint_token(plan.secret, f"bench-{plan.first + index}", now=now, ttl=7200)
-            sub = Sub(self, token, probe=(plan.first + index) % plan.probe_every == 0)
-            self.subs.append(sub)
-            try:
-                await loop.create_connection(lambda: sub, plan.host, plan.port,
-                                             local_addr=local)
-            except OSError:
-                sub.state = 4
-                self.settled(ok=False)
-            finally:
-                gate.release()
+            outcome = ""
+            for attempt in range(ATTEMPTS):
+                if attempt:
+                    self.counts.retries += 1
+                    await asyncio.sleep(attempt + index % 100 / 100)  # backoff with spread
+                    await gate.acquire()
+                sub = Sub(self, token, probe=(plan.first + index) % plan.probe_every == 0)
+                try:
+                    await loop.create_connection(lambda s=sub: s, plan.host, plan.port,
+                                                 local_addr=local)
+                    outcome = await asyncio.wait_for(sub.done, HANDSHAKE_TIMEOUT)
+                except (OSError, TimeoutError) as exc:
+                    outcome = type(exc).__name__
+                    if sub.transport is not None:
+                        sub.transport.abort()
+                finally:
+                    gate.release()
+                if outcome == "ok":
+                    self.subs.append(sub)
+                    self.settled(ok=True)
+                    return
+            self.settled(ok=False, reason=outcome)
 
         dials: set[asyncio.Task[None]] = set()
         for index in range(plan.clients):
@@ -383,7 +409,8 @@ class Fleet:
         self._read_lazily()
         c = self.counts
         out = {"delivered": c.delivered, "connected": c.connected, "failed": c.failed,
-               "closed": dict(c.closed), "hist": c.hist.buckets}
+               "closed": dict(c.closed), "hist": c.hist.buckets, "retries": c.retries,
+               "fail_reasons": dict(c.fail_reasons)}
         c.hist = Histogram()
         return out
 
@@ -467,13 +494,15 @@ async def _child(plan: FleetPlan) -> None:
 
 
 def merge_snaps(snaps: Iterable[dict[str, Any]]) -> tuple[dict[str, Any], Histogram]:
-    total: dict[str, Any] = {"delivered": 0, "connected": 0, "failed": 0, "closed": {}}
+    total: dict[str, Any] = {"delivered": 0, "connected": 0, "failed": 0, "retries": 0,
+                             "closed": {}, "fail_reasons": {}}
     hist = Histogram()
     for s in snaps:
-        for key in ("delivered", "connected", "failed"):
+        for key in ("delivered", "connected", "failed", "retries"):
             total[key] += s[key]
-        for code, n in s["closed"].items():
-            total["closed"][code] = total["closed"].get(code, 0) + n
+        for kind in ("closed", "fail_reasons"):
+            for code, n in s[kind].items():
+                total[kind][code] = total[kind].get(code, 0) + n
         hist.merge(s["hist"])
     return total, hist
 

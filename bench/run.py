@@ -76,7 +76,7 @@ class Mode:
     targets: tuple[str, ...] = ("memory", "redis", "redis2", "baseline")
 
 
-FULL = Mode("full", step_s=6, cpu_step_s=10, ramp_1000=(20, 50, 100, 200, 300, 400, 500),
+FULL = Mode("full", step_s=6, cpu_step_s=10, ramp_1000=(20, 50, 100, 200, 300, 500, 700),
             ramp_5000=(4, 10, 20, 40, 60, 80), idle=5000, held=100_000, held_procs=4,
             blast_s=8)
 QUICK = Mode("quick", step_s=3, cpu_step_s=5, ramp_1000=(20, 100, 200, 300),
@@ -383,8 +383,8 @@ async def held(mode: Mode, log: Any) -> dict[str, Any]:
     per_child = 16_000
     children = -(-mode.held // per_child)
     plans = [plan(servers.port, min(per_child, mode.held - i * per_child), "broadcast",
-                  first=i * per_child, source_ip=f"127.0.0.{2 + i}", connect_rate=1500 /
-                  children, probe_every=1000)
+                  first=i * per_child, source_ip=f"127.0.0.{2 + i}", connect_rate=1200 /
+                  children, in_flight=100, probe_every=1000)
              for i in range(children)]
     out: dict[str, Any] = {}
     fleets: list[FleetLike] = []
@@ -394,7 +394,9 @@ async def held(mode: Mode, log: Any) -> dict[str, Any]:
         snap, _ = merge_snaps([await f.snap() for f in fleets])
         out["connect_seconds"] = round(time.time() - t0, 1)
         out["connected"], out["failed"] = snap["connected"], snap["failed"]
-        log(f"  connected {snap['connected']:,} (failed {snap['failed']}) "
+        out["retries"], out["fail_reasons"] = snap["retries"], snap["fail_reasons"]
+        log(f"  connected {snap['connected']:,} (failed {snap['failed']} "
+            f"{snap['fail_reasons'] or ''}, retries {snap['retries']}) "
             f"in {out['connect_seconds']} s")
         rss = [proc_rss_bytes([pid]) for pid in servers.pids]
         out["server_rss_mib"] = [round(r / 2**20, 1) for r in rss]
@@ -475,6 +477,14 @@ def _max(steps: list[dict[str, Any]]) -> int | None:
     return top["deliveries_per_s"] if top else None
 
 
+def _max_text(steps: list[dict[str, Any]]) -> str:
+    """The max passing figure; ">=" when the last step of the ramp passed (not found)."""
+    top = _max(steps)
+    if top is None:
+        return "-"
+    return (">= " if steps and steps[-1]["passed"] else "") + f"{top:,}"
+
+
 def _top_efficiency(steps: list[dict[str, Any]]) -> str:
     top = best(steps)
     if top is None or top["deliveries_per_cpu_s"] is None:
@@ -497,17 +507,18 @@ def markdown(results: dict[str, Any]) -> str:
     for name, res in results["targets"].items():
         r = rat.get(name, {})
 
-        def with_ratio(value: Any, key: str, r: dict[str, Any] = r, name: str = name) -> str:
+        def with_ratio(value: Any, key: str, r: dict[str, Any] = r, name: str = name,
+                       text: str | None = None) -> str:
             if value is None:
                 return "-"
-            text = f"{value:,}"
+            text = text or f"{value:,}"
             return f"{text} ({r[key]}x)" if r.get(key) and name != "baseline" else text
 
         l20, l100 = res["latency_r20"]["latency_ms"], res["latency_r100"]["latency_ms"]
         lines.append(
             f"| {name} | {with_ratio(res['cpu']['deliveries_per_cpu_s'], 'deliveries_per_cpu_s')}"
-            f" | {with_ratio(_max(res['ramp_1000']), 'max_1000')}"
-            f" | {with_ratio(_max(res['ramp_5000']), 'max_5000')}"
+            f" | {with_ratio(_max(res['ramp_1000']), 'max_1000', text=_max_text(res['ramp_1000']))}"
+            f" | {with_ratio(_max(res['ramp_5000']), 'max_5000', text=_max_text(res['ramp_5000']))}"
             f" | {l20['p50']} / {l20['p99']} | {l100['p50']} / {l100['p99']}"
             f" | {with_ratio(res['idle']['kib_per_connection'], 'kib_per_idle')}"
             f" | {_top_efficiency(res['ramp_1000'])} |")
@@ -561,7 +572,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", action="append",
                         help="memory, redis, redis2, baseline, scaling, http, held (repeat)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="only rewrite the .md beside a results .json")
     args = parser.parse_args(argv)
+    if args.render:
+        args.render.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text())))
+        return 0
     check_loopback(HOST)
     if (os.cpu_count() or 1) < 2:
         print("bench: needs 2 cores (server on CPU 0, load on CPU 1)", file=sys.stderr)
