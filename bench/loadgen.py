@@ -37,7 +37,7 @@ import resource
 import socket
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, cast
 
@@ -48,6 +48,7 @@ _KEY = base64.b64encode(b"piggybong-bench!").decode()
 _T_MARK = b'"t":'
 #: Seconds between bulk reads of the subscribers that are not probes.
 LAZY_PERIOD = 0.1
+_IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h
 #: Tries per subscriber before it counts as failed, and seconds a handshake may take.
 ATTEMPTS = 3
 HANDSHAKE_TIMEOUT = 15.0
@@ -137,7 +138,7 @@ class FleetPlan:
     probe_every: int = 10
     connect_rate: float = 2000.0
     in_flight: int = 200
-    source_ip: str | None = None
+    source_ips: list[str] = field(default_factory=list)  # client i uses [i % len]
     secret: str = DEV_JWT_SECRET
     first: int = 0  # index of the first client (names are unique across workers)
 
@@ -279,6 +280,25 @@ class Sub(asyncio.Protocol):
         self.state = 4
 
 
+def _factory(sub: Sub) -> Callable[[], Sub]:
+    return lambda: sub
+
+
+async def _dial_from(source: str, plan: FleetPlan) -> socket.socket:
+    """A socket connected from ``source``; its port is chosen at connect time
+    (IP_BIND_ADDRESS_NO_PORT), so ports are unique per peer, not per address."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.setblocking(False)
+        sock.bind((source, 0))
+        await asyncio.get_running_loop().sock_connect(sock, (plan.host, plan.port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class FleetLike(Protocol):
     """Subscribers somewhere: ``ready`` once all settled, ``snap`` resets the histogram."""
 
@@ -359,7 +379,7 @@ class Fleet:
         loop = asyncio.get_running_loop()
         plan = self.plan
         gate = asyncio.Semaphore(plan.in_flight)
-        local = (plan.source_ip, 0) if plan.source_ip else None
+        sources = plan.source_ips
         started = loop.time()
         now = time.time()
 
@@ -374,11 +394,14 @@ class Fleet:
                     await gate.acquire()
                 sub = Sub(self, token, probe=(plan.first + index) % plan.probe_every == 0)
                 try:
-                    await loop.create_connection(lambda s=sub: s, plan.host, plan.port,
-                                                 local_addr=local)
+                    if sources:
+                        sock = await _dial_from(sources[index % len(sources)], plan)
+                        await loop.create_connection(_factory(sub), sock=sock)
+                    else:
+                        await loop.create_connection(_factory(sub), plan.host, plan.port)
                     outcome = await asyncio.wait_for(sub.done, HANDSHAKE_TIMEOUT)
                 except (OSError, TimeoutError) as exc:
-                    outcome = type(exc).__name__
+                    outcome = f"{type(exc).__name__}:{getattr(exc, 'errno', '')}"
                     if sub.transport is not None:
                         sub.transport.abort()
                 finally:

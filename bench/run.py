@@ -77,7 +77,7 @@ class Mode:
 
 
 FULL = Mode("full", step_s=6, cpu_step_s=10, ramp_1000=(20, 50, 100, 200, 300, 500, 700),
-            ramp_5000=(4, 10, 20, 40, 60, 80), idle=5000, held=100_000, held_procs=4,
+            ramp_5000=(4, 10, 20, 40, 60, 80), idle=5000, held=100_000, held_procs=7,
             blast_s=8)
 QUICK = Mode("quick", step_s=3, cpu_step_s=5, ramp_1000=(20, 100, 200, 300),
              ramp_5000=(10, 20, 40, 60), idle=5000, held=10_000, held_procs=2, blast_s=4)
@@ -383,7 +383,8 @@ async def held(mode: Mode, log: Any) -> dict[str, Any]:
     per_child = 16_000
     children = -(-mode.held // per_child)
     plans = [plan(servers.port, min(per_child, mode.held - i * per_child), "broadcast",
-                  first=i * per_child, source_ip=f"127.0.0.{2 + i}", connect_rate=1200 /
+                  first=i * per_child, source_ips=[f"127.0.0.{2 + 2 * i}", f"127.0.0.{3 + 2 * i}"],
+                  connect_rate=1200 /
                   children, in_flight=100, probe_every=1000)
              for i in range(children)]
     out: dict[str, Any] = {}
