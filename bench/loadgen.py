@@ -321,7 +321,7 @@ class Fleet:
         self.closing = False
         self._all_settled = asyncio.Event()
         self._dialer: asyncio.Task[None] | None = None
-        self.lazy: list[tuple[socket.socket, Sub]] = []
+        self.lazy: list[tuple[int, Sub]] = []
         self._lazy_reader: asyncio.Task[None] | None = None
 
     def go_lazy(self, sub: Sub) -> None:
@@ -331,18 +331,19 @@ class Fleet:
         if sock is None:
             return
         sub.transport.pause_reading()
-        dup = socket.socket(fileno=os.dup(sock.fileno()))
-        dup.setblocking(False)
-        self.lazy.append((dup, sub))
+        self.lazy.append((sock.fileno(), sub))  # the transport owns (and closes) the fd
 
     def _read_lazily(self) -> None:
         """One bulk read of every lazy subscriber (they are not polled between reads)."""
         keep = []
-        for sock, sub in self.lazy:
+        for fd, sub in self.lazy:
+            transport = sub.transport
+            if transport is None or transport.is_closing() or sub.state == 4:
+                continue  # its fd may be another socket's by now
             try:
-                data = sock.recv(1 << 20)
+                data = os.read(fd, 1 << 20)
             except BlockingIOError:
-                keep.append((sock, sub))
+                keep.append((fd, sub))
                 continue
             except OSError:
                 data = b""
@@ -352,9 +353,9 @@ class Fleet:
                 if not data and not self.closing:
                     self.counts.closed["lost"] = self.counts.closed.get("lost", 0) + 1
                 sub.state = 4
-                sock.close()
+                transport.abort()
                 continue
-            keep.append((sock, sub))
+            keep.append((fd, sub))
         self.lazy = keep
 
     async def _lazy_loop(self) -> None:
@@ -444,8 +445,6 @@ class Fleet:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        for sock, _ in self.lazy:
-            sock.close()
         self.lazy = []
         for sub in self.subs:
             if sub.transport is not None:
