@@ -450,10 +450,18 @@ def machine() -> dict[str, Any]:
     redis_version = subprocess.run(["redis-server", "--version"], check=False,
                                    capture_output=True,
                                    text=True).stdout.strip()
-    versions = {name: metadata.version(name) for name in (
-        "uvicorn", "websockets", "starlette", "uvloop", "redis", "hiredis", "msgpack", "h11")}
+    versions = {name: _version(name) for name in (
+        "uvicorn", "websockets", "starlette", "uvloop", "redis", "hiredis", "msgpack", "h11",
+        "httptools")}
     return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
             "python": platform.python_version(), "redis": redis_version, **versions}
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def ratios(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
