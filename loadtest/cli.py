@@ -93,7 +93,9 @@ def _parser() -> argparse.ArgumentParser:
         dest="thresholds",
         action="append",
         metavar="EXPR",
-        help="e.g. 'p95<150' (repeat); defaults: " + ", ".join(DEFAULT_EXPRESSIONS),
+        # argparse formats help with %: the defaults' "0.1%" must be escaped.
+        help="e.g. 'p95<150' (repeat); defaults: "
+        + ", ".join(DEFAULT_EXPRESSIONS).replace("%", "%%"),
     )
     g.add_argument(
         "--no-default-thresholds", dest="default_thresholds", action="store_const", const=False

@@ -9,6 +9,7 @@ import json
 import math
 import random
 import struct
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -740,3 +741,12 @@ async def test_an_unreachable_target_aborts_with_exit_1() -> None:
     assert not isinstance(outcome, Outcome)
     assert outcome.exit_code == 1
     assert "not reachable" in outcome.reason
+
+
+def test_the_cli_help_prints() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtest", "--help"], capture_output=True, text=True,
+        timeout=30, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "error_rate<0.1%" in result.stdout
