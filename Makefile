@@ -27,7 +27,7 @@ test: venv
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check realtime notifications loadtest tests
+	$(VENV)/bin/ruff check realtime notifications loadtest bench tests
 	$(VENV)/bin/mypy
 
 bench: venv
