@@ -200,9 +200,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             node_id=node_id, settings=settings, broker=broker, hub=hub, auth=auth,
             policy=policy, limiter=limiter, presence=presence, idempotency=idempotency,
             metrics=metrics, batch_timers=None,  # type: ignore[arg-type]
+            expiry_timers=None,  # type: ignore[arg-type]
             log_throttle=make_log_throttle(settings.log_interval),
         )
         node.batch_timers = Timers(node.flush_due_batches)
+        node.expiry_timers = Timers(node.close_expired, clock=time.time)
         async def notifications_ready() -> dict[str, Any]:
             try:
                 ok = await service.ready()
@@ -232,6 +234,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             with contextlib.suppress(asyncio.CancelledError):
                 await housekeeping
             node.batch_timers.close()
+            node.expiry_timers.close()
             await router.close()
             for adapter in set(adapters.values()):
                 await adapter.close()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +46,6 @@ class Connection:
     """A client connection from its accepted handshake to its cleanup."""
 
     __slots__ = (
-        "_expiry",
         "_receive",
         "_strike_until",
         "_strikes",
@@ -95,7 +93,6 @@ class Connection:
         self.draining = False
         self.registered = False
         self.batcher: SpendingBatcher[dict[str, Any]] | None = None
-        self._expiry: asyncio.TimerHandle | None = None
         self._strikes = 0
         self._strike_until = 0.0
         self._write = wire.transport.write
@@ -336,8 +333,7 @@ class Connection:
         self.wire.listener = None
         node.connections.discard(self)
         node.batch_timers.cancel(self)
-        if self._expiry is not None:
-            self._expiry.cancel()
+        node.expiry_timers.cancel(self)
         if self.batcher is not None:
             node.metrics.connections.labels(self.tier.name).dec()
         node.hub.remove_user(self)
@@ -524,15 +520,15 @@ class Connection:
             self.batcher.set_limits(window, tier.batch_max_items)
 
     def _set_expiry(self, expires_at: float) -> None:
-        """Close with 4001 when the token expires (``exp`` plus the configured leeway)."""
-        self.expires_at = expires_at
-        if self._expiry is not None:
-            self._expiry.cancel()
-        delay = max(0.0, expires_at + self.node.settings.jwt_leeway - time.time())
-        self._expiry = self.loop.call_later(delay, self._expired)
+        """Close with 4001 when the token expires (``exp`` plus the configured leeway).
 
-    def _expired(self) -> None:
-        self._expiry = None
+        The node's expiry Timers hold the deadline (one armed handle per node, no
+        reference from a timer back to the connection beyond the heap's key).
+        """
+        self.expires_at = expires_at
+        self.node.expiry_timers.schedule(self, expires_at + self.node.settings.jwt_leeway)
+
+    def expired(self) -> None:
         self.close(CloseCode.UNAUTHORIZED, "token expired")
 
     def _reply(self, cid: int, op: str, result: dict[str, Any]) -> None:

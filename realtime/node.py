@@ -61,6 +61,8 @@ class Node:
     idempotency: IdempotencyStore
     metrics: Metrics
     batch_timers: Timers[Connection]
+    #: token expiries on the wall clock (``exp`` is unix time)
+    expiry_timers: Timers[Connection]
     log_throttle: LogThrottle
     connections: set[Connection] = field(default_factory=set)
     #: name -> check for /readyz; a check returns a map whose "ok" (default True) gates readiness
@@ -77,6 +79,10 @@ class Node:
     def flush_due_batches(self, conns: list[Connection]) -> None:
         for conn in conns:
             conn.flush_batches()
+
+    def close_expired(self, conns: list[Connection]) -> None:
+        for conn in conns:
+            conn.expired()
 
     def is_ready(self) -> bool:
         return self.broker.ready and not self.draining
