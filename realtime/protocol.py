@@ -23,7 +23,6 @@ MSGPACK_SUBPROTOCOL: Final = "piggybong.v1.msgpack"
 OP_TEXT: Final = 0x1
 OP_BINARY: Final = 0x2
 OP_CLOSE: Final = 0x8
-OP_PING: Final = 0x9
 
 
 class CloseCode(IntEnum):
@@ -83,10 +82,6 @@ def frame(opcode: int, payload: bytes) -> bytes:
     if n < 65536:
         return struct.pack("!BBH", 0x80 | opcode, 126, n) + payload
     return struct.pack("!BBQ", 0x80 | opcode, 127, n) + payload
-
-
-def close_frame(code: int, reason: str = "") -> bytes:
-    return frame(OP_CLOSE, struct.pack("!H", code) + reason.encode()[:120])
 
 
 _json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
@@ -155,7 +150,7 @@ def choose_codec(offered: list[str]) -> tuple[Codec, str | None] | None:
 MAX_CHANNEL_LENGTH: Final = 128
 BROADCAST: Final = "broadcast"
 NAMESPACES: Final = ("user", "artist", "premium")
-_CHANNEL_RE: Final = re.compile(r"(user|artist|premium):[A-Za-z0-9_.\-]+")
+_CHANNEL_RE: Final = re.compile(rf"({'|'.join(NAMESPACES)}):[A-Za-z0-9_.\-]+")
 
 
 @dataclass(frozen=True, slots=True)

@@ -212,10 +212,6 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
 
     # ------------------------------------------------------------------ outbound
 
-    def write_frames(self, data: bytes) -> None:
-        """Write complete frames (caller keeps order and checks ``paused``)."""
-        self.transport.write(data)
-
     def pause_writing(self) -> None:
         super().pause_writing()
         self.paused = True
