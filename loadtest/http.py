@@ -61,9 +61,10 @@ class HttpConnection:
         self, method: str, path: str, body: bytes | None, headers: dict[str, str] | None
     ) -> HttpResponse | HttpFailure:
         try:
-            return await asyncio.wait_for(
-                self._exchange(method, path, body, headers or {}), self.timeout
-            )
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the exchange completes, and a cancelled caller then runs on forever.
+            async with asyncio.timeout(self.timeout):
+                return await self._exchange(method, path, body, headers or {})
         except TimeoutError:
             await self.close()
             return HttpFailure("timeout", f"no answer within {self.timeout:g} s")

@@ -351,9 +351,7 @@ class Run:
             if publisher is not None:
                 await publisher.stop()
             if ticker is not None:
-                ticker.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await ticker
+                await _cancel_and_wait(ticker)
             for handle in self.handles:
                 await handle.close()
             if isinstance(self.sampler, MetricsSampler):
@@ -413,3 +411,12 @@ async def run(
         return planned
     runner = Run(planned, stream or sys.stderr, interrupt or asyncio.Event())
     return await runner.execute()
+
+
+async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` until it is done: a cancellation swallowed inside it is asked again."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
+    if not task.cancelled() and task.exception() is not None:
+        raise task.exception()  # type: ignore[misc]
