@@ -337,7 +337,8 @@ class MemoryNotificationStore:
         if timeout <= 0:
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wakeup.wait(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel on 3.11
+                await self._wakeup.wait()
 
     async def depth(self) -> dict[Priority, int]:
         return {p: lane.depth() for p, lane in self._lanes.items()}
