@@ -5,7 +5,10 @@ Targets (each started fresh, pinned to CPU 0; the load runs in this process on C
 - ``memory``: this server, one process, in-memory broker;
 - ``redis``: this server, one process, on Redis;
 - ``redis2``: two processes of this server on one Redis (SO_REUSEPORT, both on CPU 0);
-- ``baseline``: bench/baseline_server.py (Starlette + uvicorn, a set of sockets, a send loop).
+- ``baseline``: bench/baseline_server.py (Starlette + uvicorn, a set of sockets, a send loop);
+- ``node-ws``: bench/peers/node_ws/server.js (Node's ``ws``, serialize once, loop ``send``), the
+  peers table's fastest server measured in the same run; skipped, with a note, without ``node``
+  and ``npm``.
 
 Per target: deliveries per second of server CPU (S=1000, R=50 msg/s), a ramp of
 R at S=1000 and at S=5000 (a step passes when >= 99% of the deliveries owed
@@ -27,6 +30,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -58,6 +62,7 @@ HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 LOGS = Path(tempfile.gettempdir()) / "piggybong-bench"
+NODE_WS = ROOT / "bench" / "peers" / "node_ws"
 PASS_P99_MS = 250.0
 PASS_DELIVERED = 0.99
 
@@ -73,7 +78,7 @@ class Mode:
     held: int
     held_procs: int
     blast_s: float
-    targets: tuple[str, ...] = ("memory", "redis", "redis2", "baseline")
+    targets: tuple[str, ...] = ("memory", "redis", "redis2", "baseline", "node-ws")
 
 
 FULL = Mode("full", step_s=6, cpu_step_s=10, ramp_1000=(20, 50, 100, 200, 300, 500, 700),
@@ -141,13 +146,15 @@ def start_redis(cpu: str | None) -> tuple[subprocess.Popen[bytes], str]:
 
 def start_servers(kind: str, *, procs: int = 1, redis_url: str | None = None,
                   cpus: Sequence[str | None] = ("0",)) -> Servers:
-    """``procs`` server processes of ``kind`` ("realtime" or "baseline") on one port."""
+    """``procs`` server processes of ``kind`` ("realtime", "baseline", "node-ws") on one port."""
     port = free_port()
     servers = Servers(port=port)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     for i in range(procs):
         if kind == "baseline":
             cmd = [sys.executable, "-m", "bench.baseline_server", "--port", str(port)]
+        elif kind == "node-ws":
+            cmd = ["node", str(NODE_WS / "server.js"), "--port", str(port)]
         else:
             cmd = [sys.executable, "-m", "bench.serve", "--port", str(port),
                    "--log-level", "warning", "--outbox-max-messages", "1000"]
@@ -170,6 +177,18 @@ def start_servers(kind: str, *, procs: int = 1, redis_url: str | None = None,
 def pin_self(cpu: int | None) -> None:
     cpus = {cpu} if cpu is not None else set(range(os.cpu_count() or 1))
     os.sched_setaffinity(0, cpus)
+
+
+def node_ws_missing() -> str | None:
+    """Why the ``node-ws`` peer cannot run here, or None once its ``ws`` is installed."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return "node and npm are not installed"
+    if not (NODE_WS / "node_modules" / "ws").is_dir():
+        done = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--silent"], cwd=NODE_WS,
+                              check=False, capture_output=True, text=True)
+        if done.returncode != 0:
+            return "npm ci failed: " + (done.stderr.strip().splitlines() or ["?"])[-1]
+    return None
 
 
 # --------------------------------------------------------------------------- steps
@@ -264,8 +283,8 @@ async def target(name: str, log: Any) -> AsyncIterator[tuple[Servers, list[int]]
     """Servers for ``name``, pinned to CPU 0, with Redis's pid when there is one."""
     redis_proc = None
     try:
-        if name == "baseline":
-            servers = start_servers("baseline")
+        if name in ("baseline", "node-ws"):
+            servers = start_servers(name)
         elif name == "memory":
             servers = start_servers("realtime")
         else:
@@ -464,8 +483,9 @@ def _version(name: str) -> str:
         return "not installed"
 
 
-def ratios(results: dict[str, Any]) -> dict[str, dict[str, float | None]]:
-    base = results["targets"].get("baseline")
+def ratios(results: dict[str, Any], to: str = "baseline") -> dict[str, dict[str, float | None]]:
+    """Each target's figures over those of target ``to`` in the same run ({} without it)."""
+    base = results["targets"].get(to)
     out: dict[str, dict[str, float | None]] = {}
     if not base:
         return out
@@ -531,6 +551,15 @@ def markdown(results: dict[str, Any]) -> str:
             f" | {l20['p50']} / {l20['p99']} | {l100['p50']} / {l100['p99']}"
             f" | {with_ratio(res['idle']['kib_per_connection'], 'kib_per_idle')}"
             f" | {_top_efficiency(res['ramp_1000'])} |")
+    to_node = {name: r for name, r in results.get("ratios_to_node_ws", {}).items()
+               if name not in ("node-ws", "baseline")}
+    if to_node:
+        lines += ["", "Ratios to `node-ws` in the same run (deliveries per CPU-second, max "
+                  "passing S=1000, max passing S=5000, KiB per idle connection): " + "; ".join(
+                      f"{name} {r['deliveries_per_cpu_s']}x, {r['max_1000']}x, {r['max_5000']}x, "
+                      f"{r['kib_per_idle']}x" for name, r in to_node.items())]
+    if "skipped" in results:
+        lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in results["skipped"].items())]
     if "scaling" in results:
         s = results["scaling"]
         lines += ["", f"One vs two processes on Redis (a core each, load unpinned): "
@@ -563,8 +592,13 @@ async def main_async(mode: Mode, only: list[str] | None, log: Any) -> dict[str, 
     for name in mode.targets:
         if only and name not in only:
             continue
+        if name == "node-ws" and (why := node_ws_missing()):
+            log(f"== node-ws skipped: {why}")
+            results["skipped"] = {name: why}
+            continue
         results["targets"][name] = await side_by_side(name, mode, log)
     results["ratios"] = ratios(results)
+    results["ratios_to_node_ws"] = ratios(results, "node-ws")
     if not only or "scaling" in only:
         results["scaling"] = await scaling(mode, log)
     if not only or "http" in only:
@@ -579,7 +613,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short steps (~3 minutes)")
     parser.add_argument("--only", action="append",
-                        help="memory, redis, redis2, baseline, scaling, http, held (repeat)")
+                        help="memory, redis, redis2, baseline, node-ws, scaling, http, held "
+                        "(repeat)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="only rewrite the .md beside a results .json")
