@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from realtime.settings import DEV_API_KEY, DEV_JWT_SECRET, Settings
@@ -32,6 +35,9 @@ BANNER = """\
  Never use dev mode in production; it is refused on any host but loopback.
 ================================================================================"""
 
+#: Pending connections the kernel queues for accept(); it caps this at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
+
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -43,8 +49,13 @@ def _serve_parser(sub: Any) -> None:
     for name, field in Settings.model_fields.items():
         env = f"REALTIME_{name.upper()}"
         default = field.default if field.default is not None else "unset"
-        serve.add_argument(_flag(name), dest=name, default=None, metavar="VALUE",
-                           help=f"{field.description or ''} (env {env}; default {default})")
+        help_text = f"{field.description or ''} (env {env}; default {default})"
+        if field.annotation is bool:  # --reuse-port / --no-reuse-port
+            serve.add_argument(_flag(name), dest=name, default=None,
+                               action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            serve.add_argument(_flag(name), dest=name, default=None, metavar="VALUE",
+                               help=help_text)
 
 
 def _apply_flags(args: argparse.Namespace) -> None:
@@ -92,6 +103,7 @@ def serve(args: argparse.Namespace) -> int:
         lifespan="on",
         timeout_graceful_shutdown=int(settings.drain_timeout + settings.close_timeout) + 1,
         log_level=settings.log_level,
+        backlog=LISTEN_BACKLOG,
         access_log=settings.log_level == "debug",
         server_header=False,
         h11_max_incomplete_event_size=settings.max_body_bytes,
@@ -99,9 +111,47 @@ def serve(args: argparse.Namespace) -> int:
     if settings.workers > 1:
         # Each worker drains on the SIGTERM the supervisor forwards; the supervisor exits 0.
         Multiprocess(config, sockets=[config.bind_socket()]).run()
+    elif settings.reuse_port:
+        if not settings.redis_url:
+            print("realtime: --reuse-port without REALTIME_REDIS_URL: each process sharing the "
+                  "port is a node of its own (publishes reach only its clients)",
+                  file=sys.stderr, flush=True)
+        try:
+            sock = reuse_port_socket(settings.host, settings.port)
+        except OSError as exc:
+            print(f"realtime: cannot listen on {settings.host}:{settings.port} with SO_REUSEPORT: "
+                  f"{exc} (every process sharing a port needs --reuse-port and the same user)",
+                  file=sys.stderr)
+            return STARTUP_FAILURE
+        logging.getLogger("uvicorn.error").info(
+            "Uvicorn will listen on %s:%d with SO_REUSEPORT once started",
+            settings.host, sock.getsockname()[1])
+        DrainingServer(config).run(sockets=[sock])
     else:
         DrainingServer(config).run()
     return 0
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``(host, port)`` with SO_REUSEADDR and SO_REUSEPORT.
+
+    Every process that binds the same address this way gets a listening socket of
+    its own; Linux spreads new connections over them by a hash of the 4-tuple. The
+    socket is not listening yet: uvicorn listens (``LISTEN_BACKLOG``) once the app
+    has started, so no connection waits in the queue of a process still starting.
+    Raises ``OSError`` when the address is taken by a socket without SO_REUSEPORT
+    (or of another user).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class DrainingServer(uvicorn.Server):

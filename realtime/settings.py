@@ -7,6 +7,7 @@ flag of ``realtime serve`` (a flag wins). Lists are comma-separated.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -36,6 +37,11 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="interface to listen on")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     workers: int = Field(1, ge=1, le=64, description="processes sharing the port (>1 needs Redis)")
+    reuse_port: bool = Field(
+        False,
+        description="listen with SO_REUSEPORT: several `realtime serve` processes share the "
+        "port, the kernel spreads connections (one worker each)",
+    )
     redis_url: str | None = Field(
         None, description="Redis URL; unset: in-process broker and queues (one node)"
     )
@@ -134,6 +140,13 @@ class Settings(BaseSettings):
             raise ValueError("REALTIME_JWT_SECRET must be at least 32 bytes (RFC 7518 for HS256)")
         if self.workers > 1 and not self.redis_url:
             raise ValueError("REALTIME_WORKERS > 1 needs REALTIME_REDIS_URL")
+        if self.reuse_port and not hasattr(socket, "SO_REUSEPORT"):
+            raise ValueError("REALTIME_REUSE_PORT: this platform has no SO_REUSEPORT")
+        if self.reuse_port and self.workers > 1:
+            raise ValueError(
+                "REALTIME_REUSE_PORT needs REALTIME_WORKERS=1: workers share one socket; "
+                "run several `realtime serve --reuse-port` processes instead"
+            )
         return self
 
     @property

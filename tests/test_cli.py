@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 import subprocess
 import sys
+from collections import Counter
 
+import httpx
 import jwt
+import pytest
+from pydantic import ValidationError
 
 from realtime.settings import DEV_JWT_SECRET, Settings
-from tests.server import ROOT, running_server
+from tests.server import ROOT, free_port, running_server, server_env, ws_client
 
 
 def realtime(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -53,3 +59,55 @@ async def test_dev_mode_says_so_loudly() -> None:
     async with running_server(env) as server:
         log = server.log()
         assert "DEV MODE" in log and "dev-api-key" in log and DEV_JWT_SECRET in log
+
+
+def test_reuse_port_is_refused_with_workers_and_where_the_platform_lacks_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    result = realtime("serve", "--reuse-port", "--workers", "2",
+                      "--redis-url", "redis://127.0.0.1:1/0")
+    assert result.returncode == 2
+    assert "REALTIME_REUSE_PORT" in result.stderr and "several" in result.stderr
+    monkeypatch.delattr(socket, "SO_REUSEPORT")
+    with pytest.raises(ValidationError, match="REALTIME_REUSE_PORT: this platform has no"):
+        Settings(reuse_port=True)
+
+
+@pytest.mark.timeout(60)
+async def test_reuse_port_processes_share_a_port_and_both_get_connections() -> None:
+    port = free_port()
+    env = {"REALTIME_REUSE_PORT": "true"}
+    async with running_server({**env, "REALTIME_NODE_ID": "node-a"}, port) as a, \
+            running_server({**env, "REALTIME_NODE_ID": "node-b"}, port):
+        # node-a answered start_server's /healthz for node-b too: wait until node-b serves
+        async with asyncio.timeout(20):
+            while True:
+                if await _healthz_node(a.url) == "node-b":
+                    break
+                await asyncio.sleep(0.05)
+        nodes: Counter[str] = Counter()
+        for i in range(40):  # a new TCP connection each: the kernel picks a socket by 4-tuple
+            async with ws_client(a) as client:
+                reply = await client.command("connect", token=a.token(f"user{i}"))
+                nodes[reply["result"]["session"].split(":")[0]] += 1
+        assert set(nodes) == {"node-a", "node-b"}, nodes
+
+
+async def _healthz_node(url: str) -> str:
+    """The ``node`` of whichever process answers ``/healthz`` on a new TCP connection."""
+    async with httpx.AsyncClient(timeout=2) as client:
+        node: str = (await client.get(f"{url}/healthz")).json()["node"]
+        return node
+
+
+@pytest.mark.timeout(60)
+async def test_a_taken_port_stops_a_second_server_with_a_clear_error() -> None:
+    port = free_port()
+    env = {**server_env(), "REALTIME_PORT": str(port)}
+    async with running_server(port=port):
+        plain, reuse = await asyncio.gather(
+            asyncio.to_thread(realtime, "serve", env=env),
+            asyncio.to_thread(realtime, "serve", "--reuse-port", env=env))
+    assert plain.returncode == 3 and "address already in use" in plain.stderr, plain.stderr
+    assert reuse.returncode == 3, reuse.stderr
+    assert f"cannot listen on 127.0.0.1:{port} with SO_REUSEPORT" in reuse.stderr
+    assert "every process sharing a port needs --reuse-port" in reuse.stderr
