@@ -247,7 +247,11 @@ class Connection:
                     decoded = self._decode(message)
                     if decoded is None:
                         break
+                    # Not kept alive in this frame while the next receive waits (per-connection
+                    # memory of an idle connection).
+                    del message
                     await self._command(decoded)
+                    del decoded
         except Exception:
             log.exception("connection %s failed", self.conn_id)
             self.close(CloseCode.INTERNAL_ERROR, "internal error")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import count
@@ -51,7 +51,9 @@ class SlidingWindowLog:
     def __init__(self, limit: int, window: float = 60.0) -> None:
         self.limit = limit
         self.window = window
-        self._hits: deque[float] = deque()
+        # A list, not a deque: a deque's first block is ~600 bytes, and there is a log per
+        # user; dropping from the front moves at most ``limit`` pointers.
+        self._hits: list[float] = []
 
     def __len__(self) -> int:
         return len(self._hits)
@@ -59,11 +61,16 @@ class SlidingWindowLog:
     def hit(self, now: float) -> Decision:
         hits = self._hits
         horizon = now - self.window
-        while hits and hits[0] <= horizon:
-            hits.popleft()
+        expired = 0
+        for at in hits:
+            if at > horizon:
+                break
+            expired += 1
+        if expired:
+            del hits[:expired]
         limit = self.limit
-        while len(hits) > limit:  # a lowered limit: only the newest `limit` hits matter
-            hits.popleft()
+        if len(hits) > limit:  # a lowered limit: only the newest `limit` hits matter
+            del hits[:len(hits) - max(limit, 0)]
         if len(hits) < limit:
             hits.append(now)
             return Decision(True, 0.0)

@@ -11,7 +11,9 @@ import jwt
 import msgpack
 import pytest
 import pytest_asyncio
+from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
+from websockets.typing import Subprotocol
 
 from tests.server import ServerProcess, connected, running_server, ws_client
 
@@ -246,6 +248,18 @@ async def test_unknown_subprotocol_is_refused_with_400(server: ServerProcess) ->
     async with ws_client(server, subprotocols=[]) as client:
         assert client.ws.subprotocol is None
         assert "result" in await client.command("connect", token=server.token("u-plain"))
+
+
+async def test_websocket_on_another_path_is_refused(server: ServerProcess) -> None:
+    # /v1/ws skips Starlette's router; every other path still goes through it (403, no upgrade).
+    for path in ("/v1/ws/", "/v1/wsx", "/ws", "/v1/publish"):
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(server.ws_url.replace("/v1/ws", path), open_timeout=5,
+                               subprotocols=[Subprotocol("piggybong.v1.json")]):
+                pass
+        assert info.value.response.status_code == 403, path
+    async with connected(server, "u-after-403") as client:
+        assert (await client.command("subscribe", channel="artist:ive"))["result"] == {}
 
 
 async def test_connections_per_user_newest_closed_4029(server: ServerProcess) -> None:
