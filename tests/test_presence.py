@@ -169,3 +169,75 @@ async def test_memory_bounds_tiers_and_sweeps_expired_users() -> None:
     now[0] += 11
     await registry.refresh([("user0", "c")])
     assert list(registry._conns) == ["user0"]
+
+
+# --------------------------------------------------------------------------- redis, coalescing
+
+
+@pytest.mark.timeout(30)
+async def test_redis_concurrent_adds_share_few_round_trips(redis_url: str) -> None:
+    registry = RedisConnectionRegistry(redis_url)
+    admin = aredis.Redis.from_url(redis_url)
+    try:
+        await registry.add("warm", "up")  # loads the script on the registry's one connection
+        await admin.config_resetstat()
+        users, per_user = 100, 20
+        calls = [(f"u{i % users}", f"c{i}") for i in range(users * per_user)]
+        counts = await asyncio.gather(*(registry.add(user, conn) for user, conn in calls))
+        by_user: dict[str, list[int]] = {}
+        for (user, _), count in zip(calls, counts, strict=True):
+            by_user.setdefault(user, []).append(count)
+        assert all(sorted(c) == list(range(1, per_user + 1)) for c in by_user.values())
+        stats = await admin.info("commandstats")
+        assert stats["cmdstat_evalsha"]["calls"] == len(calls) // 500  # 500 keys per call
+        assert len(await admin.client_list()) == 2  # this admin and the registry's one
+    finally:
+        await admin.aclose()
+        await registry.close()
+
+
+async def test_redis_calls_beyond_the_bound_are_refused_at_once(redis_url: str) -> None:
+    registry = RedisConnectionRegistry(redis_url, max_pending=10)
+    try:
+        results = await asyncio.gather(*(registry.add("u", f"c{i}") for i in range(30)),
+                                       return_exceptions=True)
+        assert sorted(r for r in results if isinstance(r, int)) == list(range(1, 11))
+        refused = [r for r in results if not isinstance(r, int)]
+        assert len(refused) == 20
+        assert all(isinstance(r, BrokerUnavailable) and "waiting" in str(r) for r in refused)
+        assert await registry.add("u", "later") == 11
+    finally:
+        await registry.close()
+
+
+@pytest.mark.timeout(20)
+async def test_redis_a_stalled_redis_fails_each_caller_within_the_timeout(
+        redis_url: str, redis_server: RedisServer) -> None:
+    registry = RedisConnectionRegistry(redis_url, timeout=0.5)
+    try:
+        await registry.add("u", "a")
+        redis_server.pause()
+        try:
+            async with asyncio.timeout(3):
+                results = await asyncio.gather(
+                    *(registry.add("u", f"c{i}") for i in range(5)),
+                    registry.set_tier("u", "paid"), registry.remove("u", "a"),
+                    return_exceptions=True)
+        finally:
+            redis_server.resume()
+        assert all(isinstance(r, BrokerUnavailable) for r in results), results
+        assert await registry.add("u", "b") >= 2
+    finally:
+        await registry.close()
+
+
+async def test_redis_close_answers_every_waiting_caller(redis_url: str) -> None:
+    registry = RedisConnectionRegistry(redis_url)
+    calls = [asyncio.ensure_future(registry.add(f"u{i}", "c")) for i in range(1000)]
+    await asyncio.sleep(0)  # the calls are queued
+    await registry.close()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(r == 1 or isinstance(r, BrokerUnavailable) for r in results)
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("presence-")]
+    with pytest.raises(BrokerUnavailable, match="closed"):
+        await registry.add("u", "late")
