@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from realtime.auth import ApiKeys, Authenticator
 from realtime.broker import Broker, MemoryBroker
 from realtime.connection import Connection
 from realtime.envelope import pack_notification
+from realtime.gcfreeze import GcFreezer
 from realtime.hub import Hub
 from realtime.idempotency import IdempotencyStore, MemoryIdempotencyStore
 from realtime.metrics import Metrics
@@ -144,6 +144,7 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
     for collector in (ProcessCollector, PlatformCollector, GCCollector):
         collector(registry=registry)
     metrics = Metrics(registry)
+    freezer = GcFreezer(settings.gc_freeze_interval, registry)
     policy = load_policy(settings.tier_policy)
     public_key = settings.jwt_public_key.read_bytes() if settings.jwt_public_key else None
     auth = Authenticator(
@@ -226,8 +227,7 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         await broker.start(hub.on_message)
         await router.start()
         housekeeping = asyncio.create_task(_housekeeping(node), name="housekeeping")
-        gc.collect()
-        gc.freeze()
+        freezer.start()
         log.info("node %s ready (%s broker)", node_id, "redis" if settings.redis_url else "memory")
         try:
             yield
@@ -236,6 +236,7 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
             housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await housekeeping
+            await freezer.close()
             node.batch_timers.close()
             node.expiry_timers.close()
             await router.close()

@@ -87,27 +87,7 @@ def serve(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(f"realtime: invalid tier policy: {exc}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(
-        "realtime.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        loop="uvloop" if _has_uvloop() else "asyncio",
-        http="auto",
-        ws="realtime.wsprotocol:RealtimeWSProtocol",
-        ws_max_size=settings.max_frame_bytes,
-        ws_ping_interval=settings.ping_interval,
-        ws_ping_timeout=settings.ping_interval,
-        ws_per_message_deflate=False,
-        lifespan="on",
-        timeout_graceful_shutdown=int(settings.drain_timeout + settings.close_timeout) + 1,
-        log_level=settings.log_level,
-        backlog=LISTEN_BACKLOG,
-        access_log=settings.log_level == "debug",
-        server_header=False,
-        h11_max_incomplete_event_size=settings.max_body_bytes,
-    )
+    config = uvicorn_config(settings)
     if settings.workers > 1:
         # Each worker drains on the SIGTERM the supervisor forwards; the supervisor exits 0.
         Multiprocess(config, sockets=[config.bind_socket()]).run()
@@ -130,6 +110,32 @@ def serve(args: argparse.Namespace) -> int:
     else:
         DrainingServer(config).run()
     return 0
+
+
+def uvicorn_config(settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """uvicorn's configuration for ``settings`` (``overrides`` for an embedding, e.g. loop)."""
+    options: dict[str, Any] = dict(
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        loop="uvloop" if _has_uvloop() else "asyncio",
+        http="auto",
+        ws="realtime.wsprotocol:RealtimeWSProtocol",
+        ws_max_size=settings.max_frame_bytes,
+        ws_ping_interval=settings.ping_interval,
+        ws_ping_timeout=settings.ping_interval,
+        ws_per_message_deflate=False,
+        lifespan="on",
+        timeout_graceful_shutdown=int(settings.drain_timeout + settings.close_timeout) + 1,
+        log_level=settings.log_level,
+        backlog=LISTEN_BACKLOG,
+        access_log=settings.log_level == "debug",
+        server_header=False,
+        h11_max_incomplete_event_size=settings.max_body_bytes,
+    )
+    options.update(overrides)
+    return uvicorn.Config("realtime.app:create_app", **options)
 
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:

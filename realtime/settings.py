@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     )
     push_timeout: float = Field(10.0, gt=0, description="seconds per push request")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    gc_freeze_interval: float | None = Field(
+        10.0, gt=0, description="seconds between collect-and-freeze of long-lived objects "
+        "(keeps full GC pauses short); unset: only at start-up"
+    )
     log_interval: float = Field(
         10.0, gt=0, description="seconds between log lines about one bad client"
     )

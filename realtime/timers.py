@@ -25,15 +25,18 @@ class DeadlineHeap(Generic[K]):
 
     ``schedule`` replaces the key's deadline, ``cancel`` forgets it; both are
     O(log n). Replaced and cancelled entries are deleted lazily and compacted
-    when they outnumber the live ones, so memory stays O(live keys). Keys
-    with equal deadlines come out in the order they were scheduled.
+    when they outnumber the live ones, so memory stays O(live keys); a stale
+    entry holds no reference to its key (a cancelled key is released at once).
+    Keys with equal deadlines come out in the order they were scheduled.
     """
 
-    __slots__ = ("_heap", "_live", "_seq")
+    __slots__ = ("_heap", "_keys", "_live", "_seq")
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, K]] = []
+        self._heap: list[tuple[float, int]] = []
         self._live: dict[K, tuple[float, int]] = {}
+        #: sequence number of each live entry -> its key
+        self._keys: dict[int, K] = {}
         self._seq = 0
 
     def __len__(self) -> int:
@@ -50,45 +53,47 @@ class DeadlineHeap(Generic[K]):
     def schedule(self, key: K, when: float) -> None:
         """Set the key's deadline to ``when``, replacing any it had."""
         entry = self._live.get(key)
-        if entry is not None and entry[0] == when:
-            return
+        if entry is not None:
+            if entry[0] == when:
+                return
+            del self._keys[entry[1]]
         self._seq += 1
-        self._live[key] = (when, self._seq)
-        heapq.heappush(self._heap, (when, self._seq, key))
+        seq = self._seq
+        self._live[key] = (when, seq)
+        self._keys[seq] = key
+        heapq.heappush(self._heap, (when, seq))
         self._compact_if_sparse()
 
     def cancel(self, key: K) -> bool:
         """Forget the key's deadline; whether it had one."""
-        if self._live.pop(key, None) is None:
+        entry = self._live.pop(key, None)
+        if entry is None:
             return False
+        del self._keys[entry[1]]
         self._compact_if_sparse()
         return True
 
     def next_deadline(self) -> float | None:
         """The earliest deadline (None: no keys)."""
-        heap = self._heap
-        while heap and not self._is_live(heap[0]):
+        heap, keys = self._heap, self._keys
+        while heap and heap[0][1] not in keys:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
 
     def pop_due(self, now: float) -> list[K]:
         """Remove and return the keys whose deadline is ``<= now``, earliest first."""
-        heap = self._heap
+        heap, keys = self._heap, self._keys
         due: list[K] = []
         while heap and heap[0][0] <= now:
-            entry = heapq.heappop(heap)
-            if self._is_live(entry):
-                del self._live[entry[2]]
-                due.append(entry[2])
+            key = keys.pop(heapq.heappop(heap)[1], None)
+            if key is not None:
+                del self._live[key]
+                due.append(key)
         return due
-
-    def _is_live(self, entry: tuple[float, int, K]) -> bool:
-        live = self._live.get(entry[2])
-        return live is not None and live[1] == entry[1]
 
     def _compact_if_sparse(self) -> None:
         if len(self._heap) > 2 * len(self._live) + COMPACT_SLACK:
-            self._heap = [(when, seq, key) for key, (when, seq) in self._live.items()]
+            self._heap = list(self._live.values())
             heapq.heapify(self._heap)
 
 

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import math
 import weakref
+from collections.abc import Generator
 from typing import Any, Protocol
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -139,6 +140,14 @@ class PingWheel:
             proto.send_keepalive_ping()
 
 
+def _finished_parser() -> Generator[None, None, None]:
+    """A parser with nothing more to parse (it holds no protocol)."""
+    yield from ()
+
+
+#: What a finished connection's transport points at instead of its protocol.
+_DETACHED = asyncio.Protocol()
+
 _wheels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PingWheel] = (
     weakref.WeakKeyDictionary())
 
@@ -148,6 +157,8 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
 
     listener: WireListener | None = None
     paused: bool = False
+    #: How many of (socket lost, ASGI task ended) have happened; see ``_finished``.
+    finished_parts: int = 0
     #: Set while a close frame of ours is on its way; the transport is aborted after the timeout.
     closing: bool = False
     #: The PingWheel bucket this connection's next ping waits in.
@@ -258,3 +269,34 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
         super().connection_lost(exc)
         if listener is not None:
             listener.on_lost()
+        self._finished()
+
+    async def run_asgi(self) -> None:
+        try:
+            await super().run_asgi()
+        finally:
+            self._finished()
+
+    def _finished(self) -> None:
+        """Called once the socket is lost and once the ASGI task ends; the second call
+        releases the connection.
+
+        It breaks the reference cycles a finished connection would otherwise keep
+        (protocol <-> transport, protocol <-> its scope, websockets' protocol <-> its
+        parser generator), so reference counting frees it at once. The cycle collector
+        would too, but the server freezes long-lived objects (``gc.freeze()``) to keep
+        full collections short, and a frozen cycle is never collected.
+        """
+        self.finished_parts += 1
+        if self.finished_parts < 2:
+            return
+        self.stop_keepalive()
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+            self.close_timer = None
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            scope.get("extensions", {}).pop(EXTENSION, None)
+            scope.clear()
+        self.conn.parser = _finished_parser()
+        self.transport.set_protocol(_DETACHED)

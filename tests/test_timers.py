@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import Any
 
 import pytest
@@ -61,6 +62,25 @@ def test_heap_equal_deadlines_keep_schedule_order() -> None:
         h.schedule(key, 1.0)
     h.schedule("y", 1.0)  # same deadline again: unchanged, keeps its place
     assert h.pop_due(1.0) == ["x", "y", "z", "w"]
+
+
+class _Key:
+    """A hashable key that can be weakly referenced."""
+
+
+def test_heap_releases_cancelled_and_replaced_keys_at_once() -> None:
+    heap: DeadlineHeap[_Key] = DeadlineHeap()
+    cancelled, replaced = _Key(), _Key()
+    heap.schedule(cancelled, 5.0)
+    heap.schedule(replaced, 6.0)
+    refs = [weakref.ref(cancelled), weakref.ref(replaced)]
+    heap.cancel(cancelled)
+    heap.schedule(replaced, 7.0)
+    heap.cancel(replaced)
+    del cancelled, replaced
+    # The stale entries are still in the heap (deleted lazily), but hold no key.
+    assert [ref() for ref in refs] == [None, None]
+    assert heap.next_deadline() is None
 
 
 def test_heap_memory_is_bounded_by_live_keys() -> None:
