@@ -156,7 +156,7 @@ def start_servers(kind: str, *, procs: int = 1, redis_url: str | None = None,
         elif kind == "node-ws":
             cmd = ["node", str(NODE_WS / "server.js"), "--port", str(port)]
         else:
-            cmd = [sys.executable, "-m", "bench.serve", "--port", str(port),
+            cmd = [sys.executable, "-m", "realtime", "serve", "--reuse-port", "--port", str(port),
                    "--log-level", "warning", "--outbox-max-messages", "1000"]
             if redis_url:
                 cmd += ["--redis-url", redis_url, "--node-id", f"bench-{port}-{i}"]

@@ -72,6 +72,7 @@ def serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"realtime: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    raise_open_files_limit()
     if settings.dev_mode:
         what = " and ".join(
             part for part, on in (("JWT secret", settings.dev_jwt), ("API keys", settings.dev_api))
@@ -110,6 +111,24 @@ def serve(args: argparse.Namespace) -> int:
     else:
         DrainingServer(config).run()
     return 0
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft open-files limit to the hard one (as Go's runtime does): each
+    connection is a file, and the usual soft default of 1,024 would refuse connections
+    long before memory runs out. Returns the soft limit in force."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft >= hard:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return soft
+    return hard
 
 
 def uvicorn_config(settings: Settings, **overrides: Any) -> uvicorn.Config:

@@ -111,3 +111,19 @@ async def test_a_taken_port_stops_a_second_server_with_a_clear_error() -> None:
     assert reuse.returncode == 3, reuse.stderr
     assert f"cannot listen on 127.0.0.1:{port} with SO_REUSEPORT" in reuse.stderr
     assert "every process sharing a port needs --reuse-port" in reuse.stderr
+
+
+def test_serve_raises_the_soft_open_files_limit_to_the_hard_one() -> None:
+    import resource
+
+    from realtime.cli import raise_open_files_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard < 2:
+        pytest.skip("no finite hard limit to raise to")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, hard // 2), hard))
+        assert raise_open_files_limit() == hard
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
