@@ -4,7 +4,8 @@ CPython's full (generation-2) collection walks every object it tracks; a node ho
 100,000 connections (about 50 tracked objects each) would stop for seconds each time.
 Frozen objects (``gc.freeze``) are never walked. So the node collects and freezes at
 start-up, then every ``interval`` seconds: ``gc.collect()`` (which walks only what is not
-frozen: what was made since the last freeze and still lives) and ``gc.freeze()``.
+frozen: what was made since the last freeze and still lives) and ``gc.freeze()``. A short interval
+keeps each of those collections small (a second of new connections, not ten).
 
 What this relies on: a long-lived object that dies is freed by reference counting, not
 left in a reference cycle, since a frozen cycle is never collected. A finished

@@ -115,14 +115,14 @@ class Settings(BaseSettings):
     push_timeout: float = Field(10.0, gt=0, description="seconds per push request")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     gc_freeze_interval: float | None = Field(
-        10.0, gt=0, description="seconds between collect-and-freeze of long-lived objects "
-        "(keeps full GC pauses short); unset: only at start-up"
+        1.0, gt=0, description="seconds between collect-and-freeze of long-lived objects "
+        "(keeps full GC pauses short); empty: only at start-up"
     )
     log_interval: float = Field(
         10.0, gt=0, description="seconds between log lines about one bad client"
     )
 
-    @field_validator("jwt_secret", "redis_url", mode="before")
+    @field_validator("jwt_secret", "redis_url", "gc_freeze_interval", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
