@@ -48,6 +48,8 @@ _KEY = base64.b64encode(b"piggybong-bench!").decode()
 _T_MARK = b'"t":'
 #: Seconds between bulk reads of the subscribers that are not probes.
 LAZY_PERIOD = 0.1
+#: Lazy subscribers read per loop iteration of a sweep.
+LAZY_SLICE = 50
 _IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h
 #: Tries per subscriber before it counts as failed, and seconds a handshake may take.
 ATTEMPTS = 3
@@ -323,6 +325,7 @@ class Fleet:
         self._dialer: asyncio.Task[None] | None = None
         self.lazy: list[tuple[int, Sub]] = []
         self._lazy_reader: asyncio.Task[None] | None = None
+        self._view = memoryview(bytearray(1 << 18))
 
     def go_lazy(self, sub: Sub) -> None:
         """Stop the loop reading ``sub``; ``_read_lazily`` reads its socket in bulk instead."""
@@ -333,35 +336,50 @@ class Fleet:
         sub.transport.pause_reading()
         self.lazy.append((sock.fileno(), sub))  # the transport owns (and closes) the fd
 
-    def _read_lazily(self) -> None:
-        """One bulk read of every lazy subscriber (they are not polled between reads)."""
+    def _read_lazily(self, subs: list[tuple[int, Sub]], view: memoryview) -> list[tuple[int, Sub]]:
+        """One bulk read of each of ``subs`` into ``view``; those still open."""
         keep = []
-        for fd, sub in self.lazy:
+        size = len(view)
+        for fd, sub in subs:
             transport = sub.transport
             if transport is None or transport.is_closing() or sub.state == 4:
                 continue  # its fd may be another socket's by now
-            try:
-                data = os.read(fd, 1 << 20)
-            except BlockingIOError:
-                keep.append((fd, sub))
-                continue
-            except OSError:
-                data = b""
-            if data:
-                sub.data_received(data)
-            if not data or sub.state == 4:
-                if not data and not self.closing:
+            lost = False
+            while True:
+                try:
+                    n = os.readv(fd, [view])
+                except BlockingIOError:
+                    break
+                except OSError:
+                    n = 0
+                if n == 0:
+                    lost = True
+                    break
+                sub.data_received(bytes(view[:n]))
+                if n < size or sub.state == 4:
+                    break
+            if lost or sub.state == 4:
+                if lost and not self.closing:
                     self.counts.closed["lost"] = self.counts.closed.get("lost", 0) + 1
                 sub.state = 4
                 transport.abort()
                 continue
             keep.append((fd, sub))
-        self.lazy = keep
+        return keep
 
     async def _lazy_loop(self) -> None:
+        # Read in slices, handing the loop back between them, so that the probes' data
+        # (read by the loop as it arrives) does not wait for a whole sweep: the sweep would
+        # otherwise add its own length to the latency the probes measure.
+        view = self._view
         while True:
             await asyncio.sleep(LAZY_PERIOD)
-            self._read_lazily()
+            sweep, self.lazy = self.lazy, []
+            keep: list[tuple[int, Sub]] = []
+            for start in range(0, len(sweep), LAZY_SLICE):
+                keep += self._read_lazily(sweep[start:start + LAZY_SLICE], view)
+                await asyncio.sleep(0)
+            self.lazy = keep + self.lazy  # and those that went lazy meanwhile
 
     def settled(self, *, ok: bool, reason: str = "") -> None:
         if ok:
@@ -430,7 +448,7 @@ class Fleet:
         return self.counts.connected, self.counts.failed
 
     async def snap(self) -> dict[str, Any]:
-        self._read_lazily()
+        self.lazy = self._read_lazily(self.lazy, self._view)  # (a sweep reads the rest)
         c = self.counts
         out = {"delivered": c.delivered, "connected": c.connected, "failed": c.failed,
                "closed": dict(c.closed), "hist": c.hist.buckets, "retries": c.retries,

@@ -60,6 +60,7 @@ class Connection:
         "node",
         "outbox",
         "outbox_bytes",
+        "paused",
         "peer",
         "pending",
         "pending_bytes",
@@ -86,6 +87,8 @@ class Connection:
         self.subscriptions: set[str] = set()
         self.outbox = _NO_OUTBOX  # a deque of its own from the first frame it queues
         self.outbox_bytes = 0
+        #: the transport's buffer is full (``wire`` says so through on_pause / on_resume)
+        self.paused = wire.paused
         #: frames written this tick, not yet handed to the transport (see ``flush``)
         self.pending: list[bytes] = []
         self.pending_bytes = 0
@@ -111,7 +114,7 @@ class Connection:
             if self.pending_bytes >= FLUSH_BYTES:
                 self.flush()
             return
-        if self.outbox or self.wire.paused:
+        if self.outbox or self.paused:
             outbox = self.outbox
             if outbox is _NO_OUTBOX:
                 outbox = self.outbox = deque()
@@ -149,11 +152,12 @@ class Connection:
         self.write(self.codec.encode(message))
 
     def on_pause(self) -> None:
-        pass  # ``wire.paused`` is read on every write
+        self.paused = True
 
     def on_resume(self) -> None:
+        self.paused = False
         outbox = self.outbox
-        while outbox and not self.wire.paused and not self.closed:
+        while outbox and not self.paused and not self.closed:
             # Coalesce what is queued into one write.
             chunk: list[bytes] = []
             size = 0
