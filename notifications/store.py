@@ -16,9 +16,23 @@ under a prefix (default ``rt:notif:``):
   ``device:<platform>:<token>`` names the token's user.
 
 Every move (enqueue with its idempotency key, settle with its retry and dead letters, the
-promotion of due retries, the claim) is one Lua script, so a crash between two steps cannot
-lose or duplicate an entry. Durability across a Redis restart needs Redis persistence (AOF with
+promotion of due retries, the claim, the dead-lettering of a poison or undecodable entry, the
+removal of dead consumers) is one Lua script, so a crash between two steps cannot lose or
+duplicate an entry. Durability across a Redis restart needs Redis persistence (AOF with
 ``appendfsync always`` for no loss at all); the scripts assume one Redis (not a cluster).
+
+Poison entries: an entry leased ``max_deliveries`` times without being settled (each holder
+crashed, hung or was cancelled before settling) is not leased again; the claim that meets it
+moves it to the dead letters. So is an entry that does not decode as a notification. On Redis
+the count is the stream's delivery counter (XREADGROUP sets 1, each XAUTOCLAIM adds 1; the
+``touch`` XCLAIM is JUSTID and adds nothing); the claim script hands the entry to the claimer,
+then the settle script acks it with its dead letter (a crash in between leaves it pending to
+the claimer: reclaimed, and dead-lettered, by a later claim).
+
+Dead consumers: a consumer of the group idle for ``consumer_idle_timeout`` and holding no
+pending entry is deleted (XGROUP DELCONSUMER) by a claim, at most every
+``consumer_idle_timeout / 2`` seconds; one with pending entries never is (the reclaim takes
+those over first).
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ import contextlib
 import heapq
 import itertools
 import json
+import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
@@ -55,6 +70,18 @@ DEFAULT_MAX_DEPTH = 100_000
 DEFAULT_LEASE_TIMEOUT = 30.0
 DEFAULT_MAX_DEVICES_PER_USER = 20
 DEFAULT_MAX_DEAD_LETTERS = 100_000
+#: Leases of one entry without a settle before a claim dead-letters it instead (poison).
+DEFAULT_MAX_DELIVERIES = 10
+#: Seconds a Redis consumer may be idle, with no pending entry, before it is deleted.
+DEFAULT_CONSUMER_IDLE_TIMEOUT = 3600.0
+#: ``DeadLetter.target`` and ``adapter`` of an entry the store itself gave up on.
+STORE = "store"
+#: An undecodable entry's dead letter keeps at most this many of its raw fields and values,
+#: each cut to ``RAW_TEXT_LIMIT`` characters (``data["raw_entry"]`` of its placeholder).
+RAW_FIELDS_LIMIT = 16
+RAW_TEXT_LIMIT = 1000
+
+log = logging.getLogger(__name__)
 
 
 class QueueUnavailable(Exception):
@@ -120,6 +147,15 @@ class NotificationStore(Protocol):
       back into their queues, then the highest priority wins; within a priority, notifications
       whose holder let its lease sit idle for ``lease_timeout`` seconds are taken over first,
       then the oldest new one. None when nothing is available.
+    - Poison: an entry already leased ``max_deliveries`` times without a settle is not leased
+      again; the claim that would take it over instead moves it to the dead letters (target and
+      adapter ``STORE``, reason ``poison: leased N times ...``, ``attempts`` N) and removes it
+      from the queue, in one step, and goes on to the next entry. An entry that does not decode
+      as a notification is dead-lettered the same way (reason ``undecodable entry <ref> ...``;
+      if even its notification does not decode, the letter carries a placeholder: id the
+      entry's ref, the queue's priority, the raw fields in ``data["raw_entry"]``). ``claim``
+      never raises because of an entry's content. ``touch`` and a settle with ``retry_at``
+      (a new entry) do not count as leases.
     - A lease is held until ``settle``; ``touch`` keeps it from being taken over. Both return
       False (and change nothing) when the lease was taken over by another consumer.
     - ``settle(lease, state, retry_at, dead_letters)`` ends the lease atomically: the dead
@@ -183,6 +219,20 @@ def _full(priority: Priority, depth: int, limit: int) -> QueueUnavailable:
     )
 
 
+def _check_max_deliveries(max_deliveries: int) -> None:
+    if max_deliveries < 1:
+        raise ValueError("max_deliveries must be >= 1")
+
+
+def _poison(notification: Notification, leases: int, at: float) -> DeadLetter:
+    """The dead letter of an entry leased ``leases`` times that no holder settled."""
+    letter = DeadLetter(
+        notification, STORE, STORE, f"poison: leased {leases} times and never settled", leases, at
+    )
+    log.warning("notification %s dead-lettered: %s", notification.id, letter.reason)
+    return letter
+
+
 # --------------------------------------------------------------------------- memory
 
 
@@ -191,6 +241,7 @@ class _Entry:
     ref: str
     notification: Notification
     state: dict[str, Any]
+    leases: int = 0  # times handed out by claim; settled entries are gone
 
 
 @dataclass(slots=True)
@@ -217,9 +268,11 @@ class MemoryNotificationStore:
 
     Bounds: ``max_depth`` per priority (``QueueUnavailable("full")`` beyond),
     ``max_devices_per_user`` (the least recently registered is evicted),
-    ``max_dead_letters`` (the oldest is dropped). Idempotency keys live for their window.
+    ``max_dead_letters`` (the oldest is dropped), ``max_deliveries`` leases of one entry
+    (then it is dead-lettered as poison). Idempotency keys live for their window.
     ``clock`` measures lease idleness and must be the clock of the ``now`` given to
-    ``claim`` and of ``retry_at`` (unix time by default, like the router's).
+    ``claim`` and of ``retry_at`` (unix time by default, like the router's). Entries are
+    objects, never undecodable; there are no consumers to remove.
     """
 
     def __init__(
@@ -229,10 +282,13 @@ class MemoryNotificationStore:
         lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
         max_devices_per_user: int = DEFAULT_MAX_DEVICES_PER_USER,
         max_dead_letters: int = DEFAULT_MAX_DEAD_LETTERS,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        _check_max_deliveries(max_deliveries)
         self._max_depth = max_depth
         self._lease_timeout = lease_timeout
+        self._max_deliveries = max_deliveries
         self._max_devices = max_devices_per_user
         self._clock = clock
         self._lanes = {p: _Lane() for p in PRIORITIES}
@@ -280,19 +336,24 @@ class MemoryNotificationStore:
                 lane.ready.append(heapq.heappop(lane.delayed)[2])
         idle_since = self._clock() - self._lease_timeout
         for lane in self._lanes.values():
-            for ref, held in lane.held.items():
-                if held.touched <= idle_since:
-                    lane.held[ref] = _Held(held.entry, consumer, self._clock())
-                    return self._lease(held.entry, consumer, reclaimed=True)
+            for ref, held in list(lane.held.items()):  # a copy: poison is deleted on the way
+                if held.touched > idle_since:
+                    continue
+                if held.entry.leases >= self._max_deliveries:
+                    del lane.held[ref]
+                    self._dead.append(
+                        _poison(held.entry.notification, held.entry.leases, self._clock())
+                    )
+                    continue
+                return self._hand_out(lane, held.entry, consumer, reclaimed=True)
             if lane.ready:
-                entry = lane.ready.popleft()
-                lane.held[entry.ref] = _Held(entry, consumer, self._clock())
-                return self._lease(entry, consumer, reclaimed=False)
+                return self._hand_out(lane, lane.ready.popleft(), consumer, reclaimed=False)
         self._wakeup.clear()
         return None
 
-    @staticmethod
-    def _lease(entry: _Entry, consumer: str, *, reclaimed: bool) -> Lease:
+    def _hand_out(self, lane: _Lane, entry: _Entry, consumer: str, *, reclaimed: bool) -> Lease:
+        entry.leases += 1
+        lane.held[entry.ref] = _Held(entry, consumer, self._clock())
         state = DeliveryState.from_map(entry.state)
         return Lease(entry.ref, consumer, entry.notification, state, reclaimed)
 
@@ -398,12 +459,19 @@ return {1, depth + 1}
 _CLAIM = """
 -- KEYS[1..4]: streams, highest priority first; KEYS[5..8]: their delayed sets
 -- ARGV: group, consumer, now, min_idle_ms, reclaim ('1' or '0'), promote_limit, 4 cursors
+-- Returns {rank, id, fields, reclaimed, cursors, deliveries} or, with nothing to hand out,
+-- {0, '', {}, 0, cursors, last ids, next due}. A delayed member that is not
+-- [notification, state] goes back as an entry {raw = member}, for the caller to dead-letter.
 local group, consumer, now = ARGV[1], ARGV[2], ARGV[3]
 for i = 1, 4 do
   local due = redis.call('ZRANGEBYSCORE', KEYS[4 + i], '-inf', now, 'LIMIT', 0, ARGV[6])
   for _, member in ipairs(due) do
-    local item = cjson.decode(member)
-    redis.call('XADD', KEYS[i], '*', 'n', item[1], 's', item[2])
+    local ok, item = pcall(cjson.decode, member)
+    if ok and type(item) == 'table' and type(item[1]) == 'string' and type(item[2]) == 'string' then
+      redis.call('XADD', KEYS[i], '*', 'n', item[1], 's', item[2])
+    else
+      redis.call('XADD', KEYS[i], '*', 'raw', member)
+    end
     redis.call('ZREM', KEYS[4 + i], member)
   end
 end
@@ -414,13 +482,14 @@ for i = 1, 4 do
     cursors[i] = r[1]
     local e = r[2][1]
     if type(e) == 'table' and type(e[2]) == 'table' then
-      return {i, e[1], e[2], 1, cursors}
+      local p = redis.call('XPENDING', KEYS[i], group, e[1], e[1], 1)
+      return {i, e[1], e[2], 1, cursors, p[1][4]}
     end
   end
   local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', 1, 'STREAMS', KEYS[i], '>')
   if r then
     local e = r[1][2][1]
-    return {i, e[1], e[2], 0, cursors}
+    return {i, e[1], e[2], 0, cursors, 1}
   end
 end
 local last = {}
@@ -438,6 +507,27 @@ for i = 1, 4 do
   end
 end
 return {0, '', {}, 0, cursors, last, next_due}
+"""
+
+_PRUNE = """
+-- KEYS: streams; ARGV: group, min_idle_ms. Deletes the group's consumers idle for longer
+-- than min_idle_ms that hold no pending entry; returns {stream, consumer, ...} deleted.
+local removed = {}
+for i = 1, #KEYS do
+  local consumers = redis.pcall('XINFO', 'CONSUMERS', KEYS[i], ARGV[1])
+  if consumers.err == nil then
+    for _, c in ipairs(consumers) do
+      local info = {}
+      for j = 1, #c, 2 do info[c[j]] = c[j + 1] end
+      if info['pending'] == 0 and info['idle'] > tonumber(ARGV[2]) then
+        redis.call('XGROUP', 'DELCONSUMER', KEYS[i], ARGV[1], info['name'])
+        table.insert(removed, KEYS[i])
+        table.insert(removed, info['name'])
+      end
+    end
+  end
+end
+return removed
 """
 
 _OWNED = """
@@ -503,6 +593,44 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+@dataclass(frozen=True, slots=True)
+class _Undecodable:
+    """Why an entry does not decode; ``notification`` if at least that part did."""
+
+    error: str
+    notification: Notification | None = None
+
+
+def _decode_entry(flat: Sequence[Any]) -> tuple[Notification, DeliveryState] | _Undecodable:
+    """A stream entry's notification and state, or why it cannot be decoded."""
+    notification = None
+    try:
+        fields = _fields(flat)
+        notification = Notification.from_map(json.loads(fields["n"]))
+        state = DeliveryState.from_map(json.loads(fields["s"]))
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as exc:
+        return _Undecodable(f"{type(exc).__name__}: {exc}", notification)
+    return notification, state
+
+
+def _undecodable(
+    ref: str, priority: Priority, flat: Sequence[Any], why: _Undecodable, at: float
+) -> DeadLetter:
+    """The dead letter of entry ``ref``: its own notification if that decoded, else a
+    placeholder (id ``ref``, ``priority``, the raw fields cut short in ``data["raw_entry"]``)."""
+    notification = why.notification
+    if notification is None:
+        raw = [
+            (v if isinstance(v, bytes) else str(v).encode()).decode("utf-8", "backslashreplace")
+            for v in flat[:RAW_FIELDS_LIMIT]
+        ]
+        data = {"raw_entry": [text[:RAW_TEXT_LIMIT] for text in raw]}
+        notification = Notification(ref, "", priority, "", "", data, ttl=0, created_at=at)
+    reason = f"undecodable entry {ref} in the {priority.value} queue: {why.error}"
+    log.warning("notification %s dead-lettered: %s", notification.id, reason)
+    return DeadLetter(notification, STORE, STORE, reason, 0, at)
+
+
 def _fields(flat: Sequence[Any]) -> dict[str, str]:
     items = [_text(v) for v in flat]
     return dict(zip(items[::2], items[1::2], strict=True))
@@ -516,7 +644,17 @@ class RedisNotificationStore:
     ``reclaim_interval`` seconds. ``wait`` blocks in XREAD on the streams from their last ids,
     at most ``poll_interval`` seconds and not past the next due retry it knows of.
     Bounds: ``max_depth`` per priority (stream + delayed), ``max_devices_per_user``,
-    ``max_dead_letters`` (approximate trim of the oldest).
+    ``max_dead_letters`` (approximate trim of the oldest), ``max_deliveries`` leases of one
+    entry (then a claim dead-letters it as poison). Housekeeping runs inside ``claim`` (the
+    router's dispatch loop; no task of its own): at most every ``consumer_idle_timeout / 2``
+    seconds of ``now``, and on the first claim, the group's consumers idle (Redis' XINFO
+    CONSUMERS ``idle``: since their last read or claim) for more than
+    ``consumer_idle_timeout`` and holding no pending entry are deleted. The check and the
+    delete are one script, so a consumer holding a lease is never deleted. A live router that
+    has found nothing to claim for that long (a read with nothing new does not count as
+    activity) holds nothing and may be deleted too: harmless, Redis creates it again when it
+    next reads an entry. ``consumer_idle_timeout`` must exceed ``lease_timeout``; keep it
+    well beyond.
     """
 
     def __init__(
@@ -532,9 +670,14 @@ class RedisNotificationStore:
         max_devices_per_user: int = DEFAULT_MAX_DEVICES_PER_USER,
         max_dead_letters: int = DEFAULT_MAX_DEAD_LETTERS,
         promote_limit: int = 100,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        consumer_idle_timeout: float = DEFAULT_CONSUMER_IDLE_TIMEOUT,
         clock: Callable[[], float] = time.time,
         owns_client: bool = False,
     ) -> None:
+        _check_max_deliveries(max_deliveries)
+        if consumer_idle_timeout <= lease_timeout:
+            raise ValueError("consumer_idle_timeout must exceed lease_timeout")
         self._redis = client
         self._prefix = prefix
         self._group = group
@@ -545,6 +688,8 @@ class RedisNotificationStore:
         self._max_devices = max_devices_per_user
         self._max_dead = max_dead_letters
         self._promote_limit = promote_limit
+        self._max_deliveries = max_deliveries
+        self._consumer_idle_timeout = consumer_idle_timeout
         self._clock = clock
         self._owns_client = owns_client
         self._streams = [f"{prefix}q:{p.value}" for p in PRIORITIES]
@@ -553,12 +698,14 @@ class RedisNotificationStore:
         self._groups_ready = False
         self._cursors = ["0-0"] * len(PRIORITIES)
         self._reclaim_at = 0.0
+        self._prune_at = 0.0
         self._last_ids: list[str] | None = None
         self._next_due: float | None = None
         self._enqueue_script = client.register_script(_ENQUEUE)
         self._claim_script = client.register_script(_CLAIM)
         self._touch_script = client.register_script(_TOUCH)
         self._settle_script = client.register_script(_SETTLE)
+        self._prune_script = client.register_script(_PRUNE)
         self._add_device_script = client.register_script(_ADD_DEVICE)
         self._remove_device_script = client.register_script(_REMOVE_DEVICE)
 
@@ -618,33 +765,57 @@ class RedisNotificationStore:
         try:
             if not self._groups_ready:
                 await self._ensure_groups()
-            reclaim = now >= self._reclaim_at
-            try:
-                reply = await self._run_claim(consumer, now, reclaim)
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc) and "no such key" not in str(exc):
-                    raise
-                # The streams were lost (a Redis without persistence restarted): recreate.
-                await self._ensure_groups()
-                reply = await self._run_claim(consumer, now, reclaim)
+            if now >= self._prune_at:
+                await self._prune()
+                self._prune_at = now + self._consumer_idle_timeout / 2
+            while True:  # each turn that does not return dead-letters the entry it met
+                reply = await self._claim_step(consumer, now)
+                if int(reply[0]) == 0:
+                    self._last_ids = [_text(i) for i in reply[5]]
+                    self._next_due = float(reply[6]) if reply[6] else None
+                    return None
+                lease = await self._lease_or_bury(consumer, reply)
+                if lease is not None:
+                    return lease
         except RedisError as exc:
             raise _unreachable(exc) from exc
-        rank, ref, flat, reclaimed, cursors = reply[:5]
-        self._cursors = [_text(c) for c in cursors]
+
+    async def _claim_step(self, consumer: str, now: float) -> list[Any]:
+        reclaim = now >= self._reclaim_at
+        try:
+            reply = await self._run_claim(consumer, now, reclaim)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc) and "no such key" not in str(exc):
+                raise
+            # The streams were lost (a Redis without persistence restarted): recreate.
+            await self._ensure_groups()
+            reply = await self._run_claim(consumer, now, reclaim)
+        self._cursors = [_text(c) for c in reply[4]]
         if reclaim and all(c == "0-0" for c in self._cursors):
             self._reclaim_at = now + self._reclaim_interval
-        if int(rank) == 0:
-            self._last_ids = [_text(i) for i in reply[5]]
-            self._next_due = float(reply[6]) if reply[6] else None
-            return None
-        fields = _fields(flat)
-        return Lease(
-            ref=_text(ref),
-            consumer=consumer,
-            notification=Notification.from_map(json.loads(fields["n"])),
-            state=DeliveryState.from_map(json.loads(fields["s"])),
-            reclaimed=bool(int(reclaimed)),
-        )
+        return reply
+
+    async def _lease_or_bury(self, consumer: str, reply: list[Any]) -> Lease | None:
+        """The lease of a claimed entry, or None once a poison or undecodable entry has been
+        moved to the dead letters (atomically, if this consumer still holds it)."""
+        i, ref, flat = int(reply[0]) - 1, _text(reply[1]), reply[2]
+        reclaimed, deliveries = bool(int(reply[3])), int(reply[5])
+        decoded = _decode_entry(flat)
+        if isinstance(decoded, _Undecodable):
+            letter = _undecodable(ref, PRIORITIES[i], flat, decoded, self._clock())
+        elif deliveries > self._max_deliveries:
+            letter = _poison(decoded[0], deliveries - 1, self._clock())
+        else:
+            notification, state = decoded
+            return Lease(ref, consumer, notification, state, reclaimed)
+        await self._settle_entry(i, consumer, ref, None, [letter])
+        return None
+
+    async def _prune(self) -> None:
+        min_idle_ms = int(self._consumer_idle_timeout * 1000)
+        removed = await self._prune_script(keys=self._streams, args=[self._group, min_idle_ms])
+        for stream, consumer in zip(removed[::2], removed[1::2], strict=True):
+            log.info("removed idle consumer %s from %s", _text(consumer), _text(stream))
 
     async def _run_claim(self, consumer: str, now: float, reclaim: bool) -> list[Any]:
         reply: list[Any] = await self._claim_script(
@@ -680,29 +851,43 @@ class RedisNotificationStore:
         dead_letters: Sequence[DeadLetter] = (),
     ) -> bool:
         i = self._index(lease.notification.priority)
-        member = ""
+        retry = None
         if retry_at is not None:
             # The ref makes the member unique; the claim script reads [notification, state].
             member = _dumps_list(
                 [_dumps(lease.notification.to_map()), _dumps(state.to_map()), lease.ref]
             )
+            retry = (retry_at, member)
         try:
-            owned = await self._settle_script(
-                keys=[self._streams[i], self._delayed[i], self._dead_key],
-                args=[
-                    self._group,
-                    lease.consumer,
-                    lease.ref,
-                    "" if retry_at is None else repr(retry_at),
-                    member,
-                    self._max_dead,
-                    *(_dumps(d.to_map()) for d in dead_letters),
-                ],
-            )
+            owned = await self._settle_entry(i, lease.consumer, lease.ref, retry, dead_letters)
         except RedisError as exc:
             raise _unreachable(exc) from exc
         if retry_at is not None and (self._next_due is None or retry_at < self._next_due):
             self._next_due = retry_at
+        return owned
+
+    async def _settle_entry(
+        self,
+        i: int,
+        consumer: str,
+        ref: str,
+        retry: tuple[float, str] | None,
+        dead_letters: Sequence[DeadLetter],
+    ) -> bool:
+        """Acks and deletes entry ``ref`` of stream ``i`` held by ``consumer``, stores the dead
+        letters and, with ``retry`` (due, delayed member), delays it; False if not held."""
+        owned = await self._settle_script(
+            keys=[self._streams[i], self._delayed[i], self._dead_key],
+            args=[
+                self._group,
+                consumer,
+                ref,
+                "" if retry is None else repr(retry[0]),
+                "" if retry is None else retry[1],
+                self._max_dead,
+                *(_dumps(d.to_map()) for d in dead_letters),
+            ],
+        )
         return bool(int(owned))
 
     async def wait(self, max_wait: float) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +23,7 @@ from notifications.models import (
     Priority,
 )
 from notifications.store import (
+    STORE,
     Enqueued,
     Lease,
     MemoryNotificationStore,
@@ -50,6 +52,7 @@ async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreFacto
         if url is None:
             options.pop("reclaim_interval", None)
             options.pop("poll_interval", None)
+            options.pop("consumer_idle_timeout", None)
             # Memory "nodes" share one store: it is in-process.
             key = repr(sorted(options.items()))
             if key not in shared_memory:
@@ -242,6 +245,66 @@ async def test_idle_lease_is_taken_over_and_touch_keeps_it(make_store: StoreFact
 
 
 @pytest.mark.timeout(20)
+async def test_an_entry_never_settled_is_dead_lettered_after_max_deliveries(
+    make_store: StoreFactory,
+) -> None:
+    """Holders that crash (never settle, stop touching) are the poison path of both stores."""
+    options = {"lease_timeout": 0.2, "reclaim_interval": 0.05, "max_deliveries": 3}
+    store = make_store(**options)
+    poison = note("poison", Priority.HIGH)
+    await store.enqueue(poison)
+    await store.enqueue(note("fine", Priority.LOW))
+    first = await take(store, "c0")
+    assert (first.notification, first.reclaimed) == (poison, False)
+    for _ in range(5):
+        assert await store.touch(first)  # a touch is not a lease
+    holders = [first]
+    for i in (1, 2):  # each holder crashes: its lease goes idle and is taken over
+        await asyncio.sleep(0.3)
+        lease = await take(store, f"c{i}")
+        assert (lease.notification, lease.reclaimed) == (poison, True)
+        holders.append(lease)
+    assert await store.dead_letters() == []
+
+    await asyncio.sleep(0.3)  # the third holder crashes too: no fourth lease
+    after = await take(store, "c3")
+    assert (after.notification.id, after.reclaimed) == ("fine", False)
+    [dead] = await store.dead_letters()
+    assert (dead.notification, dead.target, dead.adapter, dead.attempts, dead.status) == (
+        poison, STORE, STORE, 3, None,
+    )  # fmt: skip
+    assert dead.reason == "poison: leased 3 times and never settled"
+    assert (await store.depth())[Priority.HIGH] == 0
+    assert not await store.touch(holders[-1])  # the last holder lost it
+    assert not await store.settle(holders[-1], state=holders[-1].state)
+    assert await store.settle(after, state=after.state)
+    await asyncio.sleep(0.3)
+    assert await store.claim("c4", time.time()) is None
+    assert len(await store.dead_letters()) == 1
+
+
+async def test_rounds_settled_for_a_retry_are_not_poison(make_store: StoreFactory) -> None:
+    store = make_store(max_deliveries=2)
+    await store.enqueue(note("patient"))
+    for rounds in range(1, 6):  # each retry is a new entry with a count of its own
+        lease = await take(store)
+        assert lease.state.rounds == rounds - 1
+        assert await store.settle(lease, state=DeliveryState(rounds=rounds), retry_at=0.0)
+    assert (await take(store)).state.rounds == 5
+    assert await store.dead_letters() == []
+
+
+def test_max_deliveries_is_at_least_one() -> None:
+    with pytest.raises(ValueError, match="max_deliveries"):
+        MemoryNotificationStore(max_deliveries=0)
+    client = aioredis.Redis()  # never connected
+    with pytest.raises(ValueError, match="max_deliveries"):
+        RedisNotificationStore(client, max_deliveries=0)
+    with pytest.raises(ValueError, match="consumer_idle_timeout"):
+        RedisNotificationStore(client, lease_timeout=30.0, consumer_idle_timeout=30.0)
+
+
+@pytest.mark.timeout(20)
 async def test_wait_wakes_on_enqueue_and_on_due_retry(make_store: StoreFactory) -> None:
     store = make_store(poll_interval=30.0, lease_timeout=60.0)
     assert await store.claim("c1", time.time()) is None
@@ -346,4 +409,102 @@ async def test_redis_keys_live_under_the_prefix_and_streams_lost_are_recreated(
         assert (await take(store)).notification.id == "p2"
     finally:
         await client.aclose()
+        await store.close()
+
+
+async def test_redis_undecodable_entries_are_dead_lettered_not_raised(redis_url: str) -> None:
+    store = RedisNotificationStore.from_url(redis_url)
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    stream, delayed = "rt:notif:q:normal", "rt:notif:delayed:normal"
+    try:
+        assert await store.claim("c1", time.time()) is None  # the consumer groups exist
+        half = note("half")  # a notification whose state is broken
+        corrupt: list[tuple[dict[Any, Any], str]] = [
+            ({"n": b"\xff\xfe", "s": "{}"}, "UnicodeDecodeError"),
+            ({"n": "{not json", "s": "{}"}, "JSONDecodeError"),
+            ({"n": json.dumps({"id": "x"}), "s": "{}"}, "KeyError: 'user'"),
+            ({"x": "y"}, "KeyError: 'n'"),
+            ({"n": json.dumps(half.to_map()), "s": "[1, 2]"}, "AttributeError"),
+        ]
+        refs = [str(await client.xadd(stream, fields)) for fields, _ in corrupt]
+        await client.zadd(delayed, {"garbage": 0, '["only one"]': 0})  # not [n, s]
+        await store.enqueue(note("good"))
+
+        lease = await take(store)  # the five are dead-lettered on the way, nothing raises
+        assert lease.notification.id == "good"
+        assert await store.settle(lease, state=lease.state)
+        assert await store.claim("c1", time.time()) is None  # the promoted two go too
+
+        letters = await store.dead_letters(10)
+        assert len(letters) == 7
+        assert {(d.target, d.adapter, d.attempts) for d in letters} == {(STORE, STORE, 0)}
+        for (fields, error), ref, dead in zip(corrupt, refs, letters[:1:-1], strict=True):
+            assert dead.reason.startswith(f"undecodable entry {ref} in the normal queue: ")
+            assert error in dead.reason, dead.reason
+            if "n" in fields and fields["s"] == "[1, 2]":
+                assert dead.notification == half
+            else:
+                assert (dead.notification.id, dead.notification.priority) == (
+                    ref, Priority.NORMAL,
+                )  # fmt: skip
+        assert letters[6].notification.data["raw_entry"] == ["n", "\\xff\\xfe", "s", "{}"]
+        assert letters[5].notification.data["raw_entry"] == ["n", "{not json", "s", "{}"]
+        raws = sorted(d.notification.data["raw_entry"][1] for d in letters[:2])
+        assert raws == ['["only one"]', "garbage"]
+        assert all("undecodable entry" in d.reason for d in letters[:2])
+
+        assert await client.xlen(stream) == 0
+        assert (await client.xpending(stream, "routers"))["pending"] == 0
+        assert sum((await store.depth()).values()) == 0
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+async def _consumers(client: aioredis.Redis) -> dict[str, dict[str, int]]:
+    """Priority -> {consumer: pending entries} of the group, from XINFO CONSUMERS."""
+    found = {}
+    for priority in PRIORITIES:
+        infos = await client.xinfo_consumers(f"rt:notif:q:{priority.value}", "routers")
+        found[priority.value] = {str(i["name"]): int(i["pending"]) for i in infos}
+    return found
+
+
+@pytest.mark.timeout(30)
+async def test_redis_idle_consumers_are_removed_but_never_with_pending_entries(
+    redis_url: str,
+) -> None:
+    idle = {"lease_timeout": 0.2, "consumer_idle_timeout": 0.8}
+    store = RedisNotificationStore.from_url(redis_url, reclaim_interval=3600.0, **idle)
+    heir = RedisNotificationStore.from_url(redis_url, reclaim_interval=0.05, **idle)
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await store.enqueue(note("held"))
+        await store.enqueue(note("done"))
+        held = await take(store, "crashed")  # never settled: its holder died
+        done = await take(store, "finished")  # settled, then its holder went away
+        assert await store.settle(done, state=done.state)
+        assert (await _consumers(client))["normal"] == {"crashed": 1, "finished": 0}
+
+        started = time.monotonic()
+        while time.monotonic() - started < 2.0:  # a live router, idle: claims every 0.1 s
+            assert await store.claim("live", time.time()) is None
+            await asyncio.sleep(0.1)
+        consumers = await _consumers(client)
+        assert consumers["normal"] == {"crashed": 1}  # pending: kept; "finished" is gone
+        assert all("finished" not in c for c in consumers.values())
+        assert await store.touch(held)  # its pending entry is intact
+
+        await asyncio.sleep(0.3)
+        taken = await take(heir, "heir")  # the reclaim empties the dead consumer first
+        assert (taken.notification.id, taken.reclaimed) == ("held", True)
+        assert await heir.settle(taken, state=taken.state)
+        await asyncio.sleep(1.0)
+        assert await heir.claim("heir", time.time()) is None
+        consumers = await _consumers(client)
+        assert all("crashed" not in c and "finished" not in c for c in consumers.values())
+        assert sum((await store.depth()).values()) == 0
+    finally:
+        await client.aclose()
+        await heir.close()
         await store.close()

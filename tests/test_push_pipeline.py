@@ -639,3 +639,58 @@ async def test_fcm_push_carries_priority_ttl_and_collapse_key_on_one_oauth_token
         if n.ttl:
             assert n.expires_at - ended <= left <= n.expires_at - started + 1, (n.id, left)
     assert messages["low"]["ttl"] == "0s"  # now or never
+
+
+# --------------------------------------------------------------------------- poison
+
+
+@pytest.mark.timeout(40)
+async def test_a_notification_whose_routers_keep_dying_is_dead_lettered_as_poison(
+    pipe: Pipeline,
+) -> None:
+    """Two routers die holding it (max_deliveries=2); the third dead-letters it unpushed."""
+
+    shared = MemoryNotificationStore(lease_timeout=0.6, max_deliveries=2)
+
+    def store() -> NotificationStore:
+        """Each router's own store (Redis) or the one in-process queue (memory)."""
+        if pipe.redis_url is None:
+            return shared
+        made = RedisNotificationStore.from_url(
+            pipe.redis_url, lease_timeout=0.6, reclaim_interval=0.15, poll_interval=0.2,
+            max_deliveries=2,
+        )  # fmt: skip
+        pipe.stores.append(made)
+        return made
+
+    first = store()
+    hanging = Device("u-poison", IOS, pipe.fake_apns.add_device())
+    pipe.fake_apns.answer_token(hanging.token, Reply(200, delay=30.0))  # never in time
+    await first.add_device(hanging)
+    fine = await pipe.device(first, IOS)
+    poison = note(Priority.HIGH, id="poison", user="u-poison")
+    await first.enqueue(poison)
+
+    for died in (1, 2):
+        apns = pipe.adapter(IOS)
+        router = await pipe.router(first if died == 1 else store(), {IOS: apns},
+                                   drain_timeout=0.05)  # fmt: skip
+        await wait_until(lambda: len(pipe.ios.pushes()) == died)  # noqa: B023 (awaited here)
+        await router.close()  # cancelled mid-push: the lease is left to be taken over
+        await apns.close()
+        assert apns.sends == []
+
+    await first.enqueue(note(Priority.NORMAL, id="fine"))
+    survivor = pipe.adapter(IOS)
+    await pipe.router(store(), {IOS: survivor})
+    await wait_until(lambda: ("fine", fine.token) in survivor.delivered(), timeout=20)
+    await drained(first)
+    await asyncio.sleep(0.3)
+
+    assert Counter(pipe.ios.pushes()) == {("poison", hanging.token): 2, ("fine", fine.token): 1}
+    [dead] = await first.dead_letters()
+    assert (dead.notification, dead.target, dead.adapter, dead.attempts) == (
+        poison, "store", "store", 2,
+    )  # fmt: skip
+    assert dead.reason == "poison: leased 2 times and never settled"
+    assert pipe.in_app.ids.count("poison") == 2  # each round that died got that far
