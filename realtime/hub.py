@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from realtime.broker import Broker, BrokerUnavailable
 from realtime.envelope import KIND_EVENT, unpack
 from realtime.protocol import CODECS, is_spending
+
+#: Connections written per loop iteration by the flush (the loop reads its sockets between).
+FLUSH_SLICE = 128
 
 if TYPE_CHECKING:
     from realtime.connection import Connection
@@ -34,8 +38,9 @@ class Hub:
         #: user -> that user's connections on this node
         self.users: dict[str, set[Connection]] = {}
         self._subscribing: dict[str, asyncio.Future[None]] = {}
-        #: connections with pending frames this tick; one loop callback flushes them all
-        self._pending: list[Connection] = []
+        #: connections with pending frames, in the order they got them; flushed in slices
+        self._pending: deque[Connection] = deque()
+        self._flush_scheduled = False
         self._events_out = metrics.messages_out.labels("event")
         self._notifications_out = metrics.messages_out.labels("notification")
         self._latency = metrics.latency
@@ -108,18 +113,33 @@ class Hub:
     # ------------------------------------------------------------------ writes
 
     def mark_pending(self, conn: Connection) -> None:
-        """``conn`` has its first pending frame of this tick: flush it with the others."""
-        pending = self._pending
-        pending.append(conn)
-        if len(pending) == 1:
+        """``conn`` has a first pending frame: it is flushed with the others, in turn."""
+        self._pending.append(conn)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        """One write per connection that has pending frames (runs once per tick)."""
+        """One write per connection with pending frames, ``FLUSH_SLICE`` connections per
+        loop iteration.
+
+        Between slices the loop reads its sockets, so a message that arrives while a
+        big fan-out is being written is fanned out at once: the connections not yet
+        written take it in the same write as the frames they hold (fewer writes per
+        delivery the busier the node is), the others are queued again. Each
+        connection's frames stay in order: they are written only from its own list.
+        """
         pending = self._pending
-        self._pending = []
-        for conn in pending:
-            conn.flush()
+        if len(pending) <= FLUSH_SLICE:
+            self._pending = deque()
+            self._flush_scheduled = False
+            for conn in pending:
+                conn.flush()
+            return
+        asyncio.get_running_loop().call_soon(self._flush)  # the rest, after a look at the sockets
+        popleft = pending.popleft
+        for _ in range(FLUSH_SLICE):
+            popleft().flush()
 
     # ------------------------------------------------------------------ fan-out
 
