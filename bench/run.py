@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -172,6 +173,31 @@ def start_servers(kind: str, *, procs: int = 1, redis_url: str | None = None,
         _wait_port(port, proc)
     time.sleep(0.5 if procs == 1 else 1.5)  # every process listening and subscribed
     return servers
+
+
+def gc_pauses(port: int) -> dict[str, Any] | None:
+    """This server's full (generation-2) collections so far, from its /metrics:
+    how many, their total seconds, and the bucket bound under which all of them fell."""
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    prefix = "piggybong_realtime_gc_pause_seconds_"
+    buckets: list[tuple[float, float]] = []
+    count = total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(prefix) or 'generation="2"' not in line:
+            continue
+        name, value = line.rsplit(" ", 1)
+        if name.startswith(prefix + "count"):
+            count = float(value)
+        elif name.startswith(prefix + "sum"):
+            total = float(value)
+        elif name.startswith(prefix + "bucket") and 'le="+Inf"' not in name:
+            buckets.append((float(name.split('le="')[1].split('"')[0]), float(value)))
+    worst = next((le for le, n in sorted(buckets) if n >= count), None)
+    return {"collections": int(count), "seconds": round(total, 3), "all_under_s": worst}
 
 
 def pin_self(cpu: int | None) -> None:
@@ -320,6 +346,9 @@ async def side_by_side(name: str, mode: Mode, log: Any) -> dict[str, Any]:
                        "kib_per_connection": round((rss1 - rss0) / 1024 / max(connected, 1), 1),
                        "rss_mib": round(rss1 / 2**20, 1)}
         log(f"  idle: {connected} connections, {out['idle']['kib_per_connection']} KiB each")
+        if name in ("memory", "redis"):  # one process: /metrics is that process's
+            out["gc_while_connecting"] = gc_pauses(servers.port)
+            log(f"  full collections while connecting: {out['gc_while_connecting']}")
         log(f"  ramp S={mode.idle}")
         out["ramp_5000"] = await ramp(fleets, servers, mode.ramp_5000, mode.step_s, log,
                                       extra_pids=extra)
@@ -558,6 +587,13 @@ def markdown(results: dict[str, Any]) -> str:
                   "passing S=1000, max passing S=5000, KiB per idle connection): " + "; ".join(
                       f"{name} {r['deliveries_per_cpu_s']}x, {r['max_1000']}x, {r['max_5000']}x, "
                       f"{r['kib_per_idle']}x" for name, r in to_node.items())]
+    gcs = {name: res["gc_while_connecting"] for name, res in results["targets"].items()
+           if res.get("gc_while_connecting")}
+    if gcs:
+        lines += ["", f"Full garbage collections while the {results['targets_idle']:,} idle "
+                  "connections opened (count, seconds in all, every one under): " + "; ".join(
+                      f"{name} {g['collections']}, {g['seconds']} s, {g['all_under_s']} s"
+                      for name, g in gcs.items())]
     if "skipped" in results:
         lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in results["skipped"].items())]
     if "scaling" in results:
