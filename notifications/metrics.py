@@ -1,7 +1,8 @@
 """Prometheus metrics of the notification pipeline: ``<namespace>_notifications_<name>``.
 
 Labels: ``priority`` (critical/high/normal/low) and ``adapter`` (a push adapter's name,
-or ``in_app`` / ``route`` for the in-app delivery and the push routing step).
+``in_app`` / ``route`` for the in-app delivery and the push routing step, or ``store`` for
+the entries the store itself dead-lettered: poison or undecodable).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from notifications.models import Priority
+from notifications.models import DeadLetter, Priority
 
 NAMESPACE = "piggybong_realtime"
 SUBSYSTEM = "notifications"
@@ -53,7 +54,9 @@ class NotificationMetrics:
             "expired", "Notifications dropped because their ttl passed", ["priority"]
         )
         self.dead_lettered = counter(
-            "dead_lettered", "Dead letters stored, by priority and adapter", ["priority", "adapter"]
+            "dead_lettered",
+            "Dead letters stored, by priority and adapter (store: poison or undecodable entries)",
+            ["priority", "adapter"],
         )
         self.dead_tokens = counter(
             "dead_tokens", "Devices removed because their token is gone", ["adapter"]
@@ -98,6 +101,10 @@ class NotificationMetrics:
         """Fits ``CircuitBreaker(on_transition=...)``: counts the change and sets the gauge."""
         self.breaker_transitions.labels(adapter, str(old), str(new)).inc()
         self.set_breaker_state(adapter, new)
+
+    def count_dead_letter(self, letter: DeadLetter) -> None:
+        """Counts one stored dead letter; fits the stores' ``on_dead_letter``."""
+        self.dead_lettered.labels(letter.notification.priority.value, letter.adapter).inc()
 
     def set_queue_depth(self, depths: Mapping[Priority, int]) -> None:
         for priority, depth in depths.items():

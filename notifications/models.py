@@ -168,8 +168,9 @@ class DeliveryState:
 class DeadLetter:
     """A notification that could not reach one target, kept for an operator.
 
-    ``target`` is ``IN_APP``, ``ROUTE`` or a device key; ``adapter`` is the push
-    adapter's name (``in_app`` / ``route`` for those targets); ``at`` is unix seconds.
+    ``target`` is ``IN_APP``, ``ROUTE``, a device key or ``notifications.store.STORE`` (an
+    entry the store gave up on: poison or undecodable); ``adapter`` is the push adapter's name
+    (``in_app`` / ``route`` / ``store`` for those targets); ``at`` is unix seconds.
     """
 
     notification: Notification

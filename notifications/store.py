@@ -27,7 +27,9 @@ moves it to the dead letters. So is an entry that does not decode as a notificat
 the count is the stream's delivery counter (XREADGROUP sets 1, each XAUTOCLAIM adds 1; the
 ``touch`` XCLAIM is JUSTID and adds nothing); the claim script hands the entry to the claimer,
 then the settle script acks it with its dead letter (a crash in between leaves it pending to
-the claimer: reclaimed, and dead-lettered, by a later claim).
+the claimer: reclaimed, and dead-lettered, by a later claim). Both stores take an optional
+``on_dead_letter`` (``DeadLetterHook``), called with each such letter once it is stored (the
+app counts them in the dead-letter metric); it must not raise.
 
 Dead consumers: a consumer of the group idle for ``consumer_idle_timeout`` and holding no
 pending entry is deleted (XGROUP DELCONSUMER) by a claim, at most every
@@ -76,6 +78,8 @@ DEFAULT_MAX_DELIVERIES = 10
 DEFAULT_CONSUMER_IDLE_TIMEOUT = 3600.0
 #: ``DeadLetter.target`` and ``adapter`` of an entry the store itself gave up on.
 STORE = "store"
+#: Called with each dead letter the store itself made (poison, undecodable) once it is stored.
+DeadLetterHook = Callable[[DeadLetter], None]
 #: An undecodable entry's dead letter keeps at most this many of its raw fields and values,
 #: each cut to ``RAW_TEXT_LIMIT`` characters (``data["raw_entry"]`` of its placeholder).
 RAW_FIELDS_LIMIT = 16
@@ -272,7 +276,8 @@ class MemoryNotificationStore:
     (then it is dead-lettered as poison). Idempotency keys live for their window.
     ``clock`` measures lease idleness and must be the clock of the ``now`` given to
     ``claim`` and of ``retry_at`` (unix time by default, like the router's). Entries are
-    objects, never undecodable; there are no consumers to remove.
+    objects, never undecodable; there are no consumers to remove. ``on_dead_letter``: see
+    the module docstring.
     """
 
     def __init__(
@@ -284,11 +289,13 @@ class MemoryNotificationStore:
         max_dead_letters: int = DEFAULT_MAX_DEAD_LETTERS,
         max_deliveries: int = DEFAULT_MAX_DELIVERIES,
         clock: Callable[[], float] = time.time,
+        on_dead_letter: DeadLetterHook | None = None,
     ) -> None:
         _check_max_deliveries(max_deliveries)
         self._max_depth = max_depth
         self._lease_timeout = lease_timeout
         self._max_deliveries = max_deliveries
+        self._on_dead_letter = on_dead_letter
         self._max_devices = max_devices_per_user
         self._clock = clock
         self._lanes = {p: _Lane() for p in PRIORITIES}
@@ -341,9 +348,10 @@ class MemoryNotificationStore:
                     continue
                 if held.entry.leases >= self._max_deliveries:
                     del lane.held[ref]
-                    self._dead.append(
-                        _poison(held.entry.notification, held.entry.leases, self._clock())
-                    )
+                    letter = _poison(held.entry.notification, held.entry.leases, self._clock())
+                    self._dead.append(letter)
+                    if self._on_dead_letter is not None:
+                        self._on_dead_letter(letter)
                     continue
                 return self._hand_out(lane, held.entry, consumer, reclaimed=True)
             if lane.ready:
@@ -654,7 +662,7 @@ class RedisNotificationStore:
     has found nothing to claim for that long (a read with nothing new does not count as
     activity) holds nothing and may be deleted too: harmless, Redis creates it again when it
     next reads an entry. ``consumer_idle_timeout`` must exceed ``lease_timeout``; keep it
-    well beyond.
+    well beyond. ``on_dead_letter``: see the module docstring.
     """
 
     def __init__(
@@ -674,6 +682,7 @@ class RedisNotificationStore:
         consumer_idle_timeout: float = DEFAULT_CONSUMER_IDLE_TIMEOUT,
         clock: Callable[[], float] = time.time,
         owns_client: bool = False,
+        on_dead_letter: DeadLetterHook | None = None,
     ) -> None:
         _check_max_deliveries(max_deliveries)
         if consumer_idle_timeout <= lease_timeout:
@@ -690,6 +699,7 @@ class RedisNotificationStore:
         self._promote_limit = promote_limit
         self._max_deliveries = max_deliveries
         self._consumer_idle_timeout = consumer_idle_timeout
+        self._on_dead_letter = on_dead_letter
         self._clock = clock
         self._owns_client = owns_client
         self._streams = [f"{prefix}q:{p.value}" for p in PRIORITIES]
@@ -808,7 +818,9 @@ class RedisNotificationStore:
         else:
             notification, state = decoded
             return Lease(ref, consumer, notification, state, reclaimed)
-        await self._settle_entry(i, consumer, ref, None, [letter])
+        stored = await self._settle_entry(i, consumer, ref, None, [letter])
+        if stored and self._on_dead_letter is not None:
+            self._on_dead_letter(letter)
         return None
 
     async def _prune(self) -> None:

@@ -43,7 +43,7 @@ from realtime.node import Node, make_log_throttle
 from realtime.presence import ConnectionRegistry, MemoryConnectionRegistry
 from realtime.protocol import ErrorCode, choose_codec
 from realtime.ratelimit import MemoryRateLimiter, RateLimiter
-from realtime.settings import Settings
+from realtime.settings import NOTIFICATION_LEASE_TIMEOUT, Settings
 from realtime.tiers import load_policy
 from realtime.timers import Timers
 from realtime.wsprotocol import EXTENSION, WS_LOG
@@ -167,11 +167,18 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
 
     notification_metrics = NotificationMetrics(registry)
     store: NotificationStore
-    if settings.redis_url:
+    if settings.redis_url:  # from_url's options go to RedisNotificationStore.__init__
         store = RedisNotificationStore.from_url(
-            settings.redis_url, max_depth=settings.notification_queue_max)
+            settings.redis_url, max_depth=settings.notification_queue_max,
+            lease_timeout=NOTIFICATION_LEASE_TIMEOUT,
+            max_deliveries=settings.notification_max_deliveries,
+            consumer_idle_timeout=settings.notification_consumer_idle_timeout,
+            on_dead_letter=notification_metrics.count_dead_letter)
     else:
-        store = MemoryNotificationStore(max_depth=settings.notification_queue_max)
+        store = MemoryNotificationStore(
+            max_depth=settings.notification_queue_max, lease_timeout=NOTIFICATION_LEASE_TIMEOUT,
+            max_deliveries=settings.notification_max_deliveries,
+            on_dead_letter=notification_metrics.count_dead_letter)
     service = NotificationService(store, metrics=notification_metrics,
                                   idempotency_window=settings.idempotency_window)
 

@@ -18,6 +18,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 DEV_JWT_SECRET = "piggybong-dev-secret-do-not-use-in-production"
 #: Used when no API key is configured (dev mode, loopback only). Documented in README.
 DEV_API_KEY = "dev-api-key"
+#: Seconds a leased notification may sit untouched before another router takes it over; not a
+#: setting: app.py gives it to the notification store, and the consumer idle timeout exceeds it.
+NOTIFICATION_LEASE_TIMEOUT = 30.0
 
 
 def _split_csv(value: object) -> object:
@@ -100,6 +103,15 @@ class Settings(BaseSettings):
     )
     notification_queue_max: int = Field(
         100_000, ge=1, description="queued notifications per priority (503 beyond)"
+    )
+    notification_max_deliveries: int = Field(
+        10, ge=1, description="leases of one queued notification never settled (its routers "
+        "crashed or hung) before it is dead-lettered as poison"
+    )
+    notification_consumer_idle_timeout: float = Field(
+        3600.0, gt=NOTIFICATION_LEASE_TIMEOUT, description="seconds a Redis router consumer "
+        "holding nothing may be idle before it is deleted; over the "
+        f"{NOTIFICATION_LEASE_TIMEOUT:g} s lease timeout"
     )
     apns_key_file: Path | None = Field(None, description="APNs .p8 token-signing key (ES256)")
     apns_key_id: str | None = Field(None, description="APNs key id (kid)")

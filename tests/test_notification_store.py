@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
 
+from notifications.metrics import NotificationMetrics
 from notifications.models import (
     PRIORITIES,
     DeadLetter,
@@ -507,4 +509,57 @@ async def test_redis_idle_consumers_are_removed_but_never_with_pending_entries(
     finally:
         await client.aclose()
         await heir.close()
+        await store.close()
+
+
+def dead_lettered(metrics: NotificationMetrics, priority: str, adapter: str) -> float:
+    labels = {"priority": priority, "adapter": adapter}
+    value = metrics.registry.get_sample_value(
+        "piggybong_realtime_notifications_dead_lettered_total", labels
+    )
+    return 0.0 if value is None else value
+
+
+@pytest.mark.timeout(20)
+async def test_the_stores_own_dead_letters_are_counted_and_no_others(
+    make_store: StoreFactory,
+) -> None:
+    """``on_dead_letter`` hears of poison letters once they are stored; letters handed to
+    ``settle`` (the router's, which it counts itself) are not passed to it."""
+    metrics = NotificationMetrics(CollectorRegistry())
+    store = make_store(
+        lease_timeout=0.2, reclaim_interval=0.05, max_deliveries=1,
+        on_dead_letter=metrics.count_dead_letter,
+    )  # fmt: skip
+    await store.enqueue(note("poison", Priority.CRITICAL))
+    await store.enqueue(note("routed", Priority.LOW))
+    await take(store, "crashed")  # never settled
+    routed = await take(store, "live")
+    letter = DeadLetter(routed.notification, "ios:t", "apns", "rejected", 1, time.time())
+    assert await store.settle(routed, state=routed.state, dead_letters=[letter])
+    assert dead_lettered(metrics, "low", "apns") == 0
+
+    await asyncio.sleep(0.3)
+    assert await store.claim("live", time.time()) is None  # the second lease: poison
+    assert [d.reason for d in await store.dead_letters()] == [
+        "poison: leased 1 times and never settled", "rejected",
+    ]  # fmt: skip
+    assert dead_lettered(metrics, "critical", STORE) == 1
+    assert dead_lettered(metrics, "low", "apns") == 0
+
+
+async def test_redis_undecodable_entries_are_counted(redis_url: str) -> None:
+    metrics = NotificationMetrics(CollectorRegistry())
+    store = RedisNotificationStore.from_url(redis_url, on_dead_letter=metrics.count_dead_letter)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        assert await store.claim("c1", time.time()) is None  # the consumer groups exist
+        await client.xadd("rt:notif:q:high", {"x": "y"})
+        await client.zadd("rt:notif:delayed:normal", {"garbage": 0})
+        assert await store.claim("c1", time.time()) is None
+        assert len(await store.dead_letters()) == 2
+        assert dead_lettered(metrics, "high", STORE) == 1
+        assert dead_lettered(metrics, "normal", STORE) == 1
+    finally:
+        await client.aclose()
         await store.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
+from pydantic import ValidationError
 
+from notifications.models import DeliveryState, Notification, Priority
+from realtime.settings import NOTIFICATION_LEASE_TIMEOUT, Settings
 from tests.fakes import Request
 from tests.fakes.apns_server import ApnsCredentials, FakeApns, apns_error
 from tests.server import ServerProcess, connected, running_server
@@ -145,3 +150,47 @@ async def test_notification_reaches_the_app_on_another_node(redis_url: str) -> N
             assert message["type"] == "notification"
             assert message["id"] == response.json()["id"]
             assert message["title"] == "Sale"
+
+
+async def test_the_stores_dead_letters_are_counted_with_the_configured_max_deliveries(
+    redis_url: str,
+) -> None:
+    """Before the server starts, one entry was leased once by a router that died (idle past
+    the lease timeout) and one is garbage. With REALTIME_NOTIFICATION_MAX_DELIVERIES=1 the
+    server's first claims dead-letter both, and /metrics counts them under adapter "store"."""
+    stream = "rt:notif:q:normal"
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await client.xgroup_create(stream, "routers", id="0", mkstream=True)
+        orphan = Notification("orphan", "u-o", Priority.NORMAL, "t", "b")
+        ref = await client.xadd(stream, {"n": json.dumps(orphan.to_map()),
+                                         "s": json.dumps(DeliveryState().to_map())})
+        await client.xreadgroup("routers", "died", {stream: ">"}, count=1)
+        await client.xclaim(stream, "routers", "died", 0, [ref], idle=60_000, retrycount=1)
+        await client.xadd(stream, {"x": "garbage"})
+        env = {"REALTIME_REDIS_URL": redis_url, "REALTIME_NOTIFICATION_MAX_DELIVERIES": "1"}
+        async with running_server(env) as server:
+            counted = 'dead_lettered_total{adapter="store",priority="normal"} 2.0'
+            async with server.http() as http:
+                deadline = time.monotonic() + 10
+                while counted not in (metrics := (await http.get("/metrics")).text):
+                    assert time.monotonic() < deadline, metrics
+                    await asyncio.sleep(0.1)
+        entries = await client.xrange("rt:notif:dead") or []
+        letters = [json.loads(str(fields["d"])) for _, fields in entries if fields]
+        assert [d["reason"].split(" ")[0] for d in letters] == ["poison:", "undecodable"]
+        assert letters[0]["notification"]["id"] == "orphan"
+        assert letters[0]["reason"] == "poison: leased 1 times and never settled"
+    finally:
+        await client.aclose()
+
+
+def test_store_bounds_are_refused_below_their_floor() -> None:
+    with pytest.raises(ValidationError, match="notification_max_deliveries"):
+        Settings(notification_max_deliveries=0)
+    with pytest.raises(ValidationError, match="notification_consumer_idle_timeout"):
+        Settings(notification_consumer_idle_timeout=NOTIFICATION_LEASE_TIMEOUT)
+    settings = Settings(notification_consumer_idle_timeout=NOTIFICATION_LEASE_TIMEOUT + 1)
+    assert (settings.notification_max_deliveries, settings.notification_consumer_idle_timeout) == (
+        10, NOTIFICATION_LEASE_TIMEOUT + 1,
+    )  # fmt: skip
