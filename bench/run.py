@@ -379,7 +379,7 @@ async def scaling(mode: Mode, log: Any) -> dict[str, Any]:
     log("== scaling: one vs two processes on Redis, a core each (load unpinned)")
     pin_self(None)
     out: dict[str, Any] = {}
-    rates = mode.ramp_5000 + ((100, 120) if mode.name == "full" else (80, 100))
+    rates = mode.ramp_5000 + ((100, 120, 160, 200, 250) if mode.name == "full" else (80, 100))
     try:
         for procs in (1, 2):
             redis_proc, url = start_redis(None)
@@ -675,6 +675,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{results['date'][:10]}-{mode.name}" + ("-" + "-".join(args.only) if args.only
                                                       else "")
+    base, n = stem, 2
+    while (args.out / f"{stem}.json").exists():  # never overwrite an earlier run's results
+        stem, n = f"{base}-{n}", n + 1
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
     report = markdown(results)
     (args.out / f"{stem}.md").write_text(report)
