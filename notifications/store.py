@@ -16,10 +16,12 @@ under a prefix (default ``rt:notif:``):
   ``device:<platform>:<token>`` names the token's user.
 
 Every move (enqueue with its idempotency key, settle with its retry and dead letters, the
-promotion of due retries, the claim, the dead-lettering of a poison or undecodable entry, the
-removal of dead consumers) is one Lua script, so a crash between two steps cannot lose or
-duplicate an entry. Durability across a Redis restart needs Redis persistence (AOF with
-``appendfsync always`` for no loss at all); the scripts assume one Redis (not a cluster).
+promotion of due retries, the claim, the removal of dead consumers) is one Lua script, so a
+crash between two steps cannot lose or duplicate an entry. Dead-lettering a poison or
+undecodable entry is two of them, the claim then the settle (see below), and is just as safe:
+a crash in between leaves the entry pending, to be dead-lettered by a later claim.
+Durability across a Redis restart needs Redis persistence (AOF with ``appendfsync always``
+for no loss at all); the scripts assume one Redis (not a cluster).
 
 Poison entries: an entry leased ``max_deliveries`` times without being settled (each holder
 crashed, hung or was cancelled before settling) is not leased again; the claim that meets it
@@ -27,14 +29,16 @@ moves it to the dead letters. So is an entry that does not decode as a notificat
 the count is the stream's delivery counter (XREADGROUP sets 1, each XAUTOCLAIM adds 1; the
 ``touch`` XCLAIM is JUSTID and adds nothing); the claim script hands the entry to the claimer,
 then the settle script acks it with its dead letter (a crash in between leaves it pending to
-the claimer: reclaimed, and dead-lettered, by a later claim). Both stores take an optional
-``on_dead_letter`` (``DeadLetterHook``), called with each such letter once it is stored (the
-app counts them in the dead-letter metric); it must not raise.
+the claimer: reclaimed, and dead-lettered, by a later claim). Each such letter is logged at
+WARNING once it is stored, and both stores take an optional ``on_dead_letter``
+(``DeadLetterHook``), called with it then (the app counts them in the dead-letter metric); it
+must not raise.
 
 Dead consumers: a consumer of the group idle for ``consumer_idle_timeout`` and holding no
 pending entry is deleted (XGROUP DELCONSUMER) by a claim, at most every
 ``consumer_idle_timeout / 2`` seconds; one with pending entries never is (the reclaim takes
-those over first).
+those over first). This housekeeping never fails a claim: an error is logged and the next
+attempt waits for the next interval.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import heapq
 import itertools
 import json
 import logging
+import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping, Sequence
@@ -80,8 +85,9 @@ DEFAULT_CONSUMER_IDLE_TIMEOUT = 3600.0
 STORE = "store"
 #: Called with each dead letter the store itself made (poison, undecodable) once it is stored.
 DeadLetterHook = Callable[[DeadLetter], None]
-#: An undecodable entry's dead letter keeps at most this many of its raw fields and values,
-#: each cut to ``RAW_TEXT_LIMIT`` characters (``data["raw_entry"]`` of its placeholder).
+#: An undecodable entry's dead letter keeps its first this many raw items (field names and
+#: values alike: 8 pairs), each cut to ``RAW_TEXT_LIMIT`` characters (``data["raw_entry"]`` of
+#: its placeholder).
 RAW_FIELDS_LIMIT = 16
 RAW_TEXT_LIMIT = 1000
 
@@ -154,12 +160,13 @@ class NotificationStore(Protocol):
     - Poison: an entry already leased ``max_deliveries`` times without a settle is not leased
       again; the claim that would take it over instead moves it to the dead letters (target and
       adapter ``STORE``, reason ``poison: leased N times ...``, ``attempts`` N) and removes it
-      from the queue, in one step, and goes on to the next entry. An entry that does not decode
-      as a notification is dead-lettered the same way (reason ``undecodable entry <ref> ...``;
-      if even its notification does not decode, the letter carries a placeholder: id the
-      entry's ref, the queue's priority, the raw fields in ``data["raw_entry"]``). ``claim``
-      never raises because of an entry's content. ``touch`` and a settle with ``retry_at``
-      (a new entry) do not count as leases.
+      from the queue, and goes on to the next entry. The letter is stored once and the entry
+      removed with it (on Redis by the settle that follows the claim: see the module
+      docstring). An entry that does not decode as a notification is dead-lettered the same
+      way (reason ``undecodable entry <ref> ...``; if even its notification does not decode,
+      the letter carries a placeholder: id the entry's ref, the queue's priority, the raw
+      fields in ``data["raw_entry"]``). ``claim`` never raises because of an entry's content.
+      ``touch`` and a settle with ``retry_at`` (a new entry) do not count as leases.
     - A lease is held until ``settle``; ``touch`` keeps it from being taken over. Both return
       False (and change nothing) when the lease was taken over by another consumer.
     - ``settle(lease, state, retry_at, dead_letters)`` ends the lease atomically: the dead
@@ -230,11 +237,15 @@ def _check_max_deliveries(max_deliveries: int) -> None:
 
 def _poison(notification: Notification, leases: int, at: float) -> DeadLetter:
     """The dead letter of an entry leased ``leases`` times that no holder settled."""
-    letter = DeadLetter(
-        notification, STORE, STORE, f"poison: leased {leases} times and never settled", leases, at
-    )
-    log.warning("notification %s dead-lettered: %s", notification.id, letter.reason)
-    return letter
+    reason = f"poison: leased {leases} times and never settled"
+    return DeadLetter(notification, STORE, STORE, reason, leases, at)
+
+
+def _stored(letter: DeadLetter, hook: DeadLetterHook | None) -> None:
+    """Logs a dead letter the store made, once it is stored, and passes it to ``hook``."""
+    log.warning("notification %s dead-lettered: %s", letter.notification.id, letter.reason)
+    if hook is not None:
+        hook(letter)
 
 
 # --------------------------------------------------------------------------- memory
@@ -350,8 +361,7 @@ class MemoryNotificationStore:
                     del lane.held[ref]
                     letter = _poison(held.entry.notification, held.entry.leases, self._clock())
                     self._dead.append(letter)
-                    if self._on_dead_letter is not None:
-                        self._on_dead_letter(letter)
+                    _stored(letter, self._on_dead_letter)
                     continue
                 return self._hand_out(lane, held.entry, consumer, reclaimed=True)
             if lane.ready:
@@ -635,7 +645,6 @@ def _undecodable(
         data = {"raw_entry": [text[:RAW_TEXT_LIMIT] for text in raw]}
         notification = Notification(ref, "", priority, "", "", data, ttl=0, created_at=at)
     reason = f"undecodable entry {ref} in the {priority.value} queue: {why.error}"
-    log.warning("notification %s dead-lettered: %s", notification.id, reason)
     return DeadLetter(notification, STORE, STORE, reason, 0, at)
 
 
@@ -655,14 +664,24 @@ class RedisNotificationStore:
     ``max_dead_letters`` (approximate trim of the oldest), ``max_deliveries`` leases of one
     entry (then a claim dead-letters it as poison). Housekeeping runs inside ``claim`` (the
     router's dispatch loop; no task of its own): at most every ``consumer_idle_timeout / 2``
-    seconds of ``now``, and on the first claim, the group's consumers idle (Redis' XINFO
-    CONSUMERS ``idle``: since their last read or claim) for more than
+    seconds of ``now``, and on the first claim, the group's consumers idle for more than
     ``consumer_idle_timeout`` and holding no pending entry are deleted. The check and the
-    delete are one script, so a consumer holding a lease is never deleted. A live router that
-    has found nothing to claim for that long (a read with nothing new does not count as
-    activity) holds nothing and may be deleted too: harmless, Redis creates it again when it
-    next reads an entry. ``consumer_idle_timeout`` must exceed ``lease_timeout``; keep it
-    well beyond. ``on_dead_letter``: see the module docstring.
+    delete are one script, so a consumer holding a lease is never deleted. A failure is logged
+    at WARNING and never fails the claim; the next try waits for the next interval either way.
+
+    "Idle" is XINFO CONSUMERS ``idle``, whose meaning changed in Redis 7.2. Before, it counts
+    from the consumer's last successful read or claim (one that finds nothing does not count),
+    so a live router that has found nothing in a stream for that long is deleted too:
+    harmless, it holds nothing there and Redis creates it again when it next reads an entry.
+    From 7.2 it counts from the last attempt, found or not, so only a consumer that has not
+    even tried that stream for that long goes (a dead router; or a live one kept on higher
+    priorities, just as harmlessly). 7.2's ``inactive`` field (since the last successful
+    interaction, the old ``idle``) is not used: ``idle`` is the better sign of a dead consumer
+    where it differs, and the only one before 7.2.
+
+    ``consumer_idle_timeout`` must exceed ``lease_timeout``; keep it well beyond. ``inf`` (or
+    any timeout too large to count in milliseconds) turns the housekeeping off.
+    ``on_dead_letter``: see the module docstring.
     """
 
     def __init__(
@@ -685,7 +704,7 @@ class RedisNotificationStore:
         on_dead_letter: DeadLetterHook | None = None,
     ) -> None:
         _check_max_deliveries(max_deliveries)
-        if consumer_idle_timeout <= lease_timeout:
+        if not consumer_idle_timeout > lease_timeout:  # not <=: refuses NaN too
             raise ValueError("consumer_idle_timeout must exceed lease_timeout")
         self._redis = client
         self._prefix = prefix
@@ -699,6 +718,8 @@ class RedisNotificationStore:
         self._promote_limit = promote_limit
         self._max_deliveries = max_deliveries
         self._consumer_idle_timeout = consumer_idle_timeout
+        idle_ms = consumer_idle_timeout * 1000
+        self._prune_idle_ms = int(idle_ms) if math.isfinite(idle_ms) else None  # None: never
         self._on_dead_letter = on_dead_letter
         self._clock = clock
         self._owns_client = owns_client
@@ -776,8 +797,7 @@ class RedisNotificationStore:
             if not self._groups_ready:
                 await self._ensure_groups()
             if now >= self._prune_at:
-                await self._prune()
-                self._prune_at = now + self._consumer_idle_timeout / 2
+                await self._prune(now)
             while True:  # each turn that does not return dead-letters the entry it met
                 reply = await self._claim_step(consumer, now)
                 if int(reply[0]) == 0:
@@ -818,16 +838,27 @@ class RedisNotificationStore:
         else:
             notification, state = decoded
             return Lease(ref, consumer, notification, state, reclaimed)
-        stored = await self._settle_entry(i, consumer, ref, None, [letter])
-        if stored and self._on_dead_letter is not None:
-            self._on_dead_letter(letter)
+        if await self._settle_entry(i, consumer, ref, None, [letter]):
+            _stored(letter, self._on_dead_letter)
         return None
 
-    async def _prune(self) -> None:
-        min_idle_ms = int(self._consumer_idle_timeout * 1000)
-        removed = await self._prune_script(keys=self._streams, args=[self._group, min_idle_ms])
-        for stream, consumer in zip(removed[::2], removed[1::2], strict=True):
-            log.info("removed idle consumer %s from %s", _text(consumer), _text(stream))
+    async def _prune(self, now: float) -> None:
+        """Deletes the idle consumers that hold nothing. Never raises (but a cancel): a failure
+        is logged, and the next try, like after a success, waits for the next interval."""
+        interval = self._consumer_idle_timeout / 2
+        self._prune_at = now + interval
+        if self._prune_idle_ms is None:
+            return
+        try:
+            reply = await self._prune_script(
+                keys=self._streams, args=[self._group, self._prune_idle_ms]
+            )
+            removed = list(zip(map(_text, reply[::2]), map(_text, reply[1::2]), strict=True))
+        except Exception as exc:  # housekeeping must never block claims
+            log.warning("removing idle consumers failed, next try in %g s: %r", interval, exc)
+            return
+        for stream, consumer in removed:
+            log.info("removed idle consumer %s from %s", consumer, stream)
 
     async def _run_claim(self, consumer: str, now: float, reclaim: bool) -> list[Any]:
         reply: list[Any] = await self._claim_script(

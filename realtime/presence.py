@@ -141,11 +141,11 @@ for i, key in ipairs(KEYS) do
 end
 return counts
 """
-# KEYS: users' ZSETs; ARGV[i + 1]: the conn_id to forget from KEYS[i]. Returns ZREM's replies.
+# KEYS: users' ZSETs; ARGV[i]: the conn_id to forget from KEYS[i]. Returns ZREM's replies.
 _REMOVE = """
 local removed = {}
 for i, key in ipairs(KEYS) do
-  removed[i] = redis.call('ZREM', key, ARGV[i + 1])
+  removed[i] = redis.call('ZREM', key, ARGV[i])
 end
 return removed
 """
@@ -165,28 +165,33 @@ class _Batch:
 
     ``call(key, arg)`` queues its key and waits; one task (started on demand,
     ended when nothing is queued) sends what is queued as one EVALSHA of up to
-    ``max_batch`` keys, ``ARGV = [param, arg for each key]``, one round trip in
-    flight at a time: calls made during a round trip go together in the next, so
-    N concurrent calls cost about ``N / max_batch`` round trips and one pooled
-    connection instead of N. Each caller gets the script's reply for its key, or
-    ``BrokerUnavailable`` when its round trip fails (the others are unaffected).
+    ``max_batch`` keys, ``ARGV = [param if given, arg for each key]``, one round
+    trip in flight at a time: calls made during a round trip go together in the
+    next, so N concurrent calls cost about ``N / max_batch`` round trips and one
+    pooled connection instead of N. Each caller gets the script's reply for its
+    key, or ``BrokerUnavailable`` when its round trip fails (the others are
+    unaffected).
 
-    Bounds: at most ``max_pending`` calls wait (beyond, ``BrokerUnavailable`` at
-    once: Redis is not keeping up); a caller waits at most ``timeout`` s, then
-    gets ``BrokerUnavailable`` (if its key was already sent, Redis may still apply
-    it). A caller that gives up before its key is sent is dropped from the batch.
-    ``close()`` cancels and awaits the task and fails every waiting caller.
+    Bounds: at most ``max_pending`` callers wait, queued or in the round trip
+    (beyond, ``BrokerUnavailable`` at once: Redis is not keeping up); callers that
+    gave up do not count. A caller waits at most ``timeout`` s, then gets
+    ``BrokerUnavailable`` (if its key was already sent, Redis may still apply it).
+    A caller that gives up before its key is sent is dropped from the batch; the
+    queue holds at most ``2 * max_pending`` keys, those of callers that gave up
+    being dropped when it reaches that. ``close()`` cancels and awaits the task
+    and fails every waiting caller.
     """
 
-    def __init__(self, script: AsyncScript, what: str, param: int, *, max_batch: int,
-                 max_pending: int, timeout: float) -> None:
+    def __init__(self, script: AsyncScript, what: str, param: int | None = None, *,
+                 max_batch: int, max_pending: int, timeout: float) -> None:
         self._script = script
         self._what = what
-        self._param = param
+        self._head = [] if param is None else [param]
         self._max_batch = max_batch
         self._max_pending = max_pending
         self._timeout = timeout
         self._pending: deque[tuple[str, str, asyncio.Future[Any]]] = deque()
+        self._waiting = 0  # callers inside ``call``, queued or in the round trip
         self._sending: list[asyncio.Future[Any]] = []
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -194,20 +199,33 @@ class _Batch:
     async def call(self, key: str, arg: str) -> Any:
         if self._closed:
             raise BrokerUnavailable(f"redis presence {self._what} failed: registry closed")
-        if len(self._pending) >= self._max_pending:
+        if self._waiting >= self._max_pending:
             raise BrokerUnavailable(f"redis presence {self._what} failed: "
-                                    f"{len(self._pending)} calls already waiting for Redis")
+                                    f"{self._waiting} calls already waiting for Redis")
+        if len(self._pending) >= 2 * self._max_pending:
+            self._drop_given_up()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append((key, arg, future))
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._send_all(), name=f"presence-{self._what}")
+        self._waiting += 1
         try:
             async with asyncio.timeout(self._timeout):
                 return await future
         except TimeoutError:
             raise BrokerUnavailable(f"redis presence {self._what} failed: "
                                     f"no reply within {self._timeout} s") from None
+        finally:
+            self._waiting -= 1
+
+    def _drop_given_up(self) -> None:
+        """Drops the queued keys of callers that gave up, in place (``_send_all`` holds the
+        deque). At most ``max_pending`` remain, so this runs at most once per
+        ``max_pending`` calls: O(1) a call."""
+        live = [item for item in self._pending if not item[2].done()]
+        self._pending.clear()
+        self._pending.extend(live)
 
     async def _send_all(self) -> None:
         pending = self._pending
@@ -224,7 +242,7 @@ class _Batch:
                 with redis_errors(f"presence {self._what}"):
                     replies = await self._script(
                         keys=[key for key, _, _ in batch],
-                        args=[self._param, *(arg for _, arg, _ in batch)])
+                        args=[*self._head, *(arg for _, arg, _ in batch)])
                 answered = list(zip(self._sending, replies, strict=True))
             except Exception as exc:
                 for future in self._sending:
@@ -269,8 +287,9 @@ class RedisConnectionRegistry:
     (``_Batch``): the concurrent calls of a connect flood share one Lua call per
     ``max_batch`` users (drop expired, add, count, for each user in turn), so the
     pool of ``make_client`` stays free for the heartbeat. ``refresh`` sends its
-    entries ``max_batch`` per Lua call. Bounds: ``max_pending`` waiting calls per
-    operation (beyond: ``BrokerUnavailable`` at once), ``timeout`` s per call.
+    entries ``max_batch`` per Lua call. Bounds: ``max_pending`` waiting callers per
+    operation, each of ``add``, ``remove`` and ``set_tier`` (beyond:
+    ``BrokerUnavailable`` at once), ``timeout`` s per call.
     """
 
     def __init__(self, url: str, *, ttl: float = DEFAULT_TTL, timeout: float = 5.0,
@@ -282,7 +301,7 @@ class RedisConnectionRegistry:
         self._add_script = self._client.register_script(_ADD)
         batch = partial(_Batch, max_batch=max_batch, max_pending=max_pending, timeout=timeout)
         self._adds = batch(self._add_script, "add", self._ttl_ms)
-        self._removes = batch(self._client.register_script(_REMOVE), "remove", 0)
+        self._removes = batch(self._client.register_script(_REMOVE), "remove")
         self._tiers = batch(self._client.register_script(_SET_TIER), "set_tier",
                             round(TIER_TTL * 1000))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -176,7 +177,8 @@ async def test_memory_bounds_tiers_and_sweeps_expired_users() -> None:
 
 @pytest.mark.timeout(30)
 async def test_redis_concurrent_adds_share_few_round_trips(redis_url: str) -> None:
-    registry = RedisConnectionRegistry(redis_url)
+    name = f"presence-{secrets.token_hex(4)}"  # names this registry's connections
+    registry = RedisConnectionRegistry(f"{redis_url}?client_name={name}")
     admin = aredis.Redis.from_url(redis_url)
     try:
         await registry.add("warm", "up")  # loads the script on the registry's one connection
@@ -190,7 +192,8 @@ async def test_redis_concurrent_adds_share_few_round_trips(redis_url: str) -> No
         assert all(sorted(c) == list(range(1, per_user + 1)) for c in by_user.values())
         stats = await admin.info("commandstats")
         assert stats["cmdstat_evalsha"]["calls"] == len(calls) // 500  # 500 keys per call
-        assert len(await admin.client_list()) == 2  # this admin and the registry's one
+        mine = [c for c in await admin.client_list() if c["name"] == name]
+        assert len(mine) == 1  # one connection for all 2,000 calls
     finally:
         await admin.aclose()
         await registry.close()
@@ -231,13 +234,48 @@ async def test_redis_a_stalled_redis_fails_each_caller_within_the_timeout(
         await registry.close()
 
 
+@pytest.mark.timeout(20)
+async def test_redis_callers_that_gave_up_do_not_count_against_the_bound(
+        redis_url: str, redis_server: RedisServer) -> None:
+    registry = RedisConnectionRegistry(redis_url, max_pending=10, timeout=1.0)
+    try:
+        await registry.add("u", "a")
+        redis_server.pause()
+        try:
+            stuck = asyncio.ensure_future(registry.add("u", "sent"))  # its round trip hangs
+            await asyncio.sleep(0.1)
+            for _ in range(5):
+                gone = [asyncio.ensure_future(registry.add("u", f"g{i}")) for i in range(9)]
+                await asyncio.sleep(0)  # queued behind the hung round trip
+                for call in gone:
+                    call.cancel()  # their clients went away
+                await asyncio.gather(*gone, return_exceptions=True)
+            assert len(registry._adds._pending) <= 20  # their keys are dropped at 2 x 10
+            async with asyncio.timeout(5):
+                results = await asyncio.gather(
+                    *(registry.add("u", f"c{i}") for i in range(10)), stuck,
+                    return_exceptions=True)
+        finally:
+            redis_server.resume()
+        assert all(isinstance(r, BrokerUnavailable) for r in results), results
+        refused = [r for r in results if "already waiting" in str(r)]
+        assert [str(r) for r in refused] == [  # "sent" and 9 others waited; the 10th did not
+            "redis presence add failed: 10 calls already waiting for Redis"]
+        assert await registry.add("u", "b") >= 2
+    finally:
+        await registry.close()
+
+
+@pytest.mark.timeout(20)
 async def test_redis_close_answers_every_waiting_caller(redis_url: str) -> None:
     registry = RedisConnectionRegistry(redis_url)
     calls = [asyncio.ensure_future(registry.add(f"u{i}", "c")) for i in range(1000)]
     await asyncio.sleep(0)  # the calls are queued
-    await registry.close()
-    results = await asyncio.gather(*calls, return_exceptions=True)
-    assert all(r == 1 or isinstance(r, BrokerUnavailable) for r in results)
+    async with asyncio.timeout(1):  # answered by close, not after the 5 s call timeout
+        await registry.close()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+    closed = [r for r in results if isinstance(r, BrokerUnavailable) and "closed" in str(r)]
+    assert closed and all(r == 1 or r in closed for r in results), results[:5]
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("presence-")]
     with pytest.raises(BrokerUnavailable, match="closed"):
         await registry.add("u", "late")
