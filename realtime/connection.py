@@ -1,13 +1,14 @@
 """One client WebSocket: the connect deadline, its commands, its bounded outbox, its closes.
 
 Writes are synchronous and coalesced: while the transport is not paused a
-frame joins the connection's pending frames, and the hub's flush at the end
-of the loop tick writes them with one ``transport.write`` (or sooner, once
-``FLUSH_BYTES`` are pending). Under back-pressure a frame waits in the outbox
-instead (bounded in messages and bytes; at the bound the connection is closed
-with 4008 and its outbox dropped) and is written, in order, when the transport
-resumes. Only this class writes to its socket, so order is kept without a
-writer task.
+frame joins the connection's pending frames, and the hub's flush (scheduled
+with ``call_soon``, 128 connections per loop iteration) writes them with one
+``transport.write`` (or sooner, once ``FLUSH_BYTES`` are pending). Under
+back-pressure a frame waits in the outbox instead (bounded in messages and
+bytes; at the bound the connection is closed with 4008 and its outbox
+dropped) and is written, in order, when the transport resumes. Only this
+class writes to its socket, so order is kept without a writer task. Once the
+connection is closed or cleaning up, nothing more is written.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ log = logging.getLogger("realtime.connection")
 
 #: Rejected commands within the minute after the first ``rate_limited`` that close with 4029.
 STRIKES_BEFORE_CLOSE = 10
-#: Pending bytes at which a connection writes at once instead of at the end of the tick.
+#: Pending bytes at which a connection writes at once instead of waiting for the hub's flush.
 FLUSH_BYTES = 64 * 1024
 #: The outbox of a connection that never queued: takes nothing (maxlen 0), costs nothing.
 _NO_OUTBOX: deque[bytes] = deque(maxlen=0)
@@ -89,7 +90,7 @@ class Connection:
         self.outbox_bytes = 0
         #: the transport's buffer is full (``wire`` says so through on_pause / on_resume)
         self.paused = wire.paused
-        #: frames written this tick, not yet handed to the transport (see ``flush``)
+        #: frames written but not yet handed to the transport (see ``flush``)
         self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.closed = False
@@ -103,7 +104,7 @@ class Connection:
     # ------------------------------------------------------------------ output
 
     def write(self, data: bytes) -> None:
-        """Write one complete frame at the end of the tick, or queue it under back-pressure
+        """Write one complete frame with the hub's next flush, or queue it under back-pressure
         (4008 at the bound)."""
         if self.closed:
             return
@@ -134,7 +135,7 @@ class Connection:
         self.node.hub.mark_pending(self)
 
     def flush(self) -> None:
-        """Hand the pending frames to the transport in one write (the hub calls it per tick).
+        """Hand the pending frames to the transport in one write (the hub's flush calls it).
 
         They go even if the transport paused meanwhile: that is at most ``FLUSH_BYTES``
         plus one frame more in its buffer; later frames wait in the bounded outbox.
@@ -146,7 +147,10 @@ class Connection:
         pending.clear()
         self.pending_bytes = 0
         if not self.closed:
-            self._write(data)
+            try:
+                self._write(data)
+            except RuntimeError:  # uvloop: the socket is already closed; the frames go nowhere
+                self.closed = True
 
     def send(self, message: dict[str, Any]) -> None:
         self.write(self.codec.encode(message))
@@ -338,6 +342,9 @@ class Connection:
 
     async def _cleanup(self) -> None:
         node = self.node
+        # Finished: nothing more is written, even while the awaits below let events in.
+        self.closed = True
+        self.pending.clear()
         self.wire.listener = None
         node.connections.discard(self)
         node.batch_timers.cancel(self)
@@ -353,8 +360,6 @@ class Connection:
                 await node.presence.remove(self.user, self.conn_id)
             except BrokerUnavailable:
                 pass  # the entry expires with this node's heartbeat
-        if not self.closed:
-            self.closed = True
 
     # ------------------------------------------------------------------ input
 

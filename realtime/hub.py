@@ -130,15 +130,14 @@ class Hub:
         connection's frames stay in order: they are written only from its own list.
         """
         pending = self._pending
-        if len(pending) <= FLUSH_SLICE:
-            self._pending = deque()
-            self._flush_scheduled = False
-            for conn in pending:
-                conn.flush()
-            return
-        asyncio.get_running_loop().call_soon(self._flush)  # the rest, after a look at the sockets
+        count = len(pending)
+        if count > FLUSH_SLICE:
+            count = FLUSH_SLICE
+            asyncio.get_running_loop().call_soon(self._flush)  # the rest, after the sockets
+        else:
+            self._flush_scheduled = False  # a connection marked from here on schedules anew
         popleft = pending.popleft
-        for _ in range(FLUSH_SLICE):
+        for _ in range(count):
             popleft().flush()
 
     # ------------------------------------------------------------------ fan-out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import signal
 
@@ -128,3 +129,49 @@ async def test_nothing_is_left_behind_and_bad_clients_log_one_line() -> None:
             assert 'piggybong_realtime_ws_connections{tier="free"} 0.0' in metrics
         # Ten connections from one address sent bad frames: one log line in the interval.
         assert server.log().count("closing a connection of 127.0.0.1") == 1
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+async def test_clients_leaving_mid_fan_out_never_stall_the_others(
+        broker: str, request: pytest.FixtureRequest) -> None:
+    # 300 quiet subscribers make each fan-out several flush slices long; clients that
+    # subscribe and leave while events are published must cost the others nothing: the
+    # last subscriber (written last in every fan-out) gets every event, in order.
+    env = {"REALTIME_REDIS_URL": request.getfixturevalue("redis_url")} if broker == "redis" else {}
+    async with running_server(env) as server, contextlib.AsyncExitStack() as stack:
+        quiet_ones = []
+
+        async def quiet(i: int) -> None:  # max_queue=1: it stops reading; the kernel buffers
+            client = await stack.enter_async_context(
+                connected(server, f"u-quiet-{i}", max_queue=1))
+            assert "result" in await client.command("subscribe", channel="artist:churn")
+            quiet_ones.append(client)
+
+        for first in range(0, 300, 50):
+            await asyncio.gather(*(quiet(i) for i in range(first, first + 50)))
+        keeper = await stack.enter_async_context(connected(server, "u-keeper"))
+        assert "result" in await keeper.command("subscribe", channel="artist:churn")
+        stop = asyncio.Event()
+
+        async def churn(worker: int) -> int:
+            rounds = 0
+            while not stop.is_set():
+                async with connected(server, f"u-churn-{worker}-{rounds}") as client:
+                    await client.command("subscribe", channel="artist:churn")
+                rounds += 1
+            return rounds
+
+        churners = [asyncio.create_task(churn(w)) for w in range(8)]
+        total = 400
+        for start in range(0, total, 20):
+            body = [{"channel": "artist:churn", "event": "tick", "data": {"n": n}}
+                    for n in range(start, start + 20)]
+            assert (await server.publish(body)).status_code == 202
+            await asyncio.sleep(0.02)
+        got = [(await keeper.next_pushed(timeout=10))["data"]["n"] for _ in range(total)]
+        stop.set()
+        assert sum(await asyncio.gather(*churners)) > 8  # clients did come and go meanwhile
+        assert got == list(range(total))
+        assert "Traceback" not in server.log() and "RuntimeError" not in server.log()
+        for client in quiet_ones:  # they hold unread events: no closing handshake to wait for
+            client.ws.transport.abort()
