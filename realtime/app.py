@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
@@ -144,7 +144,7 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
     for collector in (ProcessCollector, PlatformCollector, GCCollector):
         collector(registry=registry)
     metrics = Metrics(registry)
-    freezer = GcFreezer(settings.gc_freeze_interval, registry)
+    freezer = GcFreezer(settings.gc_freeze_interval, settings.gc_full_interval, registry)
     policy = load_policy(settings.tier_policy)
     public_key = settings.jwt_public_key.read_bytes() if settings.jwt_public_key else None
     auth = Authenticator(
@@ -269,7 +269,6 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         Route("/healthz", handler("healthz"), methods=["GET"]),
         Route("/readyz", handler("readyz"), methods=["GET"]),
         Route("/metrics", handler("metrics"), methods=["GET"]),
-        WebSocketRoute(WS_PATH, RealtimeApp.ws_endpoint),
     ]
     return RealtimeApp(
         routes=routes, lifespan=lifespan,

@@ -131,6 +131,15 @@ def raise_open_files_limit() -> int:
     return hard
 
 
+def _http_protocol() -> str:
+    """Our httptools protocol where httptools is installed (a dependency), else uvicorn's h11."""
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return "h11"
+    return "realtime.httpprotocol:RealtimeHttpToolsProtocol"
+
+
 def uvicorn_config(settings: Settings, **overrides: Any) -> uvicorn.Config:
     """uvicorn's configuration for ``settings`` (``overrides`` for an embedding, e.g. loop)."""
     options: dict[str, Any] = dict(
@@ -139,7 +148,7 @@ def uvicorn_config(settings: Settings, **overrides: Any) -> uvicorn.Config:
         port=settings.port,
         workers=settings.workers,
         loop="uvloop" if _has_uvloop() else "asyncio",
-        http="auto",
+        http=_http_protocol(),
         ws="realtime.wsprotocol:RealtimeWSProtocol",
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=settings.ping_interval,

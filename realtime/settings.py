@@ -35,7 +35,7 @@ CsvList = Annotated[list[str], NoDecode]
 class Settings(BaseSettings):
     """Server settings. Defaults are the contract's (protocol-v1)."""
 
-    model_config = SettingsConfigDict(env_prefix="REALTIME_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="REALTIME_", extra="ignore", allow_inf_nan=False)
 
     host: str = Field("127.0.0.1", description="interface to listen on")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
@@ -127,14 +127,19 @@ class Settings(BaseSettings):
     push_timeout: float = Field(10.0, gt=0, description="seconds per push request")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     gc_freeze_interval: float | None = Field(
-        1.0, gt=0, description="seconds between collect-and-freeze of long-lived objects "
+        1.0, ge=0.1, description="seconds between collect-and-freeze of long-lived objects "
         "(keeps full GC pauses short); empty: only at start-up"
+    )
+    gc_full_interval: float | None = Field(
+        3600.0, ge=1, description="seconds between full collections of everything, frozen "
+        "included (frees cycles that died after being frozen); empty: never"
     )
     log_interval: float = Field(
         10.0, gt=0, description="seconds between log lines about one bad client"
     )
 
-    @field_validator("jwt_secret", "redis_url", "gc_freeze_interval", mode="before")
+    @field_validator("jwt_secret", "redis_url", "gc_freeze_interval", "gc_full_interval",
+                     mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value

@@ -290,13 +290,9 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
         self.finished_parts += 1
         if self.finished_parts < 2:
             return
-        self.stop_keepalive()
-        if self.close_timer is not None:
-            self.close_timer.cancel()
-            self.close_timer = None
+        # (connection_lost has stopped the keepalive and the close timer.)
         scope = getattr(self, "scope", None)
         if scope is not None:
-            scope.get("extensions", {}).pop(EXTENSION, None)
-            scope.clear()
+            scope.clear()  # its extensions hold this protocol
         self.conn.parser = _finished_parser()
         self.transport.set_protocol(_DETACHED)

@@ -33,7 +33,9 @@ pytestmark = pytest.mark.timeout(60)
 #: Server-side classes of one WebSocket connection.
 SERVER_TYPES = ("realtime.connection.Connection", "realtime.wsprotocol.RealtimeWSProtocol",
                 "websockets.server.ServerProtocol", "realtime.wsprotocol.Inbox",
-                "realtime.wsprotocol.Flag")
+                "realtime.wsprotocol.Flag", "realtime.httpprotocol.RealtimeHttpToolsProtocol",
+                "httptools.parser.parser.HttpRequestParser",
+                "uvicorn.protocols.http.flow_control.FlowControl")
 
 
 def census() -> dict[str, int]:
@@ -120,7 +122,8 @@ def test_a_finished_connection_leaves_no_reference_cycle(
         scenario: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # The app reads its settings from the environment (create_app is uvicorn's factory).
     for name, value in {"CONNECT_TIMEOUT": "0.5", "OUTBOX_MAX_BYTES": str(256 * 1024),
-                        "LOG_LEVEL": "warning", "GC_FREEZE_INTERVAL": "3600"}.items():
+                        "LOG_LEVEL": "warning", "GC_FREEZE_INTERVAL": "3600",
+                        "GC_FULL_INTERVAL": ""}.items():
         monkeypatch.setenv(f"REALTIME_{name}", value)
     for name in ("REDIS_URL", "JWT_SECRET", "API_KEYS"):
         monkeypatch.delenv(f"REALTIME_{name}", raising=False)
@@ -168,7 +171,8 @@ def _frozen(metrics: str) -> float:
 
 @pytest.mark.asyncio
 async def test_the_server_freezes_what_connections_hold_and_frees_it_when_they_close() -> None:
-    async with running_server({"REALTIME_GC_FREEZE_INTERVAL": "0.3"}) as server, \
+    env = {"REALTIME_GC_FREEZE_INTERVAL": "0.3", "REALTIME_GC_FULL_INTERVAL": "1"}
+    async with running_server(env) as server, \
             httpx.AsyncClient(base_url=server.url) as http:
         await asyncio.sleep(0.5)
         idle = _frozen((await http.get("/metrics")).text)
@@ -176,12 +180,28 @@ async def test_the_server_freezes_what_connections_hold_and_frees_it_when_they_c
         async with contextlib.AsyncExitStack() as stack:
             for i in range(100):
                 await stack.enter_async_context(connected(server, f"u-gc-{i}"))
-            await asyncio.sleep(1.0)  # a freeze or more
+            await asyncio.sleep(1.5)  # a full collection or more, which counts what is frozen
             metrics = (await http.get("/metrics")).text
             held = _frozen(metrics)
             assert held > idle + 100 * 20  # each connection's objects were frozen
             assert 'piggybong_realtime_gc_pause_seconds_count{generation="2"}' in metrics
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.5)
         after = _frozen((await http.get("/metrics")).text)
-        # Closed connections left the permanent generation: reference counting freed them.
+        # Closed connections left the permanent generation.
         assert after < idle + (held - idle) * 0.2, (idle, held, after)
+
+
+def test_gc_intervals_empty_means_off_and_bounds_are_checked(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("REALTIME_GC_FREEZE_INTERVAL", "")
+    monkeypatch.setenv("REALTIME_GC_FULL_INTERVAL", "")
+    settings = Settings()
+    assert (settings.gc_freeze_interval, settings.gc_full_interval) == (None, None)
+    for name, value in (("GC_FREEZE_INTERVAL", "0.001"), ("GC_FREEZE_INTERVAL", "inf"),
+                        ("GC_FULL_INTERVAL", "nan"), ("NOTIFICATION_CONSUMER_IDLE_TIMEOUT", "inf")):
+        monkeypatch.setenv(f"REALTIME_{name}", value)
+        with pytest.raises(ValidationError, match=name.lower()):
+            Settings()
+        monkeypatch.delenv(f"REALTIME_{name}")
