@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from bench.loadgen import raise_nofile
+from loadtest.sysstats import raise_nofile
 
 SUBPROTOCOL = "piggybong.v1.json"
 

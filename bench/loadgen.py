@@ -33,7 +33,6 @@ import contextlib
 import json
 import math
 import os
-import resource
 import socket
 import sys
 import time
@@ -41,6 +40,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, cast
 
+from loadtest.sysstats import raise_nofile
 from realtime.auth import mint_token
 from realtime.settings import DEV_API_KEY, DEV_JWT_SECRET
 
@@ -73,18 +73,6 @@ def _frame(opcode: int, payload: bytes) -> bytes:
 def check_loopback(host: str) -> None:
     if not host.startswith("127."):
         raise SystemExit(f"bench: refusing target {host!r}: only 127.0.0.0/8")
-
-
-def raise_nofile() -> int:
-    """Raise this process's open-file limit as far as it goes; the new soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    for want in (1_048_576, 262_144, hard):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
-            return want
-        except (ValueError, OSError):
-            continue
-    return soft
 
 
 # --------------------------------------------------------------------------- histogram

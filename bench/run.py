@@ -56,8 +56,8 @@ from bench.loadgen import (
     proc_cpu_seconds,
     proc_rss_bytes,
     publish,
-    raise_nofile,
 )
+from loadtest.sysstats import raise_nofile
 
 HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
@@ -501,8 +501,18 @@ def machine() -> dict[str, Any]:
     versions = {name: _version(name) for name in (
         "uvicorn", "websockets", "starlette", "uvloop", "redis", "hiredis", "msgpack", "h11",
         "httptools")}
+    versions["redis-py"] = versions.pop("redis")
     return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
-            "python": platform.python_version(), "redis": redis_version, **versions}
+            "python": platform.python_version(), "redis-server": redis_version,
+            "node": _node_version(), **versions}
+
+
+def _node_version() -> str:
+    try:
+        return subprocess.run(["node", "--version"], check=False, capture_output=True,
+                              text=True).stdout.strip() or "not installed"
+    except OSError:
+        return "not installed"
 
 
 def _version(name: str) -> str:
