@@ -39,6 +39,7 @@ from realtime.gcfreeze import GcFreezer
 from realtime.hub import Hub
 from realtime.idempotency import IdempotencyStore, MemoryIdempotencyStore
 from realtime.metrics import Metrics
+from realtime.metricsport import MetricsPort
 from realtime.node import Node, make_log_throttle
 from realtime.presence import ConnectionRegistry, MemoryConnectionRegistry
 from realtime.protocol import ErrorCode, choose_codec
@@ -231,6 +232,11 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         metrics.queued_bytes.set_function(lambda: sum(c.outbox_bytes for c in node.connections))
         if settings.log_level != "debug":
             WS_LOG.setLevel(logging.WARNING)
+        metrics_port = None
+        if settings.metrics_port is not None:  # first: a taken port stops the start cleanly
+            metrics_port = MetricsPort(registry, settings.host, settings.metrics_port)
+            await metrics_port.start()
+            log.info("metrics on %s:%d", settings.host, metrics_port.port)
         await broker.start(hub.on_message)
         await router.start()
         housekeeping = asyncio.create_task(_housekeeping(node), name="housekeeping")
@@ -244,6 +250,8 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await housekeeping
             await freezer.close()
+            if metrics_port is not None:
+                await metrics_port.close()
             node.batch_timers.close()
             node.expiry_timers.close()
             await router.close()

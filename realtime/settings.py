@@ -45,6 +45,10 @@ class Settings(BaseSettings):
         description="listen with SO_REUSEPORT: several `realtime serve` processes share the "
         "port, the kernel spreads connections (one worker each)",
     )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="also serve /metrics on this port of this process "
+        "alone (scrape each process when several share the API port); unset: API port only"
+    )
     redis_url: str | None = Field(
         None, description="Redis URL; unset: in-process broker and queues (one node)"
     )
@@ -139,7 +143,7 @@ class Settings(BaseSettings):
     )
 
     @field_validator("jwt_secret", "redis_url", "gc_freeze_interval", "gc_full_interval",
-                     mode="before")
+                     "metrics_port", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
@@ -167,6 +171,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "REALTIME_REUSE_PORT needs REALTIME_WORKERS=1: workers share one socket; "
                 "run several `realtime serve --reuse-port` processes instead"
+            )
+        if self.metrics_port and self.workers > 1:
+            raise ValueError(
+                "REALTIME_METRICS_PORT needs REALTIME_WORKERS=1: workers would all bind it; "
+                "run several `realtime serve --reuse-port --metrics-port N` processes instead"
             )
         return self
 
