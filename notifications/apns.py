@@ -33,7 +33,11 @@ APNS_ID_NAMESPACE = uuid.UUID("5d1f0c3e-8a43-4f57-9c36-3b1f2a6e0b7d")
 DEAD_TOKEN_REASONS = frozenset(
     {"BadDeviceToken", "DeviceTokenNotForTopic", "Unregistered", "ExpiredToken"}
 )
-PROVIDER_TOKEN_REASONS = frozenset({"ExpiredProviderToken", "InvalidProviderToken"})
+#: 403 reasons that refuse our provider token, i.e. the key, key id or team id (or our clock):
+#: no notification can fix them.
+PROVIDER_TOKEN_REASONS = frozenset(
+    {"ExpiredProviderToken", "InvalidProviderToken", "MissingProviderToken"}
+)
 
 _INTERRUPTION_LEVEL = {
     Priority.CRITICAL: "critical",
@@ -129,8 +133,13 @@ class ApnsAdapter:
     """Sends alerts to iOS devices through APNs over HTTP/2.
 
     Outcomes: 200 delivered; 410, or BadDeviceToken / DeviceTokenNotForTopic /
-    Unregistered, dead token; 403 ExpiredProviderToken / InvalidProviderToken
-    retry (the token is re-signed; an expired one is retried once at once);
+    Unregistered, dead token; 403 InvalidProviderToken / ExpiredProviderToken /
+    MissingProviderToken credentials rejected (a wrong key, key id or team id,
+    or a clock Apple disagrees with), but after ExpiredProviderToken the token
+    is re-signed and the push retried once at once first. Otherwise a refused
+    token is kept until it is due for refresh: signing the same key, key id and
+    team again gives an equivalent token, and Apple refuses tokens updated too
+    often (429 TooManyProviderTokenUpdates); a clock set right re-signs anyway;
     429 retry with Retry-After and no breaker failure (Apple sends it for one
     device token or our token updates: the service is healthy); 5xx retry with
     Retry-After and breaker failure; other 4xx rejected; a payload over 4096
@@ -181,10 +190,9 @@ class ApnsAdapter:
             except TRANSPORT_ERRORS as exc:
                 return transport_failure(exc)
             reason = _reason(response)
-            if response.status_code == 403 and reason in PROVIDER_TOKEN_REASONS:
-                self.token.invalidate(provider_token)
-                if first_attempt and reason == "ExpiredProviderToken":
-                    continue
+            if first_attempt and response.status_code == 403 and reason == "ExpiredProviderToken":
+                self.token.invalidate(provider_token)  # concurrent refusals sign one new token
+                continue
             break
         return self._result(response, reason)
 
@@ -195,7 +203,7 @@ class ApnsAdapter:
         if reason in DEAD_TOKEN_REASONS:
             return PushResult(Outcome.DEAD_TOKEN, status=status, reason=reason)
         if status == 403 and reason in PROVIDER_TOKEN_REASONS:
-            return PushResult(Outcome.RETRY, status=status, reason=reason)
+            return PushResult(Outcome.CREDENTIALS_REJECTED, status=status, reason=reason)
         retry_after = parse_retry_after(response.headers.get("retry-after"), self._clock())
         return status_result(status, reason, retry_after)
 

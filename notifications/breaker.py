@@ -1,7 +1,8 @@
 """A sans-I/O circuit breaker (closed / open / half-open) with an injected clock.
 
 The caller asks ``allow()`` before a call and reports how it ended with exactly
-one of ``record_success()``, ``record_failure()`` or ``record_ignored()``.
+one of ``record_success()``, ``record_failure()``, ``record_credentials_rejected()``
+or ``record_ignored()``.
 Results are attributed to the state the breaker is in when they are recorded.
 """
 
@@ -14,6 +15,13 @@ from enum import StrEnum
 
 #: The sliding window is kept as this many time buckets (bounded memory at any call rate).
 WINDOW_BUCKETS = 30
+#: Default seconds a breaker stays open after the provider refused our credentials. Nothing
+#: queued can succeed until someone changes them, and the usual fix (a new key or account)
+#: comes with a restart, which starts closed; so this only bounds the delay after a fix made
+#: outside the process (a role granted back, an account re-enabled, a clock resynced), while
+#: each node sends one probe and logs one ERROR line per period: 12 an hour, not one request
+#: per notification per retry.
+CREDENTIALS_COOLDOWN = 300.0
 
 
 class BreakerState(StrEnum):
@@ -36,6 +44,8 @@ class CircuitBreaker:
     - Open: no call is allowed until ``retry_at()``, which is ``cooldown``
       seconds after opening, or later if a failure carried a longer
       ``retry_after``. The first ``allow()`` at or after it moves to half-open.
+    - ``record_credentials_rejected()`` opens it from any state, at once, for
+      ``credentials_cooldown`` seconds (an open one stays open at least that long).
     - Half-open: at most ``half_open_max_calls`` probes are in flight. A failed
       probe reopens; ``half_open_max_calls`` successful probes close (with a
       fresh window); an ignored probe frees its slot.
@@ -53,13 +63,14 @@ class CircuitBreaker:
         failure_rate: float = 0.5,
         minimum_calls: int = 10,
         cooldown: float = 30.0,
+        credentials_cooldown: float = CREDENTIALS_COOLDOWN,
         half_open_max_calls: int = 1,
         on_transition: Transition | None = None,
     ) -> None:
         if failure_threshold < 1 or minimum_calls < 1 or half_open_max_calls < 1:
             raise ValueError("failure_threshold, minimum_calls, half_open_max_calls must be >= 1")
-        if window <= 0 or cooldown < 0 or not 0 < failure_rate <= 1:
-            raise ValueError("window must be > 0, cooldown >= 0, 0 < failure_rate <= 1")
+        if window <= 0 or min(cooldown, credentials_cooldown) < 0 or not 0 < failure_rate <= 1:
+            raise ValueError("window must be > 0, cooldowns >= 0, 0 < failure_rate <= 1")
         self.name = name
         self._clock = clock
         self._failure_threshold = failure_threshold
@@ -68,6 +79,7 @@ class CircuitBreaker:
         self._failure_rate = failure_rate
         self._minimum_calls = minimum_calls
         self._cooldown = cooldown
+        self._credentials_cooldown = credentials_cooldown
         self._half_open_max_calls = half_open_max_calls
         self._on_transition = on_transition
 
@@ -131,6 +143,22 @@ class CircuitBreaker:
             self._open(retry_after)
         else:
             self._extend(retry_after)
+
+    def record_credentials_rejected(self) -> bool:
+        """The provider refused our credentials: no call can succeed until they change.
+
+        Opens now whatever the counts, for ``credentials_cooldown`` seconds (a half-open probe
+        reopens); an open breaker's ``retry_at`` moves to at least that far ahead. Returns
+        whether this call opened it (a caller logs once per opening, not once per call).
+        """
+        if self._state is BreakerState.OPEN:
+            self._extend(self._credentials_cooldown)
+            return False
+        if self._state is BreakerState.HALF_OPEN:
+            self._release_probe()
+        self._retry_at = self._clock() + self._credentials_cooldown
+        self._move(BreakerState.OPEN)
+        return True
 
     def record_ignored(self) -> None:
         """A call whose result says nothing about health: it only frees a half-open slot."""

@@ -112,12 +112,21 @@ class FcmAdapter:
 
     Outcomes: 200 delivered; UNREGISTERED or SENDER_ID_MISMATCH, or
     INVALID_ARGUMENT carrying an APNs 410, dead token; other INVALID_ARGUMENT
-    and other 4xx rejected; 401 drops the access token, retries once at once,
-    then retry (never dead token); 429 QUOTA_EXCEEDED retry with Retry-After
-    and no breaker failure; 5xx retry with Retry-After and breaker failure;
-    transport errors and time-outs retry with breaker failure. A token
-    endpoint that refuses us is a retry (a breaker failure if 5xx or
-    unreachable). One access-token request is in flight at a time.
+    and other 4xx rejected; 429 QUOTA_EXCEEDED retry with Retry-After and no
+    breaker failure; 5xx retry with Retry-After and breaker failure; transport
+    errors and time-outs retry with breaker failure.
+
+    Credentials rejected (``CREDENTIALS_REJECTED``, no notification can fix
+    it): the token endpoint answering 4xx other than 408/429 (invalid_grant:
+    a revoked, deleted or wrong service account key, or a skewed clock;
+    unauthorized_client...); a 401 that persists with a freshly bought access
+    token (the first 401 drops the token and retries once at once);
+    PERMISSION_DENIED without SENDER_ID_MISMATCH (the account may not send for
+    the project). A token endpoint answering anything else (408, 429, 5xx) or
+    unreachable is a retry (a breaker failure if 408, 5xx or unreachable).
+
+    One access-token request is in flight at a time; the sends that waited for
+    it share its answer, a refusal included, instead of asking again.
     """
 
     name = "fcm"
@@ -138,6 +147,10 @@ class FcmAdapter:
             timeout=timeout, ca_bundle=ca_bundle, http2=True, base_url=endpoint
         )
         self._token_lock = asyncio.Lock()
+        # Token requests answered, and the last one's refusal: a send that was waiting while a
+        # request was answered takes its answer (the token, or this refusal) instead of asking.
+        self._token_answers = 0
+        self._refusal: PushResult | None = None
         self.token_requests = 0  # access tokens asked for (for metrics and tests)
 
     async def send(self, notification: Notification, device: Device) -> PushResult:
@@ -146,10 +159,13 @@ class FcmAdapter:
             content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
         except (TypeError, ValueError) as exc:
             return PushResult(Outcome.REJECTED, reason=f"data is not JSON: {exc}")
+        fresh = False  # whether the access token was bought after this send asked for it
         for first_attempt in (True, False):
+            answers = self._token_answers
             token = await self._access_token()
             if isinstance(token, PushResult):
                 return token
+            fresh = self._token_answers != answers
             try:
                 response = await self._client.post(
                     self._path,
@@ -166,46 +182,58 @@ class FcmAdapter:
                 if first_attempt:
                     continue
             break
-        return self._result(response)
+        return self._result(response, fresh_token=fresh)
 
     async def _access_token(self) -> str | PushResult:
+        """The cached access token, else a new one, else why none could be had."""
         token = self.auth.cached()
         if token is not None:
             return token
+        answers = self._token_answers
         async with self._token_lock:
             token = self.auth.cached()
             if token is not None:
                 return token
+            if self._token_answers != answers and self._refusal is not None:
+                return self._refusal  # refused while this send waited
             self.token_requests += 1
-            try:
-                response = await self._client.post(
-                    self.auth.token_uri,
-                    data={"grant_type": GRANT_TYPE, "assertion": self.auth.assertion()},
-                )
-            except TRANSPORT_ERRORS as exc:
-                failure = transport_failure(exc)
-                return dataclasses.replace(failure, reason=f"oauth: {failure.reason}")
-            try:
-                answer = response.json()
-                token = str(answer["access_token"])
-                expires_in = float(answer.get("expires_in", 3600))
-            except (ValueError, KeyError, TypeError, AttributeError):
-                token = None
-            if response.status_code != 200 or token is None:
-                detail = response.text[:200]
-                return PushResult(
-                    Outcome.RETRY,
-                    status=response.status_code,
-                    reason=f"oauth token refused: {detail}",
-                    retry_after=parse_retry_after(
-                        response.headers.get("retry-after"), self._clock()
-                    ),
-                    breaker_failure=response.status_code >= 500,
-                )
+            answer = await self._buy_token()
+            self._token_answers += 1
+            self._refusal = answer if isinstance(answer, PushResult) else None
+            return answer
+
+    async def _buy_token(self) -> str | PushResult:
+        """One JWT-grant request: the access token (now cached), or the refusal as a result."""
+        try:
+            response = await self._client.post(
+                self.auth.token_uri,
+                data={"grant_type": GRANT_TYPE, "assertion": self.auth.assertion()},
+            )
+        except TRANSPORT_ERRORS as exc:
+            failure = transport_failure(exc)
+            return dataclasses.replace(failure, reason=f"oauth: {failure.reason}")
+        status = response.status_code
+        try:
+            answer = response.json()
+            token = str(answer["access_token"])
+            expires_in = float(answer.get("expires_in", 3600))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            token = None
+        if status == 200 and token is not None:
             self.auth.store(token, expires_in)
             return token
+        reason = f"oauth token refused: {_oauth_error(response)}"
+        if 400 <= status < 500 and status not in {408, 429}:
+            return PushResult(Outcome.CREDENTIALS_REJECTED, status=status, reason=reason)
+        return PushResult(
+            Outcome.RETRY,
+            status=status,
+            reason=reason,
+            retry_after=parse_retry_after(response.headers.get("retry-after"), self._clock()),
+            breaker_failure=status == 408 or status >= 500,
+        )
 
-    def _result(self, response: httpx.Response) -> PushResult:
+    def _result(self, response: httpx.Response, *, fresh_token: bool) -> PushResult:
         status = response.status_code
         if status == 200:
             return PushResult(Outcome.DELIVERED, status=status)
@@ -215,13 +243,35 @@ class FcmAdapter:
             return PushResult(Outcome.DEAD_TOKEN, status=status, reason=reason)
         if "INVALID_ARGUMENT" in {fcm_code, rpc_status} and apns_status == 410:
             return PushResult(Outcome.DEAD_TOKEN, status=status, reason=f"{reason} (APNs 410)")
-        if status == 401:
+        if (status == 401 and fresh_token) or (status == 403 and not fcm_code):
+            detail = f"{reason}: {_message_of(response)}".removesuffix(": ")
+            return PushResult(Outcome.CREDENTIALS_REJECTED, status=status, reason=detail)
+        if status == 401:  # an access token that went stale in flight: the next send buys one
             return PushResult(Outcome.RETRY, status=status, reason=reason)
         retry_after = parse_retry_after(response.headers.get("retry-after"), self._clock())
         return status_result(status, reason, retry_after)
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def _oauth_error(response: httpx.Response) -> str:
+    """``<status> <error>: <error_description>`` of an OAuth error answer, else its text."""
+    try:
+        answer = response.json()
+        error, description = answer["error"], answer.get("error_description")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"{response.status_code} {response.text[:200]}".rstrip()
+    detail = f"{response.status_code} {error}"
+    return f"{detail}: {description}" if description else detail
+
+
+def _message_of(response: httpx.Response) -> str:
+    """The google.rpc status message of an error answer (the first 200 characters), or ''."""
+    try:
+        return str(response.json()["error"].get("message") or "")[:200]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return ""
 
 
 def _error_of(response: httpx.Response) -> tuple[str, str, int | None]:

@@ -115,6 +115,9 @@ class Outcome(StrEnum):
     RETRY = "retry"  # transient: try again later (honour retry_after)
     DEAD_TOKEN = "dead_token"  # the token is gone: remove the device, do not retry
     REJECTED = "rejected"  # permanent for this notification (payload too large, bad request)
+    #: The provider refused our credentials (a revoked or wrong key, account or team): no
+    #: notification can succeed until they change, so the adapter is unavailable, not this push.
+    CREDENTIALS_REJECTED = "credentials_rejected"
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +125,8 @@ class PushResult:
     """The result of one push attempt.
 
     ``breaker_failure`` is True only for what says the provider is unwell
-    (transport errors, time-outs, 5xx); a dead token or a 4xx is not.
+    (transport errors, time-outs, 5xx); a dead token or a 4xx is not. For
+    ``CREDENTIALS_REJECTED``, ``status`` and ``reason`` are the provider's answer.
     """
 
     outcome: Outcome

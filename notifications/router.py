@@ -10,7 +10,11 @@ the per-target progress (``DeliveryState``), so a retry never re-pushes to a dev
 Retries: exponential backoff with jitter (``Backoff``), never before a ``retry_after``. A target
 whose breaker is open is not attempted and not counted: the notification waits in the delayed
 queue until the breaker's ``retry_at()`` (or ``breaker_recheck`` seconds if that is unknown or
-not in the router's clock). A notification whose ttl has passed is dropped and counted as expired.
+not in the router's clock). An adapter whose credentials the provider refused
+(``Outcome.CREDENTIALS_REJECTED``) is unavailable, not the target: the push is not counted as an
+attempt, the adapter's breaker opens for its credentials cool-down (one ERROR line per opening)
+and the notification waits as for any open breaker. A notification whose ttl has passed is
+dropped and counted as expired.
 Delivery is at least once: a round cut short (crash, cancel, lost lease) is run again in full.
 """
 
@@ -50,8 +54,9 @@ class Breaker(Protocol):
     """What the router needs of a circuit breaker (``notifications.breaker.CircuitBreaker``).
 
     ``allow()`` is asked before each push and, when True, is followed by exactly one
-    ``record_*``. ``retry_at()`` is when an open breaker lets a probe through (None unless
-    open); it is used only if it lies ahead in the router's clock.
+    ``record_*``. ``record_credentials_rejected()`` opens the breaker at once and says whether
+    that call opened it. ``retry_at()`` is when an open breaker lets a probe through (None
+    unless open); it is used only if it lies ahead in the router's clock.
     """
 
     name: str
@@ -64,6 +69,8 @@ class Breaker(Protocol):
     def record_success(self) -> None: ...
 
     def record_failure(self, retry_after: float | None = None) -> None: ...
+
+    def record_credentials_rejected(self) -> bool: ...
 
     def record_ignored(self) -> None: ...
 
@@ -160,6 +167,8 @@ class DeliveryRound:
         )
 
     def pushed(self, device: Device, adapter: str, result: PushResult) -> None:
+        """Records a push's result. ``CREDENTIALS_REJECTED`` says nothing of the target: the
+        router does not pass it here but waits for the adapter (``wait_for_breaker``)."""
         key = device.key
         if result.outcome is Outcome.DELIVERED:
             self.succeeded(key, adapter)
@@ -348,7 +357,7 @@ class NotificationRouter:
         devices = await self._devices(rnd)
         results = await asyncio.gather(*(self._push(n, device) for device in devices))
         for device, (adapter, result) in zip(devices, results, strict=True):
-            if result is None:
+            if result is None or result.outcome is Outcome.CREDENTIALS_REJECTED:
                 rnd.wait_for_breaker(adapter, self._breaker_wait(device.platform, now))
             else:
                 rnd.pushed(device, adapter, result)
@@ -402,7 +411,9 @@ class NotificationRouter:
         return [d for d in devices if d.key not in state.done]
 
     async def _push(self, n: Notification, device: Device) -> tuple[str, PushResult | None]:
-        """(adapter name, result); the result is None when the platform's breaker is open."""
+        """(adapter name, result); the result is None when the platform's breaker is open.
+
+        A ``CREDENTIALS_REJECTED`` result opens the breaker (``_credentials_rejected``)."""
         adapter = self._adapters.get(device.platform)
         if adapter is None:
             reason = f"no push adapter for {device.platform.value}"
@@ -422,7 +433,9 @@ class NotificationRouter:
                 Outcome.RETRY, reason=f"adapter raised {exc!r}", breaker_failure=True
             )
         self._metrics.push_latency.labels(adapter.name).observe(time.perf_counter() - started)
-        if breaker is not None:
+        if result.outcome is Outcome.CREDENTIALS_REJECTED:
+            self._credentials_rejected(adapter.name, breaker, result)
+        elif breaker is not None:
             if result.breaker_failure:
                 breaker.record_failure(result.retry_after)
             elif result.outcome is Outcome.DELIVERED:
@@ -431,11 +444,29 @@ class NotificationRouter:
                 breaker.record_ignored()
         return adapter.name, result
 
+    def _credentials_rejected(
+        self, adapter: str, breaker: Breaker | None, result: PushResult
+    ) -> None:
+        """Opens the adapter's breaker; logs at ERROR when that opened it (without a breaker,
+        every time: nothing else remembers it)."""
+        if breaker is not None and not breaker.record_credentials_rejected():
+            return
+        retry_at = breaker.retry_at() if breaker is not None else None
+        wait = self._max_breaker_wait if retry_at is None else retry_at - self._clock()
+        log.error(
+            "push adapter %s: the provider rejected our credentials (status %s: %s); "
+            "no push through it for %.1f s, notifications wait",
+            adapter, result.status, result.reason or "no reason given", wait,
+        )  # fmt: skip
+
     def _breaker_wait(self, platform: Platform, now: float) -> float:
-        """When to look again at a delivery held back by ``platform``'s open breaker."""
-        breaker = self._breakers[platform]
-        retry_at = breaker.retry_at()
+        """When to look again at a delivery held back by ``platform``'s open breaker, or, with no
+        breaker, by its adapter's rejected credentials (``max_breaker_wait``)."""
+        breaker = self._breakers.get(platform)
         jitter = self._rng.random() * self._breaker_recheck / 10
+        if breaker is None:
+            return now + self._max_breaker_wait + jitter
+        retry_at = breaker.retry_at()
         if retry_at is not None and now < retry_at:
             return min(retry_at, now + self._max_breaker_wait) + jitter
         return now + self._breaker_recheck + jitter

@@ -180,7 +180,7 @@ async def test_expired_provider_token_is_resigned_and_retried_once(
     assert apns.token.signed == 2
 
 
-async def test_provider_token_that_stays_expired_is_retry_never_dead_token(
+async def test_provider_token_that_stays_expired_is_credentials_rejected_never_dead_token(
     fake_apns: FakeApns, device: Device
 ) -> None:
     clock = ManualClock(time.time() - 2 * 3600)  # our clock is two hours behind Apple's
@@ -189,13 +189,14 @@ async def test_provider_token_that_stays_expired_is_retry_never_dead_token(
         result = await adapter.send(note(), device)
     finally:
         await adapter.close()
-    assert result.outcome is Outcome.RETRY
+    assert result.outcome is Outcome.CREDENTIALS_REJECTED
     assert (result.status, result.reason) == (403, "ExpiredProviderToken")
     assert not result.breaker_failure
     assert len(fake_apns.requests) == 2  # re-signed once, not more
+    assert adapter.token.signed == 2
 
 
-async def test_invalid_provider_token_is_retry_and_resigned_next_time(
+async def test_invalid_provider_token_is_credentials_rejected_and_not_resigned(
     fake_apns: FakeApns, device: Device
 ) -> None:
     other = ec.generate_private_key(ec.SECP256R1()).private_bytes(
@@ -206,11 +207,12 @@ async def test_invalid_provider_token_is_retry_and_resigned_next_time(
         adapter = make_adapter(fake_apns, **kw)
         try:
             result = await adapter.send(note(), device)
-            assert result.outcome is Outcome.RETRY, kw
+            assert result.outcome is Outcome.CREDENTIALS_REJECTED, kw
             assert (result.status, result.reason) == (403, "InvalidProviderToken")
             assert len(fake_apns.requests) == 1
             await adapter.send(note(), device)
-            assert adapter.token.signed == 2
+            # An equivalent token would be refused as well; Apple limits token updates.
+            assert adapter.token.signed == 1
         finally:
             await adapter.close()
 

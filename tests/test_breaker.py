@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from notifications.breaker import BreakerState, CircuitBreaker
+from notifications.breaker import CREDENTIALS_COOLDOWN, BreakerState, CircuitBreaker
 from tests.fakes import ManualClock as Clock
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
@@ -217,3 +217,56 @@ def test_invalid_arguments_are_refused() -> None:
         CircuitBreaker(name="x", clock=Clock(), failure_threshold=0)
     with pytest.raises(ValueError):
         CircuitBreaker(name="x", clock=Clock(), failure_rate=1.5)
+    with pytest.raises(ValueError):
+        CircuitBreaker(name="x", clock=Clock(), credentials_cooldown=-1.0)
+
+
+def test_rejected_credentials_open_at_once_for_the_credentials_cooldown() -> None:
+    clock, seen = Clock(), Transitions()
+    b = make(clock, seen, failure_threshold=5, minimum_calls=1000, credentials_cooldown=300.0)
+    default = CircuitBreaker(name="x", clock=clock)
+    default.record_credentials_rejected()
+    assert default.retry_at() == clock.now + CREDENTIALS_COOLDOWN == clock.now + 300.0
+    assert b.allow()
+    assert b.record_credentials_rejected() is True  # one refusal, not five failures
+    assert b.state is OPEN
+    assert b.retry_at() == clock.now + 300.0
+    assert seen == [("apns", CLOSED, OPEN)]
+    clock.now += 299.0
+    assert not b.allow()
+    clock.now += 1.0
+    assert b.allow()
+    assert b.state is HALF_OPEN
+
+
+def test_rejected_credentials_while_open_extend_without_reopening() -> None:
+    clock, seen = Clock(), Transitions()
+    b = make(clock, seen, failure_threshold=1, cooldown=30.0, credentials_cooldown=300.0)
+    b.record_failure()  # opened by a 5xx for 30 s
+    clock.now += 10.0
+    assert b.record_credentials_rejected() is False  # a late answer: not a new opening
+    assert b.retry_at() == clock.now + 300.0
+    assert b.record_credentials_rejected() is False
+    assert seen == [("apns", CLOSED, OPEN)]
+    b.record_failure(retry_after=5.0)  # never shortens it
+    assert b.retry_at() == clock.now + 300.0
+
+
+def test_a_probe_refused_for_credentials_reopens_and_frees_its_slot() -> None:
+    clock, seen = Clock(), Transitions()
+    b = make(clock, seen, credentials_cooldown=60.0)
+    assert b.record_credentials_rejected() is True
+    clock.now += 60.0
+    assert b.allow()
+    assert not b.allow()  # one probe at a time
+    assert b.record_credentials_rejected() is True
+    assert b.state is OPEN
+    assert b.retry_at() == clock.now + 60.0
+    clock.now += 60.0
+    assert b.allow()  # the refused probe's slot was freed
+    b.record_success()
+    assert b.state is CLOSED
+    assert seen == [
+        ("apns", CLOSED, OPEN), ("apns", OPEN, HALF_OPEN), ("apns", HALF_OPEN, OPEN),
+        ("apns", OPEN, HALF_OPEN), ("apns", HALF_OPEN, CLOSED),
+    ]  # fmt: skip

@@ -163,12 +163,15 @@ async def test_401_drops_the_access_token_and_retries_once(
     assert len(fake_fcm.send_requests) == 3
 
 
-async def test_401_that_persists_is_retry_never_dead_token(
+async def test_401_that_persists_with_a_fresh_token_is_credentials_rejected_never_dead_token(
     fake_fcm: FakeFcm, fcm: FcmAdapter, device: Device
 ) -> None:
     fake_fcm.script_send(fake_fcm.error(401, "THIRD_PARTY_AUTH_ERROR"), fake_fcm.error(401))
     result = await fcm.send(note(), device)
-    assert (result.outcome, result.status, result.breaker_failure) == (Outcome.RETRY, 401, False)
+    assert (result.outcome, result.status, result.breaker_failure) == (
+        Outcome.CREDENTIALS_REJECTED, 401, False,
+    )  # fmt: skip
+    assert result.reason == "UNAUTHENTICATED: fake error"
     assert len(fake_fcm.send_requests) == 2
     assert len(fake_fcm.token_requests) == 2
     # the next send asks for a fresh token again: the refused one was dropped
@@ -238,17 +241,18 @@ async def test_transient_answers_are_retry(
     assert result.breaker_failure is breaker_failure
 
 
-async def test_other_project_is_rejected(fake_fcm: FakeFcm, device: Device) -> None:
+async def test_other_project_is_credentials_rejected(fake_fcm: FakeFcm, device: Device) -> None:
     account = {**fake_fcm.service_account, "project_id": "someone-else"}
     adapter = make_adapter(fake_fcm, service_account=account)
     try:
         result = await adapter.send(note(), device)
     finally:
         await adapter.close()
-    assert (result.outcome, result.status) == (Outcome.REJECTED, 403)
+    assert (result.outcome, result.status) == (Outcome.CREDENTIALS_REJECTED, 403)
+    assert result.reason == "PERMISSION_DENIED: Permission denied on the project."
 
 
-async def test_assertion_signed_by_another_key_is_retry_without_sending(
+async def test_assertion_signed_by_another_key_is_credentials_rejected_without_sending(
     fake_fcm: FakeFcm, device: Device
 ) -> None:
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -261,8 +265,10 @@ async def test_assertion_signed_by_another_key_is_retry_without_sending(
         result = await adapter.send(note(), device)
     finally:
         await adapter.close()
-    assert (result.outcome, result.status, result.breaker_failure) == (Outcome.RETRY, 400, False)
-    assert "invalid_grant" in result.reason
+    assert (result.outcome, result.status, result.breaker_failure) == (
+        Outcome.CREDENTIALS_REJECTED, 400, False,
+    )  # fmt: skip
+    assert result.reason.startswith("oauth token refused: 400 invalid_grant: bad assertion")
     assert fake_fcm.send_requests == []
 
 

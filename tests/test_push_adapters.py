@@ -1,4 +1,5 @@
-"""WebhookAdapter against a real HTTP server on 127.0.0.1 (uvicorn), LogAdapter, shared helpers."""
+"""WebhookAdapter against a real HTTP server on 127.0.0.1 (uvicorn), LogAdapter, shared helpers,
+and how the FCM and APNs adapters report rejected credentials (against the HTTP/2 fakes)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,21 @@ import socket
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import uvicorn
 
 from notifications.models import Device, Outcome, Platform, Priority
 from notifications.push import LogAdapter, PushAdapter, WebhookAdapter, parse_retry_after
-from tests.fakes import ManualClock
+from tests.fakes import ManualClock, Reply
 from tests.fakes import make_notification as note
+from tests.test_apns import make_adapter as make_apns
+from tests.test_fcm import make_adapter as make_fcm
+
+if TYPE_CHECKING:
+    from tests.fakes.apns_server import FakeApns
+    from tests.fakes.fcm_server import FakeFcm
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -194,3 +201,102 @@ async def test_log_adapter_logs_one_line_and_delivers(caplog: pytest.LogCaptureF
 def test_parse_retry_after(value: str | None, expected: float | None) -> None:
     now = email.utils.parsedate_to_datetime("Thu, 15 Jan 2027 08:00:00 GMT").timestamp()
     assert parse_retry_after(value, now) == expected
+
+
+# --------------------------------------------------------------------------- rejected credentials
+
+TOKEN_ENDPOINT_ANSWERS = {
+    "revoked-key": (
+        Reply(400, {"error": "invalid_grant", "error_description": "Invalid JWT Signature."}),
+        Outcome.CREDENTIALS_REJECTED,
+        "oauth token refused: 400 invalid_grant: Invalid JWT Signature.", None, False,
+    ),
+    "unauthorized-client": (
+        Reply(401, {"error": "unauthorized_client"}),
+        Outcome.CREDENTIALS_REJECTED, "oauth token refused: 401 unauthorized_client", None, False,
+    ),
+    "not-oauth": (
+        Reply(403, b"forbidden"),
+        Outcome.CREDENTIALS_REJECTED, "oauth token refused: 403 forbidden", None, False,
+    ),
+    "pacing": (
+        Reply(429, {"error": "rate_limit_exceeded"}, {"retry-after": "7"}),
+        Outcome.RETRY, "oauth token refused: 429 rate_limit_exceeded", 7.0, False,
+    ),
+    "request-time-out": (
+        Reply(408, b""), Outcome.RETRY, "oauth token refused: 408", None, True,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(TOKEN_ENDPOINT_ANSWERS))
+async def test_fcm_token_endpoint_4xx_is_credentials_rejected_except_408_and_429(
+    fake_fcm: FakeFcm, case: str
+) -> None:
+    answer, outcome, reason, retry_after, breaker_failure = TOKEN_ENDPOINT_ANSWERS[case]
+    device = Device("u1", Platform.ANDROID, fake_fcm.add_device())
+    fake_fcm.script_token(answer)
+    adapter = make_fcm(fake_fcm)
+    try:
+        result = await adapter.send(note(), device)
+    finally:
+        await adapter.close()
+    assert (result.outcome, result.status, result.reason) == (outcome, answer.status, reason)
+    assert (result.retry_after, result.breaker_failure) == (retry_after, breaker_failure)
+    assert fake_fcm.send_requests == []
+
+
+@pytest.mark.timeout(30)
+async def test_fcm_sends_waiting_for_a_refused_token_request_take_its_refusal(
+    fake_fcm: FakeFcm,
+) -> None:
+    device = Device("u1", Platform.ANDROID, fake_fcm.add_device())
+    refusal = Reply(400, {"error": "invalid_grant"}, delay=0.2)  # the others queue meanwhile
+    fake_fcm.script_token(refusal)
+    adapter = make_fcm(fake_fcm)
+    try:
+        sends = (adapter.send(note(id=f"n-{i}"), device) for i in range(10))
+        results = await asyncio.gather(*sends)
+        assert {(r.outcome, r.reason) for r in results} == {
+            (Outcome.CREDENTIALS_REJECTED, "oauth token refused: 400 invalid_grant")
+        }
+        assert (len(fake_fcm.token_requests), adapter.token_requests) == (1, 1)
+        # A send that starts after the refusal asks again (and the endpoint now grants it).
+        assert (await adapter.send(note(), device)).outcome is Outcome.DELIVERED
+        assert len(fake_fcm.token_requests) == 2
+    finally:
+        await adapter.close()
+
+
+async def test_apns_missing_provider_token_is_credentials_rejected(fake_apns: FakeApns) -> None:
+    device = Device("u1", Platform.IOS, fake_apns.add_device())
+    fake_apns.script(fake_apns.error(403, "MissingProviderToken"))
+    adapter = make_apns(fake_apns)
+    try:
+        result = await adapter.send(note(), device)
+        assert (result.outcome, result.status, result.reason, result.breaker_failure) == (
+            Outcome.CREDENTIALS_REJECTED, 403, "MissingProviderToken", False,
+        )  # fmt: skip
+        assert len(fake_apns.requests) == 1
+        assert (await adapter.send(note(), device)).outcome is Outcome.DELIVERED
+        assert adapter.token.signed == 1  # the same token, which the fake accepts
+    finally:
+        await adapter.close()
+
+
+@pytest.mark.timeout(30)
+async def test_apns_concurrent_expired_provider_token_answers_sign_one_new_token(
+    fake_apns: FakeApns,
+) -> None:
+    device = Device("u1", Platform.IOS, fake_apns.add_device())
+    adapter = make_apns(fake_apns)
+    try:
+        assert (await adapter.send(note(id="warm-up"), device)).outcome is Outcome.DELIVERED
+        fake_apns.script(*[fake_apns.error(403, "ExpiredProviderToken")] * 5)
+        sends = (adapter.send(note(id=f"n-{i}"), device) for i in range(5))
+        results = await asyncio.gather(*sends)
+        assert {r.outcome for r in results} == {Outcome.DELIVERED}
+        assert adapter.token.signed == 2
+        assert len(fake_apns.requests) == 1 + 5 + 5
+    finally:
+        await adapter.close()

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,7 +199,12 @@ class Pipeline:
         return adapter
 
     def breaker(
-        self, adapter: Recorded, *, failure_threshold: int = 5, cooldown: float = 0.5
+        self,
+        adapter: Recorded,
+        *,
+        failure_threshold: int = 5,
+        cooldown: float = 0.5,
+        credentials_cooldown: float = 0.5,
     ) -> CircuitBreaker:
         """A breaker on unix time (as the app wires it) recording its transitions."""
 
@@ -210,7 +216,8 @@ class Pipeline:
 
         return CircuitBreaker(
             name=adapter.name, clock=time.time, failure_threshold=failure_threshold,
-            cooldown=cooldown, on_transition=on_transition,
+            cooldown=cooldown, credentials_cooldown=credentials_cooldown,
+            on_transition=on_transition,
         )  # fmt: skip
 
     async def router(
@@ -330,6 +337,110 @@ async def test_a_503_burst_opens_the_breaker_and_every_queued_notification_arriv
     assert breaker.state is BreakerState.CLOSED
     assert pipe.sample("breaker_state", adapter="apns") == 0
     assert pipe.sample("breaker_waits_total", adapter="apns") >= 1
+
+
+# --------------------------------------------------------------------------- rejected credentials
+
+
+def revoke_credentials(pipe: Pipeline, platform: Platform) -> tuple[str, Callable[[], None]]:
+    """Makes the provider refuse the credentials of the adapters already built, by the fake's own
+    checks: APNs no longer knows our key id (InvalidProviderToken), Google's token endpoint no
+    longer knows our service account (400 invalid_grant). Returns that reason and the fix."""
+    if platform is IOS:
+        apns, credentials = pipe.fake_apns, pipe.fake_apns.credentials
+        apns.credentials = dataclasses.replace(credentials, key_id="REVOKED000")
+        return "InvalidProviderToken", lambda: setattr(apns, "credentials", credentials)
+    fcm, email = pipe.fake_fcm, pipe.fake_fcm.client_email
+    fcm.client_email = "deleted@piggybong-test.iam.gserviceaccount.com"
+    return "invalid_grant", lambda: setattr(fcm, "client_email", email)
+
+
+@pytest.mark.timeout(45)
+@pytest.mark.parametrize("platform", [IOS, ANDROID])
+async def test_rejected_credentials_open_the_breaker_and_every_notification_waits_for_the_fix(
+    pipe: Pipeline, platform: Platform, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = pipe.store()
+    tokens = [(await pipe.device(store, platform)).token for _ in range(2)]
+    adapter = pipe.adapter(platform)
+    breaker = pipe.breaker(adapter, credentials_cooldown=1.0)
+    reason, fix = revoke_credentials(pipe, platform)
+    ids = [f"cred-{i}" for i in range(8)]
+    for id in ids:
+        await store.enqueue(note(Priority.HIGH, id=id))
+    concurrency = 4  # rounds of 2 pushes each: at most 8 pushes in flight as it first opens
+    # Were a refusal an attempt, two attempts would dead-letter all 16 pushes within a second.
+    await pipe.router(store, {platform: adapter}, {platform: breaker},
+                      concurrency=concurrency, max_attempts=2)  # fmt: skip
+
+    def openings() -> int:
+        return sum(t.new is BreakerState.OPEN for t in pipe.transitions)
+
+    # It opens at the first refusal, then each probe after a cool-down is refused and reopens it.
+    await wait_until(lambda: openings() >= 3, timeout=20)
+    opened = openings()
+    assert breaker.state is BreakerState.OPEN
+    assert pipe.sample("breaker_state", adapter=adapter.name) == 2
+    refused = [s for s in adapter.sends if s.result.outcome is Outcome.CREDENTIALS_REJECTED]
+    assert refused and len(refused) == len(adapter.sends)
+    assert all(reason in s.result.reason for s in refused)
+    if platform is IOS:  # every refused push was a request to APNs: the first burst, then probes
+        assert len(pipe.fake_apns.requests) == len(refused)
+        assert len(refused) <= concurrency * len(tokens) + opened - 1
+    else:  # one token request per opening: the sends in flight shared the first refusal
+        assert len(pipe.fake_fcm.token_requests) == opened
+        assert pipe.fake_fcm.send_requests == []
+    assert await queued(store) == len(ids)
+    assert await store.dead_letters() == []
+    assert pipe.sample("retried_total", priority="high", adapter=adapter.name) == 0
+    errors = [r for r in caplog.records
+              if r.name == "notifications.router" and r.levelno == logging.ERROR]  # fmt: skip
+    assert len(errors) == opened  # one line per opening, not per notification
+    for record in errors:
+        assert f"push adapter {adapter.name}: " in record.getMessage()
+        assert reason in record.getMessage()
+
+    fix()
+    await wait_until(lambda: sum(adapter.delivered().values()) == len(ids) * len(tokens))
+    await drained(store)
+    await asyncio.sleep(0.3)  # a duplicate push, were one coming, would come now
+
+    assert adapter.delivered() == Counter((id, token) for id in ids for token in tokens)
+    assert sorted(pipe.in_app.ids) == sorted(ids)
+    assert await store.dead_letters() == []
+    assert breaker.state is BreakerState.CLOSED
+    assert pipe.transitions[-1].new is BreakerState.CLOSED
+    assert openings() == opened
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == opened
+    assert pipe.sample("retried_total", priority="high", adapter=adapter.name) == 0
+    assert pipe.sample("dead_lettered_total", priority="high", adapter=adapter.name) == 0
+    assert pipe.sample("breaker_waits_total", adapter=adapter.name) >= len(ids)
+    if platform is ANDROID:
+        assert len(pipe.fake_fcm.token_requests) == opened + 1
+
+
+@pytest.mark.timeout(30)
+async def test_rejected_credentials_without_a_breaker_wait_max_breaker_wait(
+    pipe: Pipeline, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = pipe.store()
+    device = await pipe.device(store, IOS)
+    apns = pipe.adapter(IOS)
+    _, fix = revoke_credentials(pipe, IOS)
+    await pipe.router(store, {IOS: apns}, {}, max_attempts=1, max_breaker_wait=0.5)
+    await store.enqueue(note(Priority.HIGH, id="waits"))
+    await wait_until(lambda: len(apns.sends) == 2, timeout=10)
+    fix()
+    await wait_until(lambda: ("waits", device.token) in apns.delivered(), timeout=10)
+    await drained(store)
+
+    first, second, delivered = apns.sends
+    # max_breaker_wait from the start of the round, not breaker_recheck (0.1 s)
+    assert second.started - first.started >= 0.5 - 0.01
+    assert delivered.started - second.started >= 0.5 - 0.01
+    assert await store.dead_letters() == []  # max_attempts=1: a refusal is no attempt
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2  # no breaker remembers it: one line per refusal
 
 
 # --------------------------------------------------------------------------- Retry-After
