@@ -199,8 +199,10 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         adapters = _adapters(settings)
         # One breaker per adapter (a webhook serving both platforms has one), named as it is.
         by_adapter = {
-            id(adapter): CircuitBreaker(name=adapter.name, clock=time.time,
-                                        on_transition=notification_metrics.breaker_transition)
+            id(adapter): CircuitBreaker(
+                name=adapter.name, clock=time.time,
+                credentials_cooldown=settings.push_credentials_cooldown,
+                on_transition=notification_metrics.breaker_transition)
             for adapter in adapters.values()
         }
         breakers = {platform: by_adapter[id(adapter)] for platform, adapter in adapters.items()}

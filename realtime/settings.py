@@ -129,6 +129,10 @@ class Settings(BaseSettings):
         None, description="POST pushes here for platforms with no provider configured"
     )
     push_timeout: float = Field(10.0, gt=0, description="seconds per push request")
+    push_credentials_cooldown: float = Field(
+        300.0, ge=1, description="seconds a push adapter's breaker stays open after the "
+        "provider rejected our credentials (nothing is sent meanwhile but one probe after)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     gc_freeze_interval: float | None = Field(
         1.0, ge=0.1, description="seconds between collect-and-freeze of long-lived objects "

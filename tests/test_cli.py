@@ -127,3 +127,10 @@ def test_serve_raises_the_soft_open_files_limit_to_the_hard_one() -> None:
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_push_credentials_cooldown_is_at_least_a_second() -> None:
+    # The breaker refuses a cool-down under 1 s at the settings level already.
+    with pytest.raises(ValidationError, match="push_credentials_cooldown"):
+        Settings(push_credentials_cooldown=0.5)
+    assert Settings(push_credentials_cooldown=42).push_credentials_cooldown == 42

@@ -194,3 +194,35 @@ def test_store_bounds_are_refused_below_their_floor() -> None:
     assert (settings.notification_max_deliveries, settings.notification_consumer_idle_timeout) == (
         10, NOTIFICATION_LEASE_TIMEOUT + 1,
     )  # fmt: skip
+
+
+async def test_rejected_credentials_open_the_breaker_for_the_configured_cooldown(
+    fake_apns: FakeApns, apns_credentials: ApnsCredentials, tmp_path: Path
+) -> None:
+    env = {**apns_env(fake_apns, apns_credentials, tmp_path),
+           "REALTIME_APNS_KEY_ID": "WRONGKEY01",  # APNs knows no such key: 403 InvalidProviderToken
+           "REALTIME_PUSH_CREDENTIALS_COOLDOWN": "42"}
+    async with running_server(env) as server:
+        token = fake_apns.add_device()
+        await api(server, "POST", "/v1/devices", {"user": "u-cred", "platform": "ios",
+                                                  "token": token})
+        for n in range(5):
+            response = await api(server, "POST", "/v1/notifications", {
+                "user": "u-cred", "priority": "critical", "title": f"t{n}", "body": "b"})
+            assert response.status_code == 202
+
+        async def breaker() -> str:
+            state: str = (await api(server, "GET", "/readyz")).json()[
+                "notifications"]["breakers"]["apns"]
+            return state
+
+        async with asyncio.timeout(10):
+            while True:
+                if await breaker() == "open":
+                    break
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)
+        assert await breaker() == "open"
+        assert len(pushes_to(fake_apns, token)) <= 5  # refused, and not retried meanwhile
+        assert "no push through it for 42.0 s" in server.log()
+        assert server.log().count("rejected our credentials") == 1  # one line per opening
