@@ -170,7 +170,12 @@ class Connection:
                 chunk.append(data)
                 size += len(data)
             self.outbox_bytes -= size
-            self._write(b"".join(chunk))
+            try:
+                self._write(b"".join(chunk))
+            except RuntimeError:  # uvloop: the socket is already closed
+                self.closed = True
+                self.outbox.clear()
+                self.outbox_bytes = 0
         if self.draining and not outbox:
             self.close(CloseCode.GOING_AWAY, "server shutting down")
 

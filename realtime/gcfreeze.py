@@ -95,8 +95,9 @@ class GcFreezer:
         while True:
             now = loop.time()
             next_freeze = now + self.interval if self.interval else math.inf
-            await asyncio.sleep(min(next_freeze, next_full) - now)
-            if loop.time() >= next_full:
+            full = next_full <= next_freeze  # decided before the sleep, not by a clock read after
+            await asyncio.sleep(max(0.0, min(next_freeze, next_full) - now))
+            if full:
                 self.full()
                 next_full = loop.time() + (self.full_interval or math.inf)
             else:

@@ -137,8 +137,13 @@ class Hub:
         else:
             self._flush_scheduled = False  # a connection marked from here on schedules anew
         popleft = pending.popleft
-        for _ in range(count):
-            popleft().flush()
+        try:
+            for _ in range(count):
+                popleft().flush()
+        finally:
+            if pending and not self._flush_scheduled:  # a flush raised: the rest still go
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
 
     # ------------------------------------------------------------------ fan-out
 

@@ -176,7 +176,7 @@ class Settings(BaseSettings):
                 "REALTIME_REUSE_PORT needs REALTIME_WORKERS=1: workers share one socket; "
                 "run several `realtime serve --reuse-port` processes instead"
             )
-        if self.metrics_port and self.workers > 1:
+        if self.metrics_port is not None and self.workers > 1:
             raise ValueError(
                 "REALTIME_METRICS_PORT needs REALTIME_WORKERS=1: workers would all bind it; "
                 "run several `realtime serve --reuse-port --metrics-port N` processes instead"

@@ -67,3 +67,26 @@ def test_a_metrics_port_with_workers_is_refused() -> None:
                       "--redis-url", "redis://127.0.0.1:1/0")
     assert result.returncode == 2
     assert "REALTIME_METRICS_PORT needs REALTIME_WORKERS=1" in result.stderr, result.stderr
+
+
+async def test_the_metrics_port_is_bounded() -> None:
+    metrics_port = free_port()
+    async with running_server({"REALTIME_METRICS_PORT": str(metrics_port)}), \
+            contextlib.AsyncExitStack() as stack:
+        silent = []
+        for _ in range(16):  # clients that never send a request hold every slot...
+            reader, writer = await asyncio.open_connection("127.0.0.1", metrics_port)
+            stack.callback(writer.close)
+            silent.append(reader)
+        await asyncio.sleep(0.2)
+        reader, writer = await asyncio.open_connection("127.0.0.1", metrics_port)
+        async with asyncio.timeout(2):  # ...so one more is closed at once, unanswered
+            assert await reader.read() == b""
+        writer.close()
+        async with asyncio.timeout(8):  # and each silent one is cut after 5 s
+            for held in silent:
+                with contextlib.suppress(ConnectionError):
+                    assert await held.read() == b""
+        async with httpx.AsyncClient(timeout=5) as http:
+            response = await http.get(f"http://127.0.0.1:{metrics_port}/metrics")
+            assert response.status_code == 200
