@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, cast
 
-from loadtest.sysstats import raise_nofile
+from loadtest.sysstats import proc_usage, raise_nofile
 from realtime.auth import mint_token
 from realtime.settings import DEV_API_KEY, DEV_JWT_SECRET
 
@@ -677,28 +677,13 @@ async def blast(targets: list[tuple[str, int]], *, connections: int, depth: int,
 
 
 def proc_cpu_seconds(pids: Iterable[int]) -> float:
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+    """utime + stime of the live ``pids`` (loadtest.sysstats reads /proc)."""
+    return sum(u.cpu_seconds for pid in pids if (u := proc_usage(pid)) is not None)
 
 
 def proc_rss_bytes(pids: Iterable[int]) -> int:
-    page = os.sysconf("SC_PAGE_SIZE")
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/statm") as f:
-                total += int(f.read().split()[1]) * page
-        except OSError:
-            continue
-    return total
+    """Resident memory of the live ``pids``."""
+    return sum(u.rss_bytes for pid in pids if (u := proc_usage(pid)) is not None)
 
 
 def main() -> None:

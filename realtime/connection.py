@@ -147,10 +147,17 @@ class Connection:
         pending.clear()
         self.pending_bytes = 0
         if not self.closed:
-            try:
-                self._write(data)
-            except RuntimeError:  # uvloop: the socket is already closed; the frames go nowhere
-                self.closed = True
+            self._transmit(data)
+
+    def _transmit(self, data: bytes) -> None:
+        """``transport.write``; on a socket already closed (uvloop raises) the connection is
+        closed and what it queued is dropped: nothing more can reach the client."""
+        try:
+            self._write(data)
+        except RuntimeError:
+            self.closed = True
+            self.outbox.clear()
+            self.outbox_bytes = 0
 
     def send(self, message: dict[str, Any]) -> None:
         self.write(self.codec.encode(message))
@@ -170,12 +177,7 @@ class Connection:
                 chunk.append(data)
                 size += len(data)
             self.outbox_bytes -= size
-            try:
-                self._write(b"".join(chunk))
-            except RuntimeError:  # uvloop: the socket is already closed
-                self.closed = True
-                self.outbox.clear()
-                self.outbox_bytes = 0
+            self._transmit(b"".join(chunk))
         if self.draining and not outbox:
             self.close(CloseCode.GOING_AWAY, "server shutting down")
 
