@@ -1,20 +1,28 @@
 # Two commands for a fresh clone:  `make run` (the server)  and  `make test` (the whole suite).
+# Both install .venv/ from uv.lock first (exact versions and hashes; `make upgrade` re-locks).
 SHELL := /bin/bash
 VENV  := .venv
 PY    := $(shell command -v python3.11 || command -v python3)
-STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+UV    := UV_PYTHON_DOWNLOADS=never UV_PROJECT_ENVIRONMENT=$(VENV) $(VENV)/bin/uv
+UV_VERSION := $(shell sed -n 's/^uv==\([0-9.]*\).*/\1/p' requirements-uv.txt)
+STAMP := $(VENV)/.synced-$(shell cat uv.lock requirements-uv.txt | cksum | cut -d' ' -f1)
+SOURCES := realtime notifications loadtest bench tests
 
-.PHONY: run test lint bench clean venv
+.PHONY: run test lint format bench upgrade clean venv
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): uv.lock pyproject.toml requirements-uv.txt
 	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed, found " + sys.version.split()[0]' \
 		|| { echo "make: install Python 3.11 or newer (python3.11)"; exit 1; }
-	$(PY) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
-	rm -f $(VENV)/.installed-*; touch $@
+	@if [ "$$($(VENV)/bin/uv --version 2>/dev/null | cut -d' ' -f2)" != "$(UV_VERSION)" ]; then \
+		echo "make: creating $(VENV) with uv $(UV_VERSION)"; \
+		$(PY) -m venv --clear $(VENV) && \
+		$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+			--require-hashes --no-deps -r requirements-uv.txt; \
+	fi
+	$(UV) sync --locked --quiet
+	@rm -f $(VENV)/.synced-*; touch $@
 
 run: venv
 	$(VENV)/bin/realtime serve
@@ -24,14 +32,31 @@ test: venv
 		echo "make test: redis-server is not installed. The tests run a real Redis."; \
 		echo "  Debian/Ubuntu: sudo apt-get install redis-server    macOS: brew install redis"; \
 		echo "  or point REALTIME_TEST_REDIS_URL at a Redis you can flush."; exit 1; }
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	@rm -f .coverage .coverage.*
+	$(VENV)/bin/coverage run -m pytest $(PYTEST_ARGS)
+	@$(VENV)/bin/coverage combine --quiet
+	$(VENV)/bin/coverage report
 
 lint: venv
-	$(VENV)/bin/ruff check realtime notifications loadtest bench tests
+	$(VENV)/bin/ruff check $(SOURCES)
+	$(VENV)/bin/ruff format --check $(SOURCES)
 	$(VENV)/bin/mypy
+
+format: venv
+	$(VENV)/bin/ruff format $(SOURCES)
+	$(VENV)/bin/ruff check --fix $(SOURCES)
 
 bench: venv
 	$(VENV)/bin/python -m bench.run $(BENCH_ARGS)
 
+# Re-lock every dependency to its newest allowed release, install it, and run the whole
+# suite: commit uv.lock on its own once it passes.
+upgrade: venv
+	$(UV) lock --upgrade
+	$(UV) sync --locked --quiet
+	@rm -f $(VENV)/.synced-*; touch $(VENV)/.synced-$$(cat uv.lock requirements-uv.txt | cksum | cut -d' ' -f1)
+	$(MAKE) lint test
+	@git diff --stat uv.lock
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.* htmlcov

@@ -50,8 +50,19 @@ async def ws_endpoint(websocket: WebSocket) -> None:
                 mine.add(channel)
                 await websocket.send_text(json.dumps({"id": command.get("id"), "result": {}}))
             elif op == "connect":
-                await websocket.send_text(json.dumps({"id": command.get("id"), "result": {
-                    "session": "baseline", "user": "", "tier": "free", "subscriptions": []}}))
+                await websocket.send_text(
+                    json.dumps(
+                        {
+                            "id": command.get("id"),
+                            "result": {
+                                "session": "baseline",
+                                "user": "",
+                                "tier": "free",
+                                "subscriptions": [],
+                            },
+                        }
+                    )
+                )
             else:
                 await websocket.send_text(json.dumps({"id": command.get("id"), "result": {}}))
     except WebSocketDisconnect:
@@ -71,16 +82,23 @@ async def publish(request: Request) -> Response:
         eid = f"b-{next(_ids)}"
         ids.append(eid)
         channel = str(item["channel"])
-        text = json.dumps({"type": "event", "channel": channel, "event": item["event"],
-                           "id": eid, "ts": int(time.time() * 1000), "data": item.get("data")},
-                          separators=(",", ":"))
+        text = json.dumps(
+            {
+                "type": "event",
+                "channel": channel,
+                "event": item["event"],
+                "id": eid,
+                "ts": int(time.time() * 1000),
+                "data": item.get("data"),
+            },
+            separators=(",", ":"),
+        )
         for websocket in list(channels.get(channel, ())):
             try:
                 await websocket.send_text(text)
             except Exception:  # the socket went away mid-loop
                 channels.get(channel, set()).discard(websocket)
-    return JSONResponse({"ids": ids} if isinstance(body, list) else {"id": ids[0]},
-                        status_code=202)
+    return JSONResponse({"ids": ids} if isinstance(body, list) else {"id": ids[0]}, status_code=202)
 
 
 async def healthz(request: Request) -> Response:
@@ -88,11 +106,13 @@ async def healthz(request: Request) -> Response:
 
 
 def create_app() -> Starlette:
-    app = Starlette(routes=[
-        Route("/v1/publish", publish, methods=["POST"]),
-        Route("/healthz", healthz),
-        WebSocketRoute("/v1/ws", ws_endpoint),
-    ])
+    app = Starlette(
+        routes=[
+            Route("/v1/publish", publish, methods=["POST"]),
+            Route("/healthz", healthz),
+            WebSocketRoute("/v1/ws", ws_endpoint),
+        ]
+    )
     return app
 
 
@@ -102,9 +122,17 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8100)
     args = parser.parse_args()
     raise_nofile()
-    uvicorn.run(create_app(), host=args.host, port=args.port, loop="uvloop",
-                ws="websockets-sansio", ws_per_message_deflate=False, log_level="warning",
-                access_log=False, lifespan="off")
+    uvicorn.run(
+        create_app(),
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        ws="websockets-sansio",
+        ws_per_message_deflate=False,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+    )
 
 
 if __name__ == "__main__":

@@ -111,9 +111,14 @@ class Histogram:
         return None
 
     def summary(self) -> dict[str, float | None]:
-        return {"n": self.count, "p50": self.percentile_ms(50), "p90": self.percentile_ms(90),
-                "p99": self.percentile_ms(99), "p999": self.percentile_ms(99.9),
-                "max": self.percentile_ms(100)}
+        return {
+            "n": self.count,
+            "p50": self.percentile_ms(50),
+            "p90": self.percentile_ms(90),
+            "p99": self.percentile_ms(99),
+            "p999": self.percentile_ms(99.9),
+            "max": self.percentile_ms(100),
+        }
 
 
 # --------------------------------------------------------------------------- subscribers
@@ -166,8 +171,9 @@ class Sub(asyncio.Protocol):
         transport.write(
             f"GET /v1/ws HTTP/1.1\r\nHost: {plan.host}:{plan.port}\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {_KEY}\r\n"
-            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: piggybong.v1.json\r\n\r\n"
-            .encode())
+            "Sec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Protocol: piggybong.v1.json\r\n\r\n".encode()
+        )
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf + data if self.buf else data
@@ -179,11 +185,12 @@ class Sub(asyncio.Protocol):
             if not buf.startswith(b"HTTP/1.1 101"):
                 self._fail("http:" + buf[9:12].decode(errors="replace"))
                 return
-            buf = buf[end + 4:]
+            buf = buf[end + 4 :]
             self.state = 1
             assert self.transport is not None
-            self.transport.write(ws_frame(json.dumps(
-                {"id": 1, "op": "connect", "token": self.token}).encode()))
+            self.transport.write(
+                ws_frame(json.dumps({"id": 1, "op": "connect", "token": self.token}).encode())
+            )
         i, n, frames = 0, len(buf), 0
         probe = self.probe or self.state != 3
         while n - i >= 2:
@@ -197,7 +204,7 @@ class Sub(asyncio.Protocol):
             else:
                 if n - i < 10:
                     break
-                start, size = i + 10, int.from_bytes(buf[i + 2:i + 10], "big")
+                start, size = i + 10, int.from_bytes(buf[i + 2 : i + 10], "big")
             end = start + size
             if end > n:
                 break
@@ -221,19 +228,25 @@ class Sub(asyncio.Protocol):
                 stop = at + 4
                 while payload[stop] not in b",}":
                     stop += 1
-                self.counts.hist.record(time.time() - float(payload[at + 4:stop]))
+                self.counts.hist.record(time.time() - float(payload[at + 4 : stop]))
             return
         reply = json.loads(payload)
         if reply.get("id") is None:  # an event before the subscribe reply: not counted
             return
         if "error" in reply:
-            self._fail(("connect:" if self.state == 1 else "subscribe:")
-                       + str(reply["error"].get("code")))
+            self._fail(
+                ("connect:" if self.state == 1 else "subscribe:") + str(reply["error"].get("code"))
+            )
         elif self.state == 1:
             self.state = 2
             assert self.transport is not None
-            self.transport.write(ws_frame(json.dumps(
-                {"id": 2, "op": "subscribe", "channel": self.fleet.plan.channel}).encode()))
+            self.transport.write(
+                ws_frame(
+                    json.dumps(
+                        {"id": 2, "op": "subscribe", "channel": self.fleet.plan.channel}
+                    ).encode()
+                )
+            )
         elif self.state == 2:
             self.state = 3
             self._settle("ok")
@@ -365,7 +378,7 @@ class Fleet:
             sweep, self.lazy = self.lazy, []
             keep: list[tuple[int, Sub]] = []
             for start in range(0, len(sweep), LAZY_SLICE):
-                keep += self._read_lazily(sweep[start:start + LAZY_SLICE], view)
+                keep += self._read_lazily(sweep[start : start + LAZY_SLICE], view)
                 await asyncio.sleep(0)
             self.lazy = keep + self.lazy  # and those that went lazy meanwhile
 
@@ -438,9 +451,15 @@ class Fleet:
     async def snap(self) -> dict[str, Any]:
         self.lazy = self._read_lazily(self.lazy, self._view)  # (a sweep reads the rest)
         c = self.counts
-        out = {"delivered": c.delivered, "connected": c.connected, "failed": c.failed,
-               "closed": dict(c.closed), "hist": c.hist.buckets, "retries": c.retries,
-               "fail_reasons": dict(c.fail_reasons)}
+        out = {
+            "delivered": c.delivered,
+            "connected": c.connected,
+            "failed": c.failed,
+            "closed": dict(c.closed),
+            "hist": c.hist.buckets,
+            "retries": c.retries,
+            "fail_reasons": dict(c.fail_reasons),
+        }
         c.hist = Histogram()
         return out
 
@@ -467,8 +486,15 @@ class RemoteFleet:
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.loadgen", "--child", json.dumps(asdict(self.plan)),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 26)
+            sys.executable,
+            "-m",
+            "bench.loadgen",
+            "--child",
+            json.dumps(asdict(self.plan)),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=1 << 26,
+        )
 
     async def _line(self) -> dict[str, Any]:
         assert self.proc is not None and self.proc.stdout is not None
@@ -522,8 +548,14 @@ async def _child(plan: FleetPlan) -> None:
 
 
 def merge_snaps(snaps: Iterable[dict[str, Any]]) -> tuple[dict[str, Any], Histogram]:
-    total: dict[str, Any] = {"delivered": 0, "connected": 0, "failed": 0, "retries": 0,
-                             "closed": {}, "fail_reasons": {}}
+    total: dict[str, Any] = {
+        "delivered": 0,
+        "connected": 0,
+        "failed": 0,
+        "retries": 0,
+        "closed": {},
+        "fail_reasons": {},
+    }
     hist = Histogram()
     for s in snaps:
         for key in ("delivered", "connected", "failed", "retries"):
@@ -539,9 +571,10 @@ def merge_snaps(snaps: Iterable[dict[str, Any]]) -> tuple[dict[str, Any], Histog
 
 
 def http_request(host: str, port: int, path: str, body: bytes, api_key: str) -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {api_key}"
-            f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-            ).encode() + body
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {api_key}"
+        f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
 
 
 async def _read_response(reader: asyncio.StreamReader) -> int:
@@ -564,9 +597,18 @@ class PublishResult:
     late: int = 0  # sent more than 50 ms after it was due (the lanes were all busy)
 
 
-async def publish(host: str, port: int, channel: str, rate: float, duration: float, *,
-                  payload: int = 150, lanes: int = 8, batch: int = 1,
-                  api_key: str = DEV_API_KEY) -> PublishResult:
+async def publish(
+    host: str,
+    port: int,
+    channel: str,
+    rate: float,
+    duration: float,
+    *,
+    payload: int = 150,
+    lanes: int = 8,
+    batch: int = 1,
+    api_key: str = DEV_API_KEY,
+) -> PublishResult:
     """Publish ``rate`` events/s for ``duration`` s, open loop; owns its lane tasks."""
     result = PublishResult()
     queue: asyncio.Queue[float] = asyncio.Queue()  # bounded by rate * duration items
@@ -579,8 +621,10 @@ async def publish(host: str, port: int, channel: str, rate: float, duration: flo
                 due = [await queue.get()]
                 while len(due) < batch and not queue.empty():
                     due.append(queue.get_nowait())
-                items = [{"channel": channel, "event": "bench", "data": {"t": t, "pad": pad}}
-                         for t in due]
+                items = [
+                    {"channel": channel, "event": "bench", "data": {"t": t, "pad": pad}}
+                    for t in due
+                ]
                 body = json.dumps(items[0] if len(items) == 1 else items).encode()
                 if time.time() - due[0] > 0.05:
                     result.late += len(due)
@@ -646,8 +690,15 @@ class _Blast(asyncio.Protocol):
             self.transport.write(self.request * answers)
 
 
-async def blast(targets: list[tuple[str, int]], *, connections: int, depth: int,
-                duration: float, channel: str, api_key: str = DEV_API_KEY) -> dict[str, Any]:
+async def blast(
+    targets: list[tuple[str, int]],
+    *,
+    connections: int,
+    depth: int,
+    duration: float,
+    channel: str,
+    api_key: str = DEV_API_KEY,
+) -> dict[str, Any]:
     """Pipelined ``POST /v1/publish`` for ``duration`` s; answers per second."""
     loop = asyncio.get_running_loop()
     stats = {"answers": 0, "accepted": 0}
@@ -668,9 +719,13 @@ async def blast(targets: list[tuple[str, int]], *, connections: int, depth: int,
         if proto.transport is not None:
             proto.transport.close()
     span = t1 - t0
-    return {"requests_per_s": round((last["answers"] - first["answers"]) / span),
-            "accepted_per_s": round((last["accepted"] - first["accepted"]) / span),
-            "connections": connections, "depth": depth, "seconds": round(span, 2)}
+    return {
+        "requests_per_s": round((last["answers"] - first["answers"]) / span),
+        "accepted_per_s": round((last["accepted"] - first["accepted"]) / span),
+        "connections": connections,
+        "depth": depth,
+        "seconds": round(span, 2),
+    }
 
 
 # --------------------------------------------------------------------------- server stats

@@ -82,11 +82,28 @@ class Mode:
     targets: tuple[str, ...] = ("memory", "redis", "redis2", "baseline", "node-ws")
 
 
-FULL = Mode("full", step_s=6, cpu_step_s=10, ramp_1000=(20, 50, 100, 200, 300, 500, 700),
-            ramp_5000=(4, 10, 20, 40, 60, 80), idle=5000, held=100_000, held_procs=7,
-            blast_s=8)
-QUICK = Mode("quick", step_s=3, cpu_step_s=5, ramp_1000=(20, 100, 200, 300),
-             ramp_5000=(10, 20, 40, 60), idle=5000, held=10_000, held_procs=2, blast_s=4)
+FULL = Mode(
+    "full",
+    step_s=6,
+    cpu_step_s=10,
+    ramp_1000=(20, 50, 100, 200, 300, 500, 700),
+    ramp_5000=(4, 10, 20, 40, 60, 80),
+    idle=5000,
+    held=100_000,
+    held_procs=7,
+    blast_s=8,
+)
+QUICK = Mode(
+    "quick",
+    step_s=3,
+    cpu_step_s=5,
+    ramp_1000=(20, 100, 200, 300),
+    ramp_5000=(10, 20, 40, 60),
+    idle=5000,
+    held=10_000,
+    held_procs=2,
+    blast_s=4,
+)
 
 
 # --------------------------------------------------------------------------- processes
@@ -136,8 +153,21 @@ class Servers:
 
 def start_redis(cpu: str | None) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    cmd = ["redis-server", "--port", str(port), "--bind", HOST, "--save", "", "--appendonly",
-           "no", "--maxclients", "10000", "--loglevel", "warning"]
+    cmd = [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        HOST,
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--maxclients",
+        "10000",
+        "--loglevel",
+        "warning",
+    ]
     if cpu is not None:
         cmd = ["taskset", "-c", cpu, *cmd]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -145,8 +175,9 @@ def start_redis(cpu: str | None) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"redis://{HOST}:{port}/0"
 
 
-def start_servers(kind: str, *, procs: int = 1, redis_url: str | None = None,
-                  cpus: Sequence[str | None] = ("0",)) -> Servers:
+def start_servers(
+    kind: str, *, procs: int = 1, redis_url: str | None = None, cpus: Sequence[str | None] = ("0",)
+) -> Servers:
     """``procs`` server processes of ``kind`` ("realtime", "baseline", "node-ws") on one port."""
     port = free_port()
     servers = Servers(port=port)
@@ -157,8 +188,19 @@ def start_servers(kind: str, *, procs: int = 1, redis_url: str | None = None,
         elif kind == "node-ws":
             cmd = ["node", str(NODE_WS / "server.js"), "--port", str(port)]
         else:
-            cmd = [sys.executable, "-m", "realtime", "serve", "--reuse-port", "--port", str(port),
-                   "--log-level", "warning", "--outbox-max-messages", "1000"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "realtime",
+                "serve",
+                "--reuse-port",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--outbox-max-messages",
+                "1000",
+            ]
             if redis_url:
                 cmd += ["--redis-url", redis_url, "--node-id", f"bench-{port}-{i}"]
         cpu = cpus[i % len(cpus)]
@@ -210,8 +252,13 @@ def node_ws_missing() -> str | None:
     if shutil.which("node") is None or shutil.which("npm") is None:
         return "node and npm are not installed"
     if not (NODE_WS / "node_modules" / "ws").is_dir():
-        done = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--silent"], cwd=NODE_WS,
-                              check=False, capture_output=True, text=True)
+        done = subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund", "--silent"],
+            cwd=NODE_WS,
+            check=False,
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             return "npm ci failed: " + (done.stderr.strip().splitlines() or ["?"])[-1]
     return None
@@ -229,17 +276,24 @@ async def connect(plans: list[FleetPlan], *, remote: bool = False) -> list[Fleet
     return fleets
 
 
-async def step(fleets: list[FleetLike], servers: Servers, rate: float, duration: float,
-               *, channel: str = "artist:bench", extra_pids: Sequence[int] = (), lanes: int = 16,
-               batch: int = 20) -> dict[str, Any]:
+async def step(
+    fleets: list[FleetLike],
+    servers: Servers,
+    rate: float,
+    duration: float,
+    *,
+    channel: str = "artist:bench",
+    extra_pids: Sequence[int] = (),
+    lanes: int = 16,
+    batch: int = 20,
+) -> dict[str, Any]:
     """Publish ``rate`` msg/s for ``duration`` s; deliveries, latency and server CPU."""
     before, _ = merge_snaps([await f.snap() for f in fleets])
     subscribers = before["connected"] - sum(before["closed"].values())
     pids = [*servers.pids, *extra_pids]
     cpu0, t0, own0 = proc_cpu_seconds(servers.pids), time.time(), time.process_time()
     extra0 = proc_cpu_seconds(extra_pids)
-    sent = await publish(HOST, servers.port, channel, rate, duration, lanes=lanes,
-                         batch=batch)
+    sent = await publish(HOST, servers.port, channel, rate, duration, lanes=lanes, batch=batch)
     owed = sent.accepted * subscribers
     deadline = time.time() + 3.0
     hist = Histogram()  # each snap hands over (and resets) the latencies since the last
@@ -253,13 +307,21 @@ async def step(fleets: list[FleetLike], servers: Servers, rate: float, duration:
     delivered = after["delivered"] - before["delivered"]
     cpu = cpu1 - cpu0
     lat = hist.summary()
-    closed = {k: v - before["closed"].get(k, 0) for k, v in after["closed"].items()
-              if v != before["closed"].get(k, 0)}
+    closed = {
+        k: v - before["closed"].get(k, 0)
+        for k, v in after["closed"].items()
+        if v != before["closed"].get(k, 0)
+    }
     ratio = delivered / owed if owed else 0.0
     return {
-        "rate": rate, "subscribers": subscribers, "published": sent.accepted,
-        "rejected": sent.rejected, "late_publishes": sent.late,
-        "owed": owed, "delivered": delivered, "delivered_ratio": round(ratio, 4),
+        "rate": rate,
+        "subscribers": subscribers,
+        "published": sent.accepted,
+        "rejected": sent.rejected,
+        "late_publishes": sent.late,
+        "owed": owed,
+        "delivered": delivered,
+        "delivered_ratio": round(ratio, 4),
         "deliveries_per_s": round(delivered / duration),
         "server_cpu_s": round(cpu, 3),
         "server_cpu_percent": round(100 * cpu / (t1 - t0), 1),
@@ -267,21 +329,30 @@ async def step(fleets: list[FleetLike], servers: Servers, rate: float, duration:
         "load_cpu_percent": round(100 * (own1 - own0) / (t1 - t0), 1),
         "other_cpu_s": round(proc_cpu_seconds(extra_pids) - extra0, 3) if extra_pids else None,
         "server_rss_mib": round(proc_rss_bytes(pids) / 2**20, 1),
-        "latency_ms": lat, "closed": closed,
+        "latency_ms": lat,
+        "closed": closed,
         "passed": ratio >= PASS_DELIVERED and (lat["p99"] or 1e9) <= PASS_P99_MS,
     }
 
 
-async def ramp(fleets: list[FleetLike], servers: Servers, rates: Sequence[int],
-               duration: float, log: Any, **kw: Any) -> list[dict[str, Any]]:
+async def ramp(
+    fleets: list[FleetLike],
+    servers: Servers,
+    rates: Sequence[int],
+    duration: float,
+    log: Any,
+    **kw: Any,
+) -> list[dict[str, Any]]:
     steps = []
     for rate in rates:
         result = await step(fleets, servers, rate, duration, **kw)
         steps.append(result)
-        log(f"    R={rate:<4} S={result['subscribers']:<6} {result['deliveries_per_s']:>8,}/s "
+        log(
+            f"    R={rate:<4} S={result['subscribers']:<6} {result['deliveries_per_s']:>8,}/s "
             f"p50 {result['latency_ms']['p50']} p99 {result['latency_ms']['p99']} ms "
             f"cpu {result['server_cpu_percent']}% load {result['load_cpu_percent']}% "
-            f"{'pass' if result['passed'] else 'FAIL'} {result['closed'] or ''}")
+            f"{'pass' if result['passed'] else 'FAIL'} {result['closed'] or ''}"
+        )
         if not result["passed"]:
             break
     return steps
@@ -315,8 +386,7 @@ async def target(name: str, log: Any) -> AsyncIterator[tuple[Servers, list[int]]
             servers = start_servers("realtime")
         else:
             redis_proc, url = start_redis("0")
-            servers = start_servers("realtime", procs=2 if name == "redis2" else 1,
-                                    redis_url=url)
+            servers = start_servers("realtime", procs=2 if name == "redis2" else 1, redis_url=url)
         try:
             yield servers, [redis_proc.pid] if redis_proc else []
         finally:
@@ -342,26 +412,32 @@ async def side_by_side(name: str, mode: Mode, log: Any) -> dict[str, Any]:
         await asyncio.sleep(2.0)
         rss1 = proc_rss_bytes(servers.pids)
         connected = (await fleets[0].snap())["connected"]
-        out["idle"] = {"connections": connected,
-                       "kib_per_connection": round((rss1 - rss0) / 1024 / max(connected, 1), 1),
-                       "rss_mib": round(rss1 / 2**20, 1)}
+        out["idle"] = {
+            "connections": connected,
+            "kib_per_connection": round((rss1 - rss0) / 1024 / max(connected, 1), 1),
+            "rss_mib": round(rss1 / 2**20, 1),
+        }
         log(f"  idle: {connected} connections, {out['idle']['kib_per_connection']} KiB each")
         if name in ("memory", "redis"):  # one process: /metrics is that process's
             out["gc_while_connecting"] = gc_pauses(servers.port)
             log(f"  full collections while connecting: {out['gc_while_connecting']}")
         log(f"  ramp S={mode.idle}")
-        out["ramp_5000"] = await ramp(fleets, servers, mode.ramp_5000, mode.step_s, log,
-                                      extra_pids=extra)
+        out["ramp_5000"] = await ramp(
+            fleets, servers, mode.ramp_5000, mode.step_s, log, extra_pids=extra
+        )
         await close_all([*warm, *fleets])
     async with target(name, log) as (servers, extra):
         fleets = await connect([plan(servers.port, 1000, "artist:bench")])
         await asyncio.sleep(1.0)
         out["cpu"] = await step(fleets, servers, 50, mode.cpu_step_s, extra_pids=extra)
-        log(f"  S=1000 R=50: {out['cpu']['deliveries_per_cpu_s']:,} deliveries per CPU-second "
-            f"(cpu {out['cpu']['server_cpu_percent']}%)")
+        log(
+            f"  S=1000 R=50: {out['cpu']['deliveries_per_cpu_s']:,} deliveries per CPU-second "
+            f"(cpu {out['cpu']['server_cpu_percent']}%)"
+        )
         log("  ramp S=1000")
-        out["ramp_1000"] = await ramp(fleets, servers, mode.ramp_1000, mode.step_s, log,
-                                      extra_pids=extra)
+        out["ramp_1000"] = await ramp(
+            fleets, servers, mode.ramp_1000, mode.step_s, log, extra_pids=extra
+        )
         for rate in (20, 100):
             found = next((s for s in out["ramp_1000"] if s["rate"] == rate), None)
             if found is None:
@@ -383,21 +459,22 @@ async def scaling(mode: Mode, log: Any) -> dict[str, Any]:
     try:
         for procs in (1, 2):
             redis_proc, url = start_redis(None)
-            servers = start_servers("realtime", procs=procs, redis_url=url,
-                                    cpus=("0", "1")[:procs])
+            servers = start_servers("realtime", procs=procs, redis_url=url, cpus=("0", "1")[:procs])
             try:
                 fleets = await connect([plan(servers.port, mode.idle, "artist:bench")])
-                steps = await ramp(fleets, servers, rates, mode.step_s, log,
-                                   extra_pids=[redis_proc.pid])
+                steps = await ramp(
+                    fleets, servers, rates, mode.step_s, log, extra_pids=[redis_proc.pid]
+                )
                 await close_all(fleets)
             finally:
                 servers.stop()
                 redis_proc.terminate()
                 redis_proc.wait()
             top = best(steps)
-            out[f"procs_{procs}"] = {"steps": steps,
-                                     "max_deliveries_per_s": top["deliveries_per_s"]
-                                     if top else None}
+            out[f"procs_{procs}"] = {
+                "steps": steps,
+                "max_deliveries_per_s": top["deliveries_per_s"] if top else None,
+            }
         one, two = out["procs_1"]["max_deliveries_per_s"], out["procs_2"]["max_deliveries_per_s"]
         out["ratio"] = round(two / one, 2) if one and two else None
     finally:
@@ -411,8 +488,13 @@ async def http_publish(mode: Mode, log: Any) -> dict[str, Any]:
     redis_proc, url = start_redis(None)
     servers = start_servers("realtime", procs=2, redis_url=url, cpus=(None,))
     try:
-        result = await blast([(HOST, servers.port)], connections=16, depth=16,
-                             duration=mode.blast_s, channel="artist:blast")
+        result = await blast(
+            [(HOST, servers.port)],
+            connections=16,
+            depth=16,
+            duration=mode.blast_s,
+            channel="artist:blast",
+        )
     finally:
         servers.stop()
         redis_proc.terminate()
@@ -430,11 +512,19 @@ async def held(mode: Mode, log: Any) -> dict[str, Any]:
     servers = start_servers("realtime", procs=mode.held_procs, redis_url=url, cpus=(None,))
     per_child = 16_000
     children = -(-mode.held // per_child)
-    plans = [plan(servers.port, min(per_child, mode.held - i * per_child), "broadcast",
-                  first=i * per_child, source_ips=[f"127.0.0.{2 + 2 * i}", f"127.0.0.{3 + 2 * i}"],
-                  connect_rate=1200 /
-                  children, in_flight=100, probe_every=1000)
-             for i in range(children)]
+    plans = [
+        plan(
+            servers.port,
+            min(per_child, mode.held - i * per_child),
+            "broadcast",
+            first=i * per_child,
+            source_ips=[f"127.0.0.{2 + 2 * i}", f"127.0.0.{3 + 2 * i}"],
+            connect_rate=1200 / children,
+            in_flight=100,
+            probe_every=1000,
+        )
+        for i in range(children)
+    ]
     out: dict[str, Any] = {}
     fleets: list[FleetLike] = []
     try:
@@ -444,16 +534,20 @@ async def held(mode: Mode, log: Any) -> dict[str, Any]:
         out["connect_seconds"] = round(time.time() - t0, 1)
         out["connected"], out["failed"] = snap["connected"], snap["failed"]
         out["retries"], out["fail_reasons"] = snap["retries"], snap["fail_reasons"]
-        log(f"  connected {snap['connected']:,} (failed {snap['failed']} "
+        log(
+            f"  connected {snap['connected']:,} (failed {snap['failed']} "
             f"{snap['fail_reasons'] or ''}, retries {snap['retries']}) "
-            f"in {out['connect_seconds']} s")
+            f"in {out['connect_seconds']} s"
+        )
         rss = [proc_rss_bytes([pid]) for pid in servers.pids]
         out["server_rss_mib"] = [round(r / 2**20, 1) for r in rss]
         broadcast = await step(fleets, servers, 1, 3.0, channel="broadcast", lanes=1)
         out["broadcast"] = broadcast
         out["per_process"] = _per_process_connections(servers)
-        log(f"  broadcast: {broadcast['delivered']:,} of {broadcast['owed']:,} delivered, "
-            f"p99 {broadcast['latency_ms']['p99']} ms; per process {out['per_process']}")
+        log(
+            f"  broadcast: {broadcast['delivered']:,} of {broadcast['owed']:,} delivered, "
+            f"p99 {broadcast['latency_ms']['p99']} ms; per process {out['per_process']}"
+        )
     finally:
         await close_all(fleets)
         servers.stop()
@@ -493,24 +587,51 @@ def _readlink(path: str) -> str:
 
 
 def machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                .splitlines() if line.startswith("model name")), "?")
-    redis_version = subprocess.run(["redis-server", "--version"], check=False,
-                                   capture_output=True,
-                                   text=True).stdout.strip()
-    versions = {name: _version(name) for name in (
-        "uvicorn", "websockets", "starlette", "uvloop", "redis", "hiredis", "msgpack", "h11",
-        "httptools")}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "?",
+    )
+    redis_version = subprocess.run(
+        ["redis-server", "--version"], check=False, capture_output=True, text=True
+    ).stdout.strip()
+    versions = {
+        name: _version(name)
+        for name in (
+            "uvicorn",
+            "websockets",
+            "starlette",
+            "uvloop",
+            "redis",
+            "hiredis",
+            "msgpack",
+            "h11",
+            "httptools",
+        )
+    }
     versions["redis-py"] = versions.pop("redis")
-    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
-            "python": platform.python_version(), "redis-server": redis_version,
-            "node": _node_version(), **versions}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "redis-server": redis_version,
+        "node": _node_version(),
+        **versions,
+    }
 
 
 def _node_version() -> str:
     try:
-        return subprocess.run(["node", "--version"], check=False, capture_output=True,
-                              text=True).stdout.strip() or "not installed"
+        return (
+            subprocess.run(
+                ["node", "--version"], check=False, capture_output=True, text=True
+            ).stdout.strip()
+            or "not installed"
+        )
     except OSError:
         return "not installed"
 
@@ -530,12 +651,14 @@ def ratios(results: dict[str, Any], to: str = "baseline") -> dict[str, dict[str,
         return out
     for name, res in results["targets"].items():
         out[name] = {
-            "deliveries_per_cpu_s": _div(res["cpu"]["deliveries_per_cpu_s"],
-                                         base["cpu"]["deliveries_per_cpu_s"]),
+            "deliveries_per_cpu_s": _div(
+                res["cpu"]["deliveries_per_cpu_s"], base["cpu"]["deliveries_per_cpu_s"]
+            ),
             "max_1000": _div(_max(res["ramp_1000"]), _max(base["ramp_1000"])),
             "max_5000": _div(_max(res["ramp_5000"]), _max(base["ramp_5000"])),
-            "kib_per_idle": _div(res["idle"]["kib_per_connection"],
-                                 base["idle"]["kib_per_connection"]),
+            "kib_per_idle": _div(
+                res["idle"]["kib_per_connection"], base["idle"]["kib_per_connection"]
+            ),
         }
     return out
 
@@ -565,18 +688,24 @@ def _div(a: float | None, b: float | None) -> float | None:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = [f"# Fan-out benchmark, {results['date']} ({results['mode']})", "",
-             "Machine: " + ", ".join(f"{k} {v}" for k, v in results["machine"].items()), "",
-             "| target | deliveries per server CPU-second (S=1000, R=50) | max deliveries/s "
-             "passing, S=1000 | max, S=5000 | p50 / p99 ms, S=1000 R=20 | p50 / p99 ms, "
-             "S=1000 R=100 | KiB per idle connection | deliveries per server CPU-second at the "
-             "highest passing step, S=1000 |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# Fan-out benchmark, {results['date']} ({results['mode']})",
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in results["machine"].items()),
+        "",
+        "| target | deliveries per server CPU-second (S=1000, R=50) | max deliveries/s "
+        "passing, S=1000 | max, S=5000 | p50 / p99 ms, S=1000 R=20 | p50 / p99 ms, "
+        "S=1000 R=100 | KiB per idle connection | deliveries per server CPU-second at the "
+        "highest passing step, S=1000 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     rat = results.get("ratios", {})
     for name, res in results["targets"].items():
         r = rat.get(name, {})
 
-        def with_ratio(value: Any, key: str, r: dict[str, Any] = r, name: str = name,
-                       text: str | None = None) -> str:
+        def with_ratio(
+            value: Any, key: str, r: dict[str, Any] = r, name: str = name, text: str | None = None
+        ) -> str:
             if value is None:
                 return "-"
             text = text or f"{value:,}"
@@ -589,48 +718,78 @@ def markdown(results: dict[str, Any]) -> str:
             f" | {with_ratio(_max(res['ramp_5000']), 'max_5000', text=_max_text(res['ramp_5000']))}"
             f" | {l20['p50']} / {l20['p99']} | {l100['p50']} / {l100['p99']}"
             f" | {with_ratio(res['idle']['kib_per_connection'], 'kib_per_idle')}"
-            f" | {_top_efficiency(res['ramp_1000'])} |")
-    to_node = {name: r for name, r in results.get("ratios_to_node_ws", {}).items()
-               if name not in ("node-ws", "baseline")}
+            f" | {_top_efficiency(res['ramp_1000'])} |"
+        )
+    to_node = {
+        name: r
+        for name, r in results.get("ratios_to_node_ws", {}).items()
+        if name not in ("node-ws", "baseline")
+    }
     if to_node:
-        lines += ["", "Ratios to `node-ws` in the same run (deliveries per CPU-second, max "
-                  "passing S=1000, max passing S=5000, KiB per idle connection): " + "; ".join(
-                      f"{name} {r['deliveries_per_cpu_s']}x, {r['max_1000']}x, {r['max_5000']}x, "
-                      f"{r['kib_per_idle']}x" for name, r in to_node.items())]
-    gcs = {name: res["gc_while_connecting"] for name, res in results["targets"].items()
-           if res.get("gc_while_connecting")}
+        lines += [
+            "",
+            "Ratios to `node-ws` in the same run (deliveries per CPU-second, max "
+            "passing S=1000, max passing S=5000, KiB per idle connection): "
+            + "; ".join(
+                f"{name} {r['deliveries_per_cpu_s']}x, {r['max_1000']}x, {r['max_5000']}x, "
+                f"{r['kib_per_idle']}x"
+                for name, r in to_node.items()
+            ),
+        ]
+    gcs = {
+        name: res["gc_while_connecting"]
+        for name, res in results["targets"].items()
+        if res.get("gc_while_connecting")
+    }
     if gcs:
-        lines += ["", f"Full garbage collections while the {results['targets_idle']:,} idle "
-                  "connections opened (count, seconds in all, every one under): " + "; ".join(
-                      f"{name} {g['collections']}, {g['seconds']} s, {g['all_under_s']} s"
-                      for name, g in gcs.items())]
+        lines += [
+            "",
+            f"Full garbage collections while the {results['targets_idle']:,} idle "
+            "connections opened (count, seconds in all, every one under): "
+            + "; ".join(
+                f"{name} {g['collections']}, {g['seconds']} s, {g['all_under_s']} s"
+                for name, g in gcs.items()
+            ),
+        ]
     if "skipped" in results:
         lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in results["skipped"].items())]
     if "scaling" in results:
         s = results["scaling"]
-        lines += ["", f"One vs two processes on Redis (a core each, load unpinned): "
-                  f"{s['procs_1']['max_deliveries_per_s']} vs "
-                  f"{s['procs_2']['max_deliveries_per_s']} deliveries/s max passing at "
-                  f"S={results['targets_idle']}: {s['ratio']}x"]
+        lines += [
+            "",
+            f"One vs two processes on Redis (a core each, load unpinned): "
+            f"{s['procs_1']['max_deliveries_per_s']} vs "
+            f"{s['procs_2']['max_deliveries_per_s']} deliveries/s max passing at "
+            f"S={results['targets_idle']}: {s['ratio']}x",
+        ]
     if "http" in results:
         h = results["http"]
-        lines += ["", f"HTTP publish, two processes on Redis: {h['accepted_per_s']:,} accepted "
-                  f"requests/s ({h['connections']} connections x {h['depth']} pipelined)"]
+        lines += [
+            "",
+            f"HTTP publish, two processes on Redis: {h['accepted_per_s']:,} accepted "
+            f"requests/s ({h['connections']} connections x {h['depth']} pipelined)",
+        ]
     if "held" in results:
         h = results["held"]
         b = h.get("broadcast", {})
-        lines += ["", f"Connections held: {h.get('connected', 0):,} (failed "
-                  f"{h.get('failed', 0)}) over {len(h.get('server_rss_mib', []))} processes "
-                  f"on Redis, RSS MiB {h.get('server_rss_mib')}; one broadcast delivered "
-                  f"{b.get('delivered', 0):,} of {b.get('owed', 0):,}, p99 "
-                  f"{b.get('latency_ms', {}).get('p99')} ms"]
+        lines += [
+            "",
+            f"Connections held: {h.get('connected', 0):,} (failed "
+            f"{h.get('failed', 0)}) over {len(h.get('server_rss_mib', []))} processes "
+            f"on Redis, RSS MiB {h.get('server_rss_mib')}; one broadcast delivered "
+            f"{b.get('delivered', 0):,} of {b.get('owed', 0):,}, p99 "
+            f"{b.get('latency_ms', {}).get('p99')} ms",
+        ]
     return "\n".join(lines) + "\n"
 
 
 async def main_async(mode: Mode, only: list[str] | None, log: Any) -> dict[str, Any]:
     results: dict[str, Any] = {
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "mode": mode.name,
-        "machine": machine(), "targets": {}, "targets_idle": mode.idle,
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "mode": mode.name,
+        "machine": machine(),
+        "targets": {},
+        "targets_idle": mode.idle,
         "pass_rule": f">= {PASS_DELIVERED:.0%} delivered and p99 <= {PASS_P99_MS} ms",
     }
     pin_self(1)
@@ -658,12 +817,15 @@ async def main_async(mode: Mode, only: list[str] | None, log: Any) -> dict[str, 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short steps (~3 minutes)")
-    parser.add_argument("--only", action="append",
-                        help="memory, redis, redis2, baseline, node-ws, scaling, http, held "
-                        "(repeat)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        help="memory, redis, redis2, baseline, node-ws, scaling, http, held (repeat)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
-    parser.add_argument("--render", type=Path, metavar="JSON",
-                        help="only rewrite the .md beside a results .json")
+    parser.add_argument(
+        "--render", type=Path, metavar="JSON", help="only rewrite the .md beside a results .json"
+    )
     args = parser.parse_args(argv)
     if args.render:
         args.render.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text())))
@@ -683,8 +845,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results = uvloop.run(main_async(mode, args.only, log))
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{results['date'][:10]}-{mode.name}" + ("-" + "-".join(args.only) if args.only
-                                                      else "")
+    stem = f"{results['date'][:10]}-{mode.name}" + ("-" + "-".join(args.only) if args.only else "")
     base, n = stem, 2
     while (args.out / f"{stem}.json").exists():  # never overwrite an earlier run's results
         stem, n = f"{base}-{n}", n + 1

@@ -244,7 +244,8 @@ class FcmAdapter:
         if "INVALID_ARGUMENT" in {fcm_code, rpc_status} and apns_status == 410:
             return PushResult(Outcome.DEAD_TOKEN, status=status, reason=f"{reason} (APNs 410)")
         if (status == 401 and fresh_token) or (
-                status == 403 and not fcm_code and rpc_status == "PERMISSION_DENIED"):
+            status == 403 and not fcm_code and rpc_status == "PERMISSION_DENIED"
+        ):
             detail = f"{reason}: {_message_of(response)}".removesuffix(": ")
             return PushResult(Outcome.CREDENTIALS_REJECTED, status=status, reason=detail)
         if status == 401:  # an access token that went stale in flight: the next send buys one

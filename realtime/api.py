@@ -36,8 +36,13 @@ class HttpError(Exception):
     """An HTTP error answer as a value."""
 
     def __init__(
-        self, status: int, code: ErrorCode, message: str, *,
-        fields: list[dict[str, Any]] | None = None, retry_after: float | None = None,
+        self,
+        status: int,
+        code: ErrorCode,
+        message: str,
+        *,
+        fields: list[dict[str, Any]] | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -151,8 +156,9 @@ class Api:
             if self.bucket is not None:
                 wait = self.bucket.take(key)
                 if wait > 0:
-                    raise HttpError(429, ErrorCode.RATE_LIMITED, "publish rate exceeded",
-                                    retry_after=wait)
+                    raise HttpError(
+                        429, ErrorCode.RATE_LIMITED, "publish rate exceeded", retry_after=wait
+                    )
             body = await read_json(request, self.node.settings.max_body_bytes)
             items = self._items(body)
             ids = await self._publish(items)
@@ -164,11 +170,19 @@ class Api:
         many = isinstance(body, list)
         raw = body if many else [body]
         if many and not raw:
-            raise HttpError(422, ErrorCode.BAD_REQUEST, "empty list",
-                            fields=[{"loc": "", "message": "at least one item"}])
+            raise HttpError(
+                422,
+                ErrorCode.BAD_REQUEST,
+                "empty list",
+                fields=[{"loc": "", "message": "at least one item"}],
+            )
         if len(raw) > MAX_ITEMS:
-            raise HttpError(422, ErrorCode.BAD_REQUEST, f"more than {MAX_ITEMS} items",
-                            fields=[{"loc": "", "message": f"at most {MAX_ITEMS} items"}])
+            raise HttpError(
+                422,
+                ErrorCode.BAD_REQUEST,
+                f"more than {MAX_ITEMS} items",
+                fields=[{"loc": "", "message": f"at most {MAX_ITEMS} items"}],
+            )
         items: list[PublishItem] = []
         errors: list[dict[str, Any]] = []
         for index, item in enumerate(raw):
@@ -190,23 +204,31 @@ class Api:
         try:
             if keyed:
                 claims = await node.idempotency.claim_many(
-                    [f"pub:{ids[i]}" for i in keyed], node.settings.idempotency_window)
+                    [f"pub:{ids[i]}" for i in keyed], node.settings.idempotency_window
+                )
                 for i, claimed in zip(keyed, claims, strict=True):
                     fresh[i] = claimed
         except BrokerUnavailable:
-            raise HttpError(503, ErrorCode.UNAVAILABLE, "idempotency store unavailable",
-                            retry_after=1.0) from None
+            raise HttpError(
+                503, ErrorCode.UNAVAILABLE, "idempotency store unavailable", retry_after=1.0
+            ) from None
         ts = now_ms()
         todo = [i for i in range(len(items)) if fresh[i]]
         node.metrics.duplicates.inc(len(items) - len(todo))
         # All publishes start in order in this tick: a pipelining broker sends them in one write.
         results = await asyncio.gather(
-            *(node.broker.publish(items[i].channel, pack_event(
-                items[i].channel, items[i].event, ids[i], ts, items[i].data)) for i in todo),
+            *(
+                node.broker.publish(
+                    items[i].channel,
+                    pack_event(items[i].channel, items[i].event, ids[i], ts, items[i].data),
+                )
+                for i in todo
+            ),
             return_exceptions=True,
         )
-        failed = [i for i, result in zip(todo, results, strict=True)
-                  if isinstance(result, BaseException)]
+        failed = [
+            i for i, result in zip(todo, results, strict=True) if isinstance(result, BaseException)
+        ]
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, BrokerUnavailable):
                 raise result
@@ -218,7 +240,8 @@ class Api:
                 except BrokerUnavailable:
                     pass
             raise HttpError(
-                503, ErrorCode.UNAVAILABLE,
+                503,
+                ErrorCode.UNAVAILABLE,
                 f"broker unavailable: {len(todo) - len(failed)} of {len(todo)} published",
                 retry_after=1.0,
             )
@@ -259,8 +282,9 @@ class Api:
                 platform = Platform(request.path_params["platform"])
             except ValueError:
                 raise HttpError(404, ErrorCode.NOT_FOUND, "platform is ios or android") from None
-            await self._queue(self.notifications.remove_device(
-                platform, request.path_params["token"]))
+            await self._queue(
+                self.notifications.remove_device(platform, request.path_params["token"])
+            )
         except HttpError as exc:
             return self._answer(request, exc.response())
         return self._answer(request, Response(status_code=204))
@@ -270,8 +294,12 @@ class Api:
         try:
             return await call
         except QueueUnavailable as exc:
-            raise HttpError(503, ErrorCode.UNAVAILABLE, f"notification queue unavailable: {exc}",
-                            retry_after=1.0) from None
+            raise HttpError(
+                503,
+                ErrorCode.UNAVAILABLE,
+                f"notification queue unavailable: {exc}",
+                retry_after=1.0,
+            ) from None
 
     def _answer(self, request: Request, response: Response) -> Response:
         route = request.scope.get("route")
@@ -289,9 +317,9 @@ class Api:
         for name, check in node.readiness.items():
             checks[name] = result = await check()
             ok = ok and bool(result.get("ok", True))
-        return JSONResponse({"status": "ready" if ok else "unavailable", **checks},
-                            status_code=200 if ok else 503)
+        return JSONResponse(
+            {"status": "ready" if ok else "unavailable", **checks}, status_code=200 if ok else 503
+        )
 
     async def metrics(self, request: Request) -> Response:
-        return Response(generate_latest(self.node.metrics.registry),
-                        media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(self.node.metrics.registry), media_type=CONTENT_TYPE_LATEST)

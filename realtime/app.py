@@ -66,18 +66,26 @@ class WebSocketEndpoint:
         websocket = WebSocket(scope, receive, send)
         choice = choose_codec(list(scope.get("subprotocols", [])))
         if choice is None:
-            await websocket.send_denial_response(_error(
-                400, ErrorCode.BAD_REQUEST,
-                "unsupported subprotocol: offer piggybong.v1.json or piggybong.v1.msgpack"))
+            await websocket.send_denial_response(
+                _error(
+                    400,
+                    ErrorCode.BAD_REQUEST,
+                    "unsupported subprotocol: offer piggybong.v1.json or piggybong.v1.msgpack",
+                )
+            )
             return
         wire = scope.get("extensions", {}).get(EXTENSION)
         if wire is None:
-            await websocket.send_denial_response(_error(
-                500, ErrorCode.INTERNAL, "server runs without the realtime WebSocket protocol"))
+            await websocket.send_denial_response(
+                _error(
+                    500, ErrorCode.INTERNAL, "server runs without the realtime WebSocket protocol"
+                )
+            )
             return
         if node.draining:
-            await websocket.send_denial_response(_error(
-                503, ErrorCode.UNAVAILABLE, "server draining"))
+            await websocket.send_denial_response(
+                _error(503, ErrorCode.UNAVAILABLE, "server draining")
+            )
             return
         codec, accepted = choice
         await websocket.accept(subprotocol=accepted)
@@ -101,8 +109,9 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return _error(500, ErrorCode.INTERNAL, "internal error")
 
 
-def _redis_parts(url: str, metrics: Metrics) -> tuple[Broker, IdempotencyStore,
-                                                     ConnectionRegistry, RateLimiter]:
+def _redis_parts(
+    url: str, metrics: Metrics
+) -> tuple[Broker, IdempotencyStore, ConnectionRegistry, RateLimiter]:
     from realtime.idempotency import RedisIdempotencyStore
     from realtime.presence import RedisConnectionRegistry
     from realtime.ratelimit import RedisRateLimiter
@@ -121,20 +130,29 @@ def _adapters(settings: Settings) -> dict[Platform, PushAdapter]:
     ca = str(settings.push_ca_bundle) if settings.push_ca_bundle else None
     fallback: PushAdapter = (
         WebhookAdapter(settings.push_webhook_url, timeout=settings.push_timeout, ca_bundle=ca)
-        if settings.push_webhook_url else LogAdapter()
+        if settings.push_webhook_url
+        else LogAdapter()
     )
     adapters: dict[Platform, PushAdapter] = {Platform.IOS: fallback, Platform.ANDROID: fallback}
     if settings.apns_configured:
         assert settings.apns_key_file and settings.apns_key_id and settings.apns_team_id
         assert settings.apns_topic
         adapters[Platform.IOS] = ApnsAdapter(
-            key_pem=settings.apns_key_file.read_bytes(), key_id=settings.apns_key_id,
-            team_id=settings.apns_team_id, topic=settings.apns_topic,
-            endpoint=settings.apns_endpoint, ca_bundle=ca, timeout=settings.push_timeout)
+            key_pem=settings.apns_key_file.read_bytes(),
+            key_id=settings.apns_key_id,
+            team_id=settings.apns_team_id,
+            topic=settings.apns_topic,
+            endpoint=settings.apns_endpoint,
+            ca_bundle=ca,
+            timeout=settings.push_timeout,
+        )
     if settings.fcm_service_account:
         adapters[Platform.ANDROID] = FcmAdapter(
             service_account=json.loads(settings.fcm_service_account.read_text()),
-            endpoint=settings.fcm_endpoint, ca_bundle=ca, timeout=settings.push_timeout)
+            endpoint=settings.fcm_endpoint,
+            ca_bundle=ca,
+            timeout=settings.push_timeout,
+        )
     return adapters
 
 
@@ -149,8 +167,10 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
     policy = load_policy(settings.tier_policy)
     public_key = settings.jwt_public_key.read_bytes() if settings.jwt_public_key else None
     auth = Authenticator(
-        secret=settings.effective_jwt_secret, public_key_pem=public_key,
-        audiences=settings.jwt_audiences, leeway=settings.jwt_leeway,
+        secret=settings.effective_jwt_secret,
+        public_key_pem=public_key,
+        audiences=settings.jwt_audiences,
+        leeway=settings.jwt_leeway,
         blocked_users=settings.blocked_users,
     )
     api_keys = ApiKeys(settings.effective_api_keys)
@@ -170,23 +190,34 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
     store: NotificationStore
     if settings.redis_url:  # from_url's options go to RedisNotificationStore.__init__
         store = RedisNotificationStore.from_url(
-            settings.redis_url, max_depth=settings.notification_queue_max,
+            settings.redis_url,
+            max_depth=settings.notification_queue_max,
             lease_timeout=NOTIFICATION_LEASE_TIMEOUT,
             max_deliveries=settings.notification_max_deliveries,
             consumer_idle_timeout=settings.notification_consumer_idle_timeout,
-            on_dead_letter=notification_metrics.count_dead_letter)
+            on_dead_letter=notification_metrics.count_dead_letter,
+        )
     else:
         store = MemoryNotificationStore(
-            max_depth=settings.notification_queue_max, lease_timeout=NOTIFICATION_LEASE_TIMEOUT,
+            max_depth=settings.notification_queue_max,
+            lease_timeout=NOTIFICATION_LEASE_TIMEOUT,
             max_deliveries=settings.notification_max_deliveries,
-            on_dead_letter=notification_metrics.count_dead_letter)
-    service = NotificationService(store, metrics=notification_metrics,
-                                  idempotency_window=settings.idempotency_window)
+            on_dead_letter=notification_metrics.count_dead_letter,
+        )
+    service = NotificationService(
+        store, metrics=notification_metrics, idempotency_window=settings.idempotency_window
+    )
 
     async def deliver_in_app(n: Notification) -> None:
-        message = {"type": "notification", "id": n.id, "priority": n.priority.value,
-                   "title": n.title, "body": n.body, "data": n.data,
-                   "ts": int(n.created_at * 1000)}
+        message = {
+            "type": "notification",
+            "id": n.id,
+            "priority": n.priority.value,
+            "title": n.title,
+            "body": n.body,
+            "data": n.data,
+            "ts": int(n.created_at * 1000),
+        }
         await broker.publish(f"user:{n.user}", pack_notification(message))
 
     async def push_allowed(user: str, priority: Priority) -> bool:
@@ -200,25 +231,42 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         # One breaker per adapter (a webhook serving both platforms has one), named as it is.
         by_adapter = {
             id(adapter): CircuitBreaker(
-                name=adapter.name, clock=time.time,
+                name=adapter.name,
+                clock=time.time,
                 credentials_cooldown=settings.push_credentials_cooldown,
-                on_transition=notification_metrics.breaker_transition)
+                on_transition=notification_metrics.breaker_transition,
+            )
             for adapter in adapters.values()
         }
         breakers = {platform: by_adapter[id(adapter)] for platform, adapter in adapters.items()}
         router = NotificationRouter(
-            store, adapters, breakers, deliver_in_app, push_allowed, notification_metrics,
+            store,
+            adapters,
+            breakers,
+            deliver_in_app,
+            push_allowed,
+            notification_metrics,
             concurrency=settings.notification_concurrency,
-            max_attempts=settings.notification_max_attempts)
+            max_attempts=settings.notification_max_attempts,
+        )
         node = Node(
-            node_id=node_id, settings=settings, broker=broker, hub=hub, auth=auth,
-            policy=policy, limiter=limiter, presence=presence, idempotency=idempotency,
-            metrics=metrics, batch_timers=None,  # type: ignore[arg-type]
+            node_id=node_id,
+            settings=settings,
+            broker=broker,
+            hub=hub,
+            auth=auth,
+            policy=policy,
+            limiter=limiter,
+            presence=presence,
+            idempotency=idempotency,
+            metrics=metrics,
+            batch_timers=None,  # type: ignore[arg-type]
             expiry_timers=None,  # type: ignore[arg-type]
             log_throttle=make_log_throttle(settings.log_interval),
         )
         node.batch_timers = Timers(node.flush_due_batches)
         node.expiry_timers = Timers(node.close_expired, clock=time.time)
+
         async def notifications_ready() -> dict[str, Any]:
             try:
                 ok = await service.ready()
@@ -267,6 +315,7 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         async def endpoint(request: Request) -> Response:
             result: Response = await getattr(request.app.state.api, name)(request)
             return result
+
         endpoint.__name__ = name
         return endpoint
 
@@ -274,14 +323,14 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         Route("/v1/publish", handler("publish"), methods=["POST"]),
         Route("/v1/notifications", handler("notify"), methods=["POST"]),
         Route("/v1/devices", handler("register_device"), methods=["POST"]),
-        Route("/v1/devices/{platform}/{token:path}", handler("remove_device"),
-              methods=["DELETE"]),
+        Route("/v1/devices/{platform}/{token:path}", handler("remove_device"), methods=["DELETE"]),
         Route("/healthz", handler("healthz"), methods=["GET"]),
         Route("/readyz", handler("readyz"), methods=["GET"]),
         Route("/metrics", handler("metrics"), methods=["GET"]),
     ]
     return RealtimeApp(
-        routes=routes, lifespan=lifespan,
+        routes=routes,
+        lifespan=lifespan,
         exception_handlers={HTTPException: _http_error, Exception: _internal_error},
     )
 

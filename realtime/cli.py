@@ -44,18 +44,27 @@ def _flag(name: str) -> str:
 
 
 def _serve_parser(sub: Any) -> None:
-    serve = sub.add_parser("serve", help="run the server",
-                           description="Run the server. Each flag overrides REALTIME_<NAME>.")
+    serve = sub.add_parser(
+        "serve",
+        help="run the server",
+        description="Run the server. Each flag overrides REALTIME_<NAME>.",
+    )
     for name, field in Settings.model_fields.items():
         env = f"REALTIME_{name.upper()}"
         default = field.default if field.default is not None else "unset"
         help_text = f"{field.description or ''} (env {env}; default {default})"
         if field.annotation is bool:  # --reuse-port / --no-reuse-port
-            serve.add_argument(_flag(name), dest=name, default=None,
-                               action=argparse.BooleanOptionalAction, help=help_text)
+            serve.add_argument(
+                _flag(name),
+                dest=name,
+                default=None,
+                action=argparse.BooleanOptionalAction,
+                help=help_text,
+            )
         else:
-            serve.add_argument(_flag(name), dest=name, default=None, metavar="VALUE",
-                               help=help_text)
+            serve.add_argument(
+                _flag(name), dest=name, default=None, metavar="VALUE", help=help_text
+            )
 
 
 def _apply_flags(args: argparse.Namespace) -> None:
@@ -75,12 +84,21 @@ def serve(args: argparse.Namespace) -> int:
     raise_open_files_limit()
     if settings.dev_mode:
         what = " and ".join(
-            part for part, on in (("JWT secret", settings.dev_jwt), ("API keys", settings.dev_api))
-            if on)
-        print(BANNER.format(what=what, api_key=settings.effective_api_keys[0]
-                            if settings.dev_api else "(configured)",
-                            secret=DEV_JWT_SECRET if settings.dev_jwt else "(configured)",
-                            host=settings.host, port=settings.port), file=sys.stderr, flush=True)
+            part
+            for part, on in (("JWT secret", settings.dev_jwt), ("API keys", settings.dev_api))
+            if on
+        )
+        print(
+            BANNER.format(
+                what=what,
+                api_key=settings.effective_api_keys[0] if settings.dev_api else "(configured)",
+                secret=DEV_JWT_SECRET if settings.dev_jwt else "(configured)",
+                host=settings.host,
+                port=settings.port,
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         from realtime.tiers import PolicyError, load_policy
 
@@ -94,19 +112,26 @@ def serve(args: argparse.Namespace) -> int:
         Multiprocess(config, sockets=[config.bind_socket()]).run()
     elif settings.reuse_port:
         if not settings.redis_url:
-            print("realtime: --reuse-port without REALTIME_REDIS_URL: each process sharing the "
-                  "port is a node of its own (publishes reach only its clients)",
-                  file=sys.stderr, flush=True)
+            print(
+                "realtime: --reuse-port without REALTIME_REDIS_URL: each process sharing the "
+                "port is a node of its own (publishes reach only its clients)",
+                file=sys.stderr,
+                flush=True,
+            )
         try:
             sock = reuse_port_socket(settings.host, settings.port)
         except OSError as exc:
-            print(f"realtime: cannot listen on {settings.host}:{settings.port} with SO_REUSEPORT: "
-                  f"{exc} (every process sharing a port needs --reuse-port and the same user)",
-                  file=sys.stderr)
+            print(
+                f"realtime: cannot listen on {settings.host}:{settings.port} with SO_REUSEPORT: "
+                f"{exc} (every process sharing a port needs --reuse-port and the same user)",
+                file=sys.stderr,
+            )
             return STARTUP_FAILURE
         logging.getLogger("uvicorn.error").info(
             "Uvicorn will listen on %s:%d with SO_REUSEPORT once started",
-            settings.host, sock.getsockname()[1])
+            settings.host,
+            sock.getsockname()[1],
+        )
         DrainingServer(config).run(sockets=[sock])
     else:
         DrainingServer(config).run()
@@ -196,8 +221,9 @@ class DrainingServer(uvicorn.Server):
         with super().capture_signals():
             yield
             # uvicorn re-raises the signal after its shutdown; the contract says exit 0.
-            self._captured_signals = [sig for sig in self._captured_signals
-                                      if sig != signal.SIGTERM]
+            self._captured_signals = [
+                sig for sig in self._captured_signals if sig != signal.SIGTERM
+            ]
 
 
 def _has_uvloop() -> bool:
@@ -214,8 +240,10 @@ def token(args: argparse.Namespace) -> int:
     settings = Settings.model_construct()
     secret = os.environ.get("REALTIME_JWT_SECRET") or DEV_JWT_SECRET
     if os.environ.get("REALTIME_JWT_PUBLIC_KEY") and not os.environ.get("REALTIME_JWT_SECRET"):
-        print("realtime: the server verifies RS256/ES256 tokens; mint them with your issuer",
-              file=sys.stderr)
+        print(
+            "realtime: the server verifies RS256/ES256 tokens; mint them with your issuer",
+            file=sys.stderr,
+        )
         return 2
     audiences = os.environ.get("REALTIME_JWT_AUDIENCES")
     audience = audiences.split(",")[0].strip() if audiences else settings.jwt_audiences[0]

@@ -203,7 +203,9 @@ class Connection:
         else:
             self.loop.call_later(
                 self.node.settings.drain_timeout,
-                self.close, CloseCode.GOING_AWAY, "server shutting down",
+                self.close,
+                CloseCode.GOING_AWAY,
+                "server shutting down",
             )
 
     def on_lost(self) -> None:
@@ -308,7 +310,8 @@ class Connection:
         if isinstance(principal, Error):
             self._reply_error(command.id, "connect", principal)
             code = (
-                CloseCode.FORBIDDEN if principal.code is ErrorCode.FORBIDDEN
+                CloseCode.FORBIDDEN
+                if principal.code is ErrorCode.FORBIDDEN
                 else CloseCode.UNAUTHORIZED
             )
             self.close(code, principal.message)
@@ -320,8 +323,11 @@ class Connection:
             self.registered = True
             limit = node.settings.max_connections_per_user or tier.max_connections
             if count > limit:
-                self._reply_error(command.id, "connect", Error(
-                    ErrorCode.LIMIT_EXCEEDED, f"at most {limit} connections per user"))
+                self._reply_error(
+                    command.id,
+                    "connect",
+                    Error(ErrorCode.LIMIT_EXCEEDED, f"at most {limit} connections per user"),
+                )
                 self.close(CloseCode.TOO_MANY, "too many connections")
                 return False
             await node.presence.set_tier(self.user, tier.name)
@@ -330,21 +336,31 @@ class Connection:
             await node.hub.subscribe(self, user_channel)
             self.subscriptions.add(user_channel)
         except BrokerUnavailable:
-            self._reply_error(command.id, "connect", Error(
-                ErrorCode.UNAVAILABLE, "the server cannot reach its broker; retry shortly",
-                retry_after=1.0))
+            self._reply_error(
+                command.id,
+                "connect",
+                Error(
+                    ErrorCode.UNAVAILABLE,
+                    "the server cannot reach its broker; retry shortly",
+                    retry_after=1.0,
+                ),
+            )
             self.close(CloseCode.INTERNAL_ERROR, "broker unavailable")
             return False
         self._apply_tier(tier, initial=True)
         self._set_expiry(principal.expires_at)
-        self._reply(command.id, "connect", {
-            "session": self.conn_id,
-            "user": self.user,
-            "tier": tier.name,
-            "ping_interval": node.settings.ping_interval,
-            "limits": tier.limits(node.settings.max_frame_bytes),
-            "subscriptions": sorted(self.subscriptions),
-        })
+        self._reply(
+            command.id,
+            "connect",
+            {
+                "session": self.conn_id,
+                "user": self.user,
+                "tier": tier.name,
+                "ping_interval": node.settings.ping_interval,
+                "limits": tier.limits(node.settings.max_frame_bytes),
+                "subscriptions": sorted(self.subscriptions),
+            },
+        )
         return True
 
     async def _cleanup(self) -> None:
@@ -388,8 +404,9 @@ class Connection:
     def _violation(self, reason: str) -> None:
         self.node.metrics.bad_frames.inc()
         # One line per client address per interval, however many connections it opens.
-        self.node.log_throttle.warning(self.peer, "closing a connection of %s (4000): %s",
-                                       self.peer, reason)
+        self.node.log_throttle.warning(
+            self.peer, "closing a connection of %s (4000): %s", self.peer, reason
+        )
         self.close(CloseCode.BAD_REQUEST, reason[:100])
 
     async def _command(self, message: dict[str, Any]) -> None:
@@ -417,8 +434,9 @@ class Connection:
         elif isinstance(command, p.Refresh):
             await self._refresh(command)
         else:
-            self._reply_error(command.id, "connect", Error(
-                ErrorCode.BAD_REQUEST, "already connected"))
+            self._reply_error(
+                command.id, "connect", Error(ErrorCode.BAD_REQUEST, "already connected")
+            )
 
     def _rate_limited(self, cid: int, op: str, retry_after: float) -> None:
         now = self.loop.time()
@@ -433,11 +451,15 @@ class Connection:
                 return
         self.node.metrics.rate_limited.labels(self.tier.name).inc()
         limit = self.tier.commands_per_minute
-        self._reply_error(cid, op, Error(
-            ErrorCode.RATE_LIMITED,
-            f"{limit} commands per minute on the {self.tier.name} tier",
-            retry_after=max(retry_after, 0.001),
-        ))
+        self._reply_error(
+            cid,
+            op,
+            Error(
+                ErrorCode.RATE_LIMITED,
+                f"{limit} commands per minute on the {self.tier.name} tier",
+                retry_after=max(retry_after, 0.001),
+            ),
+        )
 
     async def _subscribe(self, command: p.Subscribe) -> None:
         channel = command.channel
@@ -449,18 +471,26 @@ class Connection:
             self._reply_error(command.id, "subscribe", denied)
             return
         if len(self.subscriptions) >= self.tier.max_subscriptions:
-            self._reply_error(command.id, "subscribe", Error(
-                ErrorCode.LIMIT_EXCEEDED,
-                f"at most {self.tier.max_subscriptions} subscriptions per connection on the "
-                f"{self.tier.name} tier"))
+            self._reply_error(
+                command.id,
+                "subscribe",
+                Error(
+                    ErrorCode.LIMIT_EXCEEDED,
+                    f"at most {self.tier.max_subscriptions} subscriptions per connection on the "
+                    f"{self.tier.name} tier",
+                ),
+            )
             return
         self.subscriptions.add(channel.name)
         try:
             await self.node.hub.subscribe(self, channel.name)
         except BrokerUnavailable:
             self.subscriptions.discard(channel.name)
-            self._reply_error(command.id, "subscribe", Error(
-                ErrorCode.UNAVAILABLE, "broker unavailable; retry shortly", retry_after=1.0))
+            self._reply_error(
+                command.id,
+                "subscribe",
+                Error(ErrorCode.UNAVAILABLE, "broker unavailable; retry shortly", retry_after=1.0),
+            )
             return
         if self.closed:  # closed while subscribing: cleanup may have run already
             await self.node.hub.unsubscribe(self, channel.name)
@@ -471,23 +501,31 @@ class Connection:
         if channel.namespace == "user" and channel.key != self.user:
             return Error(ErrorCode.FORBIDDEN, "a user channel is only for its own user")
         if channel.namespace == "premium" and not self.tier.premium_channels:
-            return Error(ErrorCode.FORBIDDEN,
-                         f"premium channels are not available on the {self.tier.name} tier")
+            return Error(
+                ErrorCode.FORBIDDEN,
+                f"premium channels are not available on the {self.tier.name} tier",
+            )
         return None
 
     async def _publish(self, command: p.Publish) -> None:
         channel = command.channel
         if channel.namespace != "user" or channel.key != self.user:
-            self._reply_error(command.id, "publish", Error(
-                ErrorCode.FORBIDDEN, "clients may publish only to their own user channel"))
+            self._reply_error(
+                command.id,
+                "publish",
+                Error(ErrorCode.FORBIDDEN, "clients may publish only to their own user channel"),
+            )
             return
         eid = new_event_id()
         payload = pack_event(channel.name, command.event, eid, now_ms(), command.data)
         try:
             await self.node.broker.publish(channel.name, payload)
         except BrokerUnavailable:
-            self._reply_error(command.id, "publish", Error(
-                ErrorCode.UNAVAILABLE, "broker unavailable; not published", retry_after=1.0))
+            self._reply_error(
+                command.id,
+                "publish",
+                Error(ErrorCode.UNAVAILABLE, "broker unavailable; not published", retry_after=1.0),
+            )
             return
         self.node.metrics.published.labels("ws").inc()
         self._reply(command.id, "publish", {"id": eid})
@@ -498,8 +536,11 @@ class Connection:
             self._reply_error(command.id, "refresh", principal)
             return
         if principal.user != self.user:
-            self._reply_error(command.id, "refresh", Error(
-                ErrorCode.FORBIDDEN, "the token belongs to another user"))
+            self._reply_error(
+                command.id,
+                "refresh",
+                Error(ErrorCode.FORBIDDEN, "the token belongs to another user"),
+            )
             return
         tier = self._resolve_tier(principal)
         if tier is not self.tier:
@@ -513,11 +554,15 @@ class Connection:
             except BrokerUnavailable:
                 pass  # push rules use the last tier known; refreshed at the next connect
         self._set_expiry(principal.expires_at)
-        self._reply(command.id, "refresh", {
-            "expires_at": int(principal.expires_at),
-            "tier": tier.name,
-            "subscriptions": sorted(self.subscriptions),
-        })
+        self._reply(
+            command.id,
+            "refresh",
+            {
+                "expires_at": int(principal.expires_at),
+                "tier": tier.name,
+                "subscriptions": sorted(self.subscriptions),
+            },
+        )
 
     # ------------------------------------------------------------------ helpers
 

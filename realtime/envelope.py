@@ -44,8 +44,14 @@ def pack_event(channel: str, event: str, eid: str, ts: int, data: Any) -> bytes:
     return msgpack.packb(  # type: ignore[no-any-return]
         {
             "k": KIND_EVENT,
-            "m": {"type": "event", "channel": channel, "event": event, "id": eid, "ts": ts,
-                  "data": data},
+            "m": {
+                "type": "event",
+                "channel": channel,
+                "event": event,
+                "id": eid,
+                "ts": ts,
+                "data": data,
+            },
             "a": time.time(),
         },
         use_bin_type=True,

@@ -49,8 +49,9 @@ class GcFreezer:
     for ``interval``: no periodic freeze; None for ``full_interval``: no full collection.
     """
 
-    def __init__(self, interval: float | None, full_interval: float | None,
-                 registry: CollectorRegistry) -> None:
+    def __init__(
+        self, interval: float | None, full_interval: float | None, registry: CollectorRegistry
+    ) -> None:
         self.interval = interval
         self.full_interval = full_interval
         self.frozen = 0
@@ -121,9 +122,11 @@ class _Collector:
 
     def collect(self) -> Iterator[Metric]:
         freezer = self._freezer
-        pauses = HistogramMetricFamily(f"{NS}_gc_pause_seconds",
-                                       "Garbage-collector pauses, by generation",
-                                       labels=["generation"])
+        pauses = HistogramMetricFamily(
+            f"{NS}_gc_pause_seconds",
+            "Garbage-collector pauses, by generation",
+            labels=["generation"],
+        )
         bounds = [str(b) for b in PAUSE_BUCKETS] + ["+Inf"]
         for generation in range(3):
             cumulative, buckets = 0, []
@@ -135,4 +138,6 @@ class _Collector:
         yield GaugeMetricFamily(
             f"{NS}_gc_frozen_objects",
             "Objects in the collector's permanent generation (at start-up and at each full "
-            "collection)", value=freezer.frozen)
+            "collection)",
+            value=freezer.frozen,
+        )

@@ -167,8 +167,12 @@ class Hub:
             else:
                 targets = tuple(subs)
             if is_spending(event):
-                item = {"event": event, "id": message.get("id"), "ts": message.get("ts"),
-                        "data": message.get("data")}
+                item = {
+                    "event": event,
+                    "id": message.get("id"),
+                    "ts": message.get("ts"),
+                    "data": message.get("data"),
+                }
                 for conn in targets:
                     conn.add_spending(channel, item)
             else:

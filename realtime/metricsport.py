@@ -38,8 +38,9 @@ class MetricsPort:
         self._exchanges: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, self.host, self.port,
-                                                  limit=MAX_HEAD)
+        self._server = await asyncio.start_server(
+            self._accept, self.host, self.port, limit=MAX_HEAD
+        )
         self.port = self._server.sockets[0].getsockname()[1]
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -60,13 +61,24 @@ class MetricsPort:
                     kind = CONTENT_TYPE_LATEST
                 else:
                     status, body, kind = b"404 Not Found", b"not found\n", "text/plain"
-                writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + kind.encode()
-                             + b"\r\nContent-Length: " + str(len(body)).encode()
-                             + b"\r\nConnection: close\r\n\r\n" + body)
+                writer.write(
+                    b"HTTP/1.1 "
+                    + status
+                    + b"\r\nContent-Type: "
+                    + kind.encode()
+                    + b"\r\nContent-Length: "
+                    + str(len(body)).encode()
+                    + b"\r\nConnection: close\r\n\r\n"
+                    + body
+                )
                 await writer.drain()
             writer.close()
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ConnectionError):
+        except (
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ConnectionError,
+        ):
             writer.transport.abort()  # no request in time, too big, or a reader that stalled
         except asyncio.CancelledError:
             writer.transport.abort()

@@ -182,8 +182,16 @@ class _Batch:
     and fails every waiting caller.
     """
 
-    def __init__(self, script: AsyncScript, what: str, param: int | None = None, *,
-                 max_batch: int, max_pending: int, timeout: float) -> None:
+    def __init__(
+        self,
+        script: AsyncScript,
+        what: str,
+        param: int | None = None,
+        *,
+        max_batch: int,
+        max_pending: int,
+        timeout: float,
+    ) -> None:
         self._script = script
         self._what = what
         self._head = [] if param is None else [param]
@@ -200,8 +208,10 @@ class _Batch:
         if self._closed:
             raise BrokerUnavailable(f"redis presence {self._what} failed: registry closed")
         if self._waiting >= self._max_pending:
-            raise BrokerUnavailable(f"redis presence {self._what} failed: "
-                                    f"{self._waiting} calls already waiting for Redis")
+            raise BrokerUnavailable(
+                f"redis presence {self._what} failed: "
+                f"{self._waiting} calls already waiting for Redis"
+            )
         if len(self._pending) >= 2 * self._max_pending:
             self._drop_given_up()
         loop = asyncio.get_running_loop()
@@ -214,8 +224,9 @@ class _Batch:
             async with asyncio.timeout(self._timeout):
                 return await future
         except TimeoutError:
-            raise BrokerUnavailable(f"redis presence {self._what} failed: "
-                                    f"no reply within {self._timeout} s") from None
+            raise BrokerUnavailable(
+                f"redis presence {self._what} failed: no reply within {self._timeout} s"
+            ) from None
         finally:
             self._waiting -= 1
 
@@ -242,7 +253,8 @@ class _Batch:
                 with redis_errors(f"presence {self._what}"):
                     replies = await self._script(
                         keys=[key for key, _, _ in batch],
-                        args=[*self._head, *(arg for _, arg, _ in batch)])
+                        args=[*self._head, *(arg for _, arg, _ in batch)],
+                    )
                 answered = list(zip(self._sending, replies, strict=True))
             except Exception as exc:
                 for future in self._sending:
@@ -266,7 +278,8 @@ class _Batch:
         for future in waiting:
             if not future.done():
                 future.set_exception(
-                    BrokerUnavailable(f"redis presence {self._what} failed: registry closed"))
+                    BrokerUnavailable(f"redis presence {self._what} failed: registry closed")
+                )
 
 
 def _for_one_caller(exc: Exception) -> Exception:
@@ -292,8 +305,15 @@ class RedisConnectionRegistry:
     ``BrokerUnavailable`` at once), ``timeout`` s per call.
     """
 
-    def __init__(self, url: str, *, ttl: float = DEFAULT_TTL, timeout: float = 5.0,
-                 max_batch: int = 500, max_pending: int = 100_000) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl: float = DEFAULT_TTL,
+        timeout: float = 5.0,
+        max_batch: int = 500,
+        max_pending: int = 100_000,
+    ) -> None:
         self.ttl = ttl
         self._ttl_ms = max(1, round(ttl * 1000))
         self._max_batch = max_batch
@@ -302,8 +322,9 @@ class RedisConnectionRegistry:
         batch = partial(_Batch, max_batch=max_batch, max_pending=max_pending, timeout=timeout)
         self._adds = batch(self._add_script, "add", self._ttl_ms)
         self._removes = batch(self._client.register_script(_REMOVE), "remove")
-        self._tiers = batch(self._client.register_script(_SET_TIER), "set_tier",
-                            round(TIER_TTL * 1000))
+        self._tiers = batch(
+            self._client.register_script(_SET_TIER), "set_tier", round(TIER_TTL * 1000)
+        )
 
     async def add(self, user: str, conn_id: str) -> int:
         return int(await self._adds.call(CONNS_PREFIX + user, conn_id))

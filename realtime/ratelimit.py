@@ -70,7 +70,7 @@ class SlidingWindowLog:
             del hits[:expired]
         limit = self.limit
         if len(hits) > limit:  # a lowered limit: only the newest `limit` hits matter
-            del hits[:len(hits) - max(limit, 0)]
+            del hits[: len(hits) - max(limit, 0)]
         if len(hits) < limit:
             hits.append(now)
             return Decision(True, 0.0)

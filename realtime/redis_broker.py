@@ -32,9 +32,9 @@ from typing import Any, Final, Literal, Protocol, cast
 
 import redis.asyncio as aredis
 from redis.asyncio.connection import parse_url
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from realtime.broker import BrokerUnavailable, MessageHandler
 

@@ -46,8 +46,11 @@ class Settings(BaseSettings):
         "port, the kernel spreads connections (one worker each)",
     )
     metrics_port: int | None = Field(
-        None, ge=0, le=65535, description="also serve /metrics on this port of this process "
-        "alone (scrape each process when several share the API port); unset: API port only"
+        None,
+        ge=0,
+        le=65535,
+        description="also serve /metrics on this port of this process "
+        "alone (scrape each process when several share the API port); unset: API port only",
     )
     redis_url: str | None = Field(
         None, description="Redis URL; unset: in-process broker and queues (one node)"
@@ -109,13 +112,17 @@ class Settings(BaseSettings):
         100_000, ge=1, description="queued notifications per priority (503 beyond)"
     )
     notification_max_deliveries: int = Field(
-        10, ge=1, description="leases of one queued notification never settled (its routers "
-        "crashed or hung) before it is dead-lettered as poison"
+        10,
+        ge=1,
+        description="leases of one queued notification never settled (its routers "
+        "crashed or hung) before it is dead-lettered as poison",
     )
     notification_consumer_idle_timeout: float = Field(
-        3600.0, gt=NOTIFICATION_LEASE_TIMEOUT, description="seconds a Redis router consumer "
+        3600.0,
+        gt=NOTIFICATION_LEASE_TIMEOUT,
+        description="seconds a Redis router consumer "
         "holding nothing may be idle before it is deleted; over the "
-        f"{NOTIFICATION_LEASE_TIMEOUT:g} s lease timeout"
+        f"{NOTIFICATION_LEASE_TIMEOUT:g} s lease timeout",
     )
     apns_key_file: Path | None = Field(None, description="APNs .p8 token-signing key (ES256)")
     apns_key_id: str | None = Field(None, description="APNs key id (kid)")
@@ -130,24 +137,36 @@ class Settings(BaseSettings):
     )
     push_timeout: float = Field(10.0, gt=0, description="seconds per push request")
     push_credentials_cooldown: float = Field(
-        300.0, ge=1, description="seconds a push adapter's breaker stays open after the "
-        "provider rejected our credentials (nothing is sent meanwhile but one probe after)"
+        300.0,
+        ge=1,
+        description="seconds a push adapter's breaker stays open after the "
+        "provider rejected our credentials (nothing is sent meanwhile but one probe after)",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     gc_freeze_interval: float | None = Field(
-        1.0, ge=0.1, description="seconds between collect-and-freeze of long-lived objects "
-        "(keeps full GC pauses short); empty: only at start-up"
+        1.0,
+        ge=0.1,
+        description="seconds between collect-and-freeze of long-lived objects "
+        "(keeps full GC pauses short); empty: only at start-up",
     )
     gc_full_interval: float | None = Field(
-        3600.0, ge=1, description="seconds between full collections of everything, frozen "
-        "included (frees cycles that died after being frozen); empty: never"
+        3600.0,
+        ge=1,
+        description="seconds between full collections of everything, frozen "
+        "included (frees cycles that died after being frozen); empty: never",
     )
     log_interval: float = Field(
         10.0, gt=0, description="seconds between log lines about one bad client"
     )
 
-    @field_validator("jwt_secret", "redis_url", "gc_freeze_interval", "gc_full_interval",
-                     "metrics_port", mode="before")
+    @field_validator(
+        "jwt_secret",
+        "redis_url",
+        "gc_freeze_interval",
+        "gc_full_interval",
+        "metrics_port",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value

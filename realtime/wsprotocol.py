@@ -149,7 +149,8 @@ def _finished_parser() -> Generator[None, None, None]:
 _DETACHED = asyncio.Protocol()
 
 _wheels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PingWheel] = (
-    weakref.WeakKeyDictionary())
+    weakref.WeakKeyDictionary()
+)
 
 
 class RealtimeWSProtocol(WebSocketsSansIOProtocol):
@@ -214,8 +215,11 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
         if self.close_sent:
             return
         # Both kinds arrive as bytes; "text" tells the app which opcode it was.
-        message = {"type": "websocket.receive", "bytes": bytes(data),
-                   "text": "" if self.curr_msg_data_type == "text" else None}
+        message = {
+            "type": "websocket.receive",
+            "bytes": bytes(data),
+            "text": "" if self.curr_msg_data_type == "text" else None,
+        }
         self.queue.put_nowait(message)  # type: ignore[arg-type]
         if not self.read_paused:
             self.read_paused = True

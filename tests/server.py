@@ -60,7 +60,8 @@ class ServerProcess:
 
     def http(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(
-            base_url=self.url, headers={"Authorization": f"Bearer {self.api_key}"}, timeout=10)
+            base_url=self.url, headers={"Authorization": f"Bearer {self.api_key}"}, timeout=10
+        )
 
     async def publish(self, body: Any) -> httpx.Response:
         async with self.http() as client:
@@ -82,27 +83,37 @@ class ServerProcess:
 
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REALTIME_")}
-    env.update({
-        "REALTIME_HOST": "127.0.0.1",
-        "REALTIME_JWT_SECRET": JWT_SECRET,
-        "REALTIME_API_KEYS": f"{API_KEY},second-key",
-        "REALTIME_LOG_LEVEL": "info",
-        "PYTHONPATH": str(ROOT),
-    })
+    env.update(
+        {
+            "REALTIME_HOST": "127.0.0.1",
+            "REALTIME_JWT_SECRET": JWT_SECRET,
+            "REALTIME_API_KEYS": f"{API_KEY},second-key",
+            "REALTIME_LOG_LEVEL": "info",
+            "PYTHONPATH": str(ROOT),
+        }
+    )
     env.update(extra or {})
     return env
 
 
-async def start_server(env: dict[str, str] | None = None, port: int | None = None,
-                       ready_timeout: float = 20.0) -> ServerProcess:
+async def start_server(
+    env: dict[str, str] | None = None, port: int | None = None, ready_timeout: float = 20.0
+) -> ServerProcess:
     port = port or free_port()
     full_env = server_env(env)
     full_env["REALTIME_PORT"] = str(port)
     fd, log_name = tempfile.mkstemp(prefix="realtime-test-", suffix=".log")
     log_file = os.fdopen(fd, "wb")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "realtime", "serve", env=full_env, cwd=str(ROOT),
-        stdout=log_file, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
+        sys.executable,
+        "-m",
+        "realtime",
+        "serve",
+        env=full_env,
+        cwd=str(ROOT),
+        stdout=log_file,
+        stderr=asyncio.subprocess.STDOUT,
+        stdin=asyncio.subprocess.DEVNULL,
     )
     log_file.close()
     server = ServerProcess(port, proc, Path(log_name))
@@ -122,8 +133,9 @@ async def start_server(env: dict[str, str] | None = None, port: int | None = Non
 
 
 @contextlib.asynccontextmanager
-async def running_server(env: dict[str, str] | None = None,
-                         port: int | None = None) -> AsyncIterator[ServerProcess]:
+async def running_server(
+    env: dict[str, str] | None = None, port: int | None = None
+) -> AsyncIterator[ServerProcess]:
     """A server for the duration of the block; stopped with SIGTERM (it must exit 0)."""
     server = await start_server(env, port)
     try:
@@ -187,21 +199,23 @@ class Client:
 
 
 @contextlib.asynccontextmanager
-async def ws_client(server: ServerProcess, *, binary: bool = False,
-                    subprotocols: list[str] | None = None,
-                    **kw: Any) -> AsyncIterator[Client]:
+async def ws_client(
+    server: ServerProcess, *, binary: bool = False, subprotocols: list[str] | None = None, **kw: Any
+) -> AsyncIterator[Client]:
     if subprotocols is None:
         subprotocols = ["piggybong.v1.msgpack" if binary else "piggybong.v1.json"]
     if subprotocols:
         kw["subprotocols"] = subprotocols
-    async with connect(server.ws_url, compression=None, open_timeout=5, close_timeout=2,
-                       **kw) as ws:
+    async with connect(
+        server.ws_url, compression=None, open_timeout=5, close_timeout=2, **kw
+    ) as ws:
         yield Client(ws, binary)
 
 
 @contextlib.asynccontextmanager
-async def connected(server: ServerProcess, user: str, *, tier: str | None = None,
-                    binary: bool = False, **kw: Any) -> AsyncIterator[Client]:
+async def connected(
+    server: ServerProcess, user: str, *, tier: str | None = None, binary: bool = False, **kw: Any
+) -> AsyncIterator[Client]:
     async with ws_client(server, binary=binary, **kw) as client:
         reply = await client.command("connect", token=server.token(user, tier))
         assert "result" in reply, reply

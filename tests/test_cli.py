@@ -21,8 +21,13 @@ from tests.server import ROOT, free_port, running_server, server_env, ws_client
 def realtime(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("REALTIME_")}
     return subprocess.run(
-        [sys.executable, "-m", "realtime", *args], capture_output=True, text=True, timeout=30,
-        cwd=ROOT, env={**base, **(env or {})}, check=False,
+        [sys.executable, "-m", "realtime", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env={**base, **(env or {})},
+        check=False,
     )
 
 
@@ -62,9 +67,11 @@ async def test_dev_mode_says_so_loudly() -> None:
 
 
 def test_reuse_port_is_refused_with_workers_and_where_the_platform_lacks_it(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    result = realtime("serve", "--reuse-port", "--workers", "2",
-                      "--redis-url", "redis://127.0.0.1:1/0")
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    result = realtime(
+        "serve", "--reuse-port", "--workers", "2", "--redis-url", "redis://127.0.0.1:1/0"
+    )
     assert result.returncode == 2
     assert "REALTIME_REUSE_PORT" in result.stderr and "several" in result.stderr
     monkeypatch.delattr(socket, "SO_REUSEPORT")
@@ -76,8 +83,10 @@ def test_reuse_port_is_refused_with_workers_and_where_the_platform_lacks_it(
 async def test_reuse_port_processes_share_a_port_and_both_get_connections() -> None:
     port = free_port()
     env = {"REALTIME_REUSE_PORT": "true"}
-    async with running_server({**env, "REALTIME_NODE_ID": "node-a"}, port) as a, \
-            running_server({**env, "REALTIME_NODE_ID": "node-b"}, port):
+    async with (
+        running_server({**env, "REALTIME_NODE_ID": "node-a"}, port) as a,
+        running_server({**env, "REALTIME_NODE_ID": "node-b"}, port),
+    ):
         # node-a answered start_server's /healthz for node-b too: wait until node-b serves
         async with asyncio.timeout(20):
             while True:
@@ -106,7 +115,8 @@ async def test_a_taken_port_stops_a_second_server_with_a_clear_error() -> None:
     async with running_server(port=port):
         plain, reuse = await asyncio.gather(
             asyncio.to_thread(realtime, "serve", env=env),
-            asyncio.to_thread(realtime, "serve", "--reuse-port", env=env))
+            asyncio.to_thread(realtime, "serve", "--reuse-port", env=env),
+        )
     assert plain.returncode == 3 and "address already in use" in plain.stderr, plain.stderr
     assert reuse.returncode == 3, reuse.stderr
     assert f"cannot listen on 127.0.0.1:{port} with SO_REUSEPORT" in reuse.stderr

@@ -21,8 +21,13 @@ async def test_two_nodes_on_one_redis_act_as_one(redis_url: str) -> None:
             for client in (on_a, on_b):
                 await client.command("subscribe", channel="artist:newjeans")
             # A backend publish on node B reaches subscribers of both nodes.
-            response = await b.publish({"channel": "artist:newjeans", "event": "mv.released",
-                                        "data": {"title": "How Sweet"}})
+            response = await b.publish(
+                {
+                    "channel": "artist:newjeans",
+                    "event": "mv.released",
+                    "data": {"title": "How Sweet"},
+                }
+            )
             assert response.status_code == 202
             for client in (on_a, on_b):
                 event = await client.next_pushed()
@@ -53,8 +58,10 @@ async def _wait_ready(client: httpx.AsyncClient, want: int, timeout: float = 20.
 
 
 async def test_redis_restart_mid_stream(redis_server: Any, redis_url: str) -> None:
-    async with running_server({"REALTIME_REDIS_URL": redis_url}) as server, \
-            httpx.AsyncClient(base_url=server.url, timeout=5) as http:
+    async with (
+        running_server({"REALTIME_REDIS_URL": redis_url}) as server,
+        httpx.AsyncClient(base_url=server.url, timeout=5) as http,
+    ):
         async with connected(server, "u-r", binary=True) as client:
             await client.command("subscribe", channel="artist:restart")
             event: dict[str, Any] = {"channel": "artist:restart", "event": "e", "data": {"n": 1}}

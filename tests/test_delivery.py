@@ -20,8 +20,10 @@ async def test_slow_consumer_is_cut_off_4008_and_never_stalls_others() -> None:
     env = {"REALTIME_OUTBOX_MAX_BYTES": str(256 * 1024)}
     async with running_server(env) as server:
         # The slow client stops reading after its first frames: max_queue=1 stops its reads.
-        async with connected(server, "u-slow", max_queue=1) as slow, \
-                connected(server, "u-fast") as fast:
+        async with (
+            connected(server, "u-slow", max_queue=1) as slow,
+            connected(server, "u-fast") as fast,
+        ):
             for client in (slow, fast):
                 assert "result" in await client.command("subscribe", channel="artist:flood")
             payload = "x" * 4000
@@ -32,8 +34,14 @@ async def test_slow_consumer_is_cut_off_4008_and_never_stalls_others() -> None:
 
             reader = asyncio.create_task(read_all())
             for batch in range(total // 200):
-                body = [{"channel": "artist:flood", "event": "tick",
-                         "data": {"n": batch * 200 + i, "p": payload}} for i in range(200)]
+                body = [
+                    {
+                        "channel": "artist:flood",
+                        "event": "tick",
+                        "data": {"n": batch * 200 + i, "p": payload},
+                    }
+                    for i in range(200)
+                ]
                 assert (await server.publish(body)).status_code == 202
             assert await reader == list(range(total))
             # The slow client now reads what it was sent, then the close frame.
@@ -52,7 +60,8 @@ async def test_unanswered_pings_close_the_connection() -> None:
         writer.write(
             f"GET /v1/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            f"Sec-WebSocket-Version: 13\r\n\r\n".encode())
+            f"Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
         await writer.drain()
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 101")
@@ -74,7 +83,7 @@ def _frames(data: bytes) -> list[tuple[int, bytes]]:
     while i + 2 <= len(data):
         opcode, length = data[i] & 0x0F, data[i + 1] & 0x7F
         assert length < 126
-        frames.append((opcode, data[i + 2:i + 2 + length]))
+        frames.append((opcode, data[i + 2 : i + 2 + length]))
         i += 2 + length
     return frames
 
@@ -83,8 +92,10 @@ async def test_sigterm_delivers_what_is_queued_then_closes_1001_and_exits_0() ->
     async with running_server() as server:
         async with connected(server, "u-drain", max_queue=1) as client:
             await client.command("subscribe", channel="artist:drain")
-            body = [{"channel": "artist:drain", "event": "tick", "data": {"n": n, "p": "y" * 2000}}
-                    for n in range(400)]
+            body = [
+                {"channel": "artist:drain", "event": "tick", "data": {"n": n, "p": "y" * 2000}}
+                for n in range(400)
+            ]
             assert (await server.publish(body)).status_code == 202
             server.proc.send_signal(signal.SIGTERM)
             for n in range(400):
@@ -120,8 +131,10 @@ async def test_nothing_is_left_behind_and_bad_clients_log_one_line() -> None:
             deadline = asyncio.get_running_loop().time() + 5
             while True:
                 metrics = (await http.get("/metrics")).text
-                gauges = [_gauge(metrics, f"piggybong_realtime_{name}") for name in
-                          ("ws_open", "hub_channels", "ws_queued_bytes")]
+                gauges = [
+                    _gauge(metrics, f"piggybong_realtime_{name}")
+                    for name in ("ws_open", "hub_channels", "ws_queued_bytes")
+                ]
                 if gauges == [0, 0, 0] or asyncio.get_running_loop().time() > deadline:
                     break
                 await asyncio.sleep(0.1)
@@ -133,7 +146,8 @@ async def test_nothing_is_left_behind_and_bad_clients_log_one_line() -> None:
 
 @pytest.mark.parametrize("broker", ["memory", "redis"])
 async def test_clients_leaving_mid_fan_out_never_stall_the_others(
-        broker: str, request: pytest.FixtureRequest) -> None:
+    broker: str, request: pytest.FixtureRequest
+) -> None:
     # 300 quiet subscribers make each fan-out several flush slices long; clients that
     # subscribe and leave while events are published must cost the others nothing: the
     # last subscriber (written last in every fan-out) gets every event, in order.
@@ -142,8 +156,7 @@ async def test_clients_leaving_mid_fan_out_never_stall_the_others(
         quiet_ones = []
 
         async def quiet(i: int) -> None:  # max_queue=1: it stops reading; the kernel buffers
-            client = await stack.enter_async_context(
-                connected(server, f"u-quiet-{i}", max_queue=1))
+            client = await stack.enter_async_context(connected(server, f"u-quiet-{i}", max_queue=1))
             assert "result" in await client.command("subscribe", channel="artist:churn")
             quiet_ones.append(client)
 
@@ -164,8 +177,10 @@ async def test_clients_leaving_mid_fan_out_never_stall_the_others(
         churners = [asyncio.create_task(churn(w)) for w in range(8)]
         total = 400
         for start in range(0, total, 20):
-            body = [{"channel": "artist:churn", "event": "tick", "data": {"n": n}}
-                    for n in range(start, start + 20)]
+            body = [
+                {"channel": "artist:churn", "event": "tick", "data": {"n": n}}
+                for n in range(start, start + 20)
+            ]
             assert (await server.publish(body)).status_code == 202
             await asyncio.sleep(0.02)
         got = [(await keeper.next_pushed(timeout=10))["data"]["n"] for _ in range(total)]

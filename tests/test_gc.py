@@ -31,22 +31,33 @@ from tests.server import connected, free_port, running_server
 pytestmark = pytest.mark.timeout(60)
 
 #: Server-side classes of one WebSocket connection.
-SERVER_TYPES = ("realtime.connection.Connection", "realtime.wsprotocol.RealtimeWSProtocol",
-                "websockets.server.ServerProtocol", "realtime.wsprotocol.Inbox",
-                "realtime.wsprotocol.Flag", "realtime.httpprotocol.RealtimeHttpToolsProtocol",
-                "httptools.parser.parser.HttpRequestParser",
-                "uvicorn.protocols.http.flow_control.FlowControl")
+SERVER_TYPES = (
+    "realtime.connection.Connection",
+    "realtime.wsprotocol.RealtimeWSProtocol",
+    "websockets.server.ServerProtocol",
+    "realtime.wsprotocol.Inbox",
+    "realtime.wsprotocol.Flag",
+    "realtime.httpprotocol.RealtimeHttpToolsProtocol",
+    "httptools.parser.parser.HttpRequestParser",
+    "uvicorn.protocols.http.flow_control.FlowControl",
+)
 
 
 def census() -> dict[str, int]:
-    counts = collections.Counter(f"{type(o).__module__}.{type(o).__qualname__}"
-                                 for o in gc.get_objects())
+    counts = collections.Counter(
+        f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects()
+    )
     return {name: counts[name] for name in SERVER_TYPES}
 
 
 async def _client(port: int, user: str, **kw: Any) -> ClientConnection:
-    ws = await connect(f"ws://127.0.0.1:{port}/v1/ws", subprotocols=["piggybong.v1.json"],  # type: ignore[list-item]
-                       compression=None, open_timeout=5, **kw)
+    ws = await connect(
+        f"ws://127.0.0.1:{port}/v1/ws",
+        subprotocols=["piggybong.v1.json"],  # type: ignore[list-item]
+        compression=None,
+        open_timeout=5,
+        **kw,
+    )
     token = mint_token(DEV_JWT_SECRET, user, ttl=60)
     await ws.send(f'{{"id":1,"op":"connect","token":"{token}"}}')
     assert '"result"' in str(await ws.recv())
@@ -97,8 +108,9 @@ async def _slow_consumer(port: int) -> None:
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
         for _ in range(40):  # 40 x 200 KB: more than the socket buffers and the outbox
             body = {"channel": "artist:gc", "event": "tick", "data": {"p": "x" * 200_000}}
-            response = await http.post("/v1/publish", json=body,
-                                       headers={"authorization": f"Bearer {DEV_API_KEY}"})
+            response = await http.post(
+                "/v1/publish", json=body, headers={"authorization": f"Bearer {DEV_API_KEY}"}
+            )
             assert response.status_code == 202
     with pytest.raises(ConnectionClosed):
         while True:
@@ -119,11 +131,16 @@ SCENARIOS: dict[str, Callable[[int], Awaitable[None]]] = {
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_a_finished_connection_leaves_no_reference_cycle(
-        scenario: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    scenario: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The app reads its settings from the environment (create_app is uvicorn's factory).
-    for name, value in {"CONNECT_TIMEOUT": "0.5", "OUTBOX_MAX_BYTES": str(256 * 1024),
-                        "LOG_LEVEL": "warning", "GC_FREEZE_INTERVAL": "3600",
-                        "GC_FULL_INTERVAL": ""}.items():
+    for name, value in {
+        "CONNECT_TIMEOUT": "0.5",
+        "OUTBOX_MAX_BYTES": str(256 * 1024),
+        "LOG_LEVEL": "warning",
+        "GC_FREEZE_INTERVAL": "3600",
+        "GC_FULL_INTERVAL": "",
+    }.items():
         monkeypatch.setenv(f"REALTIME_{name}", value)
     for name in ("REDIS_URL", "JWT_SECRET", "API_KEYS"):
         monkeypatch.delenv(f"REALTIME_{name}", raising=False)
@@ -164,16 +181,18 @@ def test_a_finished_connection_leaves_no_reference_cycle(
 
 
 def _frozen(metrics: str) -> float:
-    line = next(line for line in metrics.splitlines()
-                if line.startswith("piggybong_realtime_gc_frozen_objects "))
+    line = next(
+        line
+        for line in metrics.splitlines()
+        if line.startswith("piggybong_realtime_gc_frozen_objects ")
+    )
     return float(line.split()[1])
 
 
 @pytest.mark.asyncio
 async def test_the_server_freezes_what_connections_hold_and_frees_it_when_they_close() -> None:
     env = {"REALTIME_GC_FREEZE_INTERVAL": "0.3", "REALTIME_GC_FULL_INTERVAL": "1"}
-    async with running_server(env) as server, \
-            httpx.AsyncClient(base_url=server.url) as http:
+    async with running_server(env) as server, httpx.AsyncClient(base_url=server.url) as http:
         await asyncio.sleep(0.5)
         idle = _frozen((await http.get("/metrics")).text)
         assert idle > 10_000  # start-up froze the modules' objects
@@ -185,8 +204,10 @@ async def test_the_server_freezes_what_connections_hold_and_frees_it_when_they_c
             held = _frozen(metrics)
             assert held > idle + 100 * 20  # each connection's objects were frozen
             full_collections = next(
-                float(line.split()[1]) for line in metrics.splitlines()
-                if line.startswith('piggybong_realtime_gc_pause_seconds_count{generation="2"}'))
+                float(line.split()[1])
+                for line in metrics.splitlines()
+                if line.startswith('piggybong_realtime_gc_pause_seconds_count{generation="2"}')
+            )
             assert full_collections > 0  # the freezes' collections, timed by the gc hook
         await asyncio.sleep(1.5)
         after = _frozen((await http.get("/metrics")).text)
@@ -195,15 +216,20 @@ async def test_the_server_freezes_what_connections_hold_and_frees_it_when_they_c
 
 
 def test_gc_intervals_empty_means_off_and_bounds_are_checked(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from pydantic import ValidationError
 
     monkeypatch.setenv("REALTIME_GC_FREEZE_INTERVAL", "")
     monkeypatch.setenv("REALTIME_GC_FULL_INTERVAL", "")
     settings = Settings()
     assert (settings.gc_freeze_interval, settings.gc_full_interval) == (None, None)
-    for name, value in (("GC_FREEZE_INTERVAL", "0.001"), ("GC_FREEZE_INTERVAL", "inf"),
-                        ("GC_FULL_INTERVAL", "nan"), ("NOTIFICATION_CONSUMER_IDLE_TIMEOUT", "inf")):
+    for name, value in (
+        ("GC_FREEZE_INTERVAL", "0.001"),
+        ("GC_FREEZE_INTERVAL", "inf"),
+        ("GC_FULL_INTERVAL", "nan"),
+        ("NOTIFICATION_CONSUMER_IDLE_TIMEOUT", "inf"),
+    ):
         monkeypatch.setenv(f"REALTIME_{name}", value)
         with pytest.raises(ValidationError, match=name.lower()):
             Settings()

@@ -19,8 +19,14 @@ async def server() -> AsyncIterator[ServerProcess]:
         yield srv
 
 
-async def post(server: ServerProcess, body: bytes | None = None, *, key: str | None = "default",
-               json_body: object = None, path: str = "/v1/publish") -> httpx.Response:
+async def post(
+    server: ServerProcess,
+    body: bytes | None = None,
+    *,
+    key: str | None = "default",
+    json_body: object = None,
+    path: str = "/v1/publish",
+) -> httpx.Response:
     headers = {}
     if key is not None:
         headers["Authorization"] = f"Bearer {server.api_key if key == 'default' else key}"
@@ -47,11 +53,13 @@ async def test_bad_bodies(server: ServerProcess) -> None:
     assert response.status_code == 400 and response.json()["error"]["code"] == "bad_request"
     response = await post(server, b"\xff\xfe")
     assert response.status_code == 400
-    response = await post(server, b'{"channel": "broadcast", "event": "e", "data": "' +
-                          b"x" * 5000 + b'"}')
+    response = await post(
+        server, b'{"channel": "broadcast", "event": "e", "data": "' + b"x" * 5000 + b'"}'
+    )
     assert response.status_code == 413
-    response = await post(server, json_body={"channel": "nope:x", "event": "", "data": 3,
-                                             "extra": 1})
+    response = await post(
+        server, json_body={"channel": "nope:x", "event": "", "data": 3, "extra": 1}
+    )
     assert response.status_code == 422
     locs = {field["loc"] for field in response.json()["error"]["fields"]}
     assert {"channel", "event", "data", "extra"} <= locs

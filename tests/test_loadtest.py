@@ -467,17 +467,24 @@ async def test_http_connection_takes_turns_and_reads_chunked_bodies() -> None:
     async def serve_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal connections
         connections += 1
-        while head := await reader.readuntil(b"\r\n\r\n"):
-            path = head.split(b" ")[1].decode()
-            await asyncio.sleep(0.01)  # slow enough for callers to overlap
-            if path == "/chunked":
-                body = b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
-                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
-            else:
-                answer = path.encode()
-                writer.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: %d\r\n\r\n" % len(answer))
-                writer.write(answer)
-            await writer.drain()
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                path = head.split(b" ")[1].decode()
+                await asyncio.sleep(0.01)  # slow enough for callers to overlap
+                if path == "/chunked":
+                    body = b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+                    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+                else:
+                    answer = path.encode()
+                    writer.write(
+                        b"HTTP/1.1 202 Accepted\r\nContent-Length: %d\r\n\r\n" % len(answer)
+                    )
+                    writer.write(answer)
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            pass  # the client closed its side
+        finally:
+            writer.close()
 
     server = await asyncio.start_server(serve_http, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -745,8 +752,11 @@ async def test_an_unreachable_target_aborts_with_exit_1() -> None:
 
 def test_the_cli_help_prints() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "loadtest", "--help"], capture_output=True, text=True,
-        timeout=30, check=False,
+        [sys.executable, "-m", "loadtest", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert "error_rate<0.1%" in result.stdout

@@ -16,19 +16,25 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def _open_connections(metrics: str) -> float:
-    line = next(line for line in metrics.splitlines()
-                if line.startswith("piggybong_realtime_ws_open "))
+    line = next(
+        line for line in metrics.splitlines() if line.startswith("piggybong_realtime_ws_open ")
+    )
     return float(line.split()[1])
 
 
 async def test_each_reuse_port_process_answers_its_own_metrics() -> None:
     port, metrics_a, metrics_b = free_port(), free_port(), free_port()
     env = {"REALTIME_REUSE_PORT": "true"}
-    async with running_server({**env, "REALTIME_METRICS_PORT": str(metrics_a),
-                               "REALTIME_NODE_ID": "node-a"}, port) as a, \
-            running_server({**env, "REALTIME_METRICS_PORT": str(metrics_b),
-                            "REALTIME_NODE_ID": "node-b"}, port), \
-            httpx.AsyncClient(timeout=5) as http, contextlib.AsyncExitStack() as stack:
+    async with (
+        running_server(
+            {**env, "REALTIME_METRICS_PORT": str(metrics_a), "REALTIME_NODE_ID": "node-a"}, port
+        ) as a,
+        running_server(
+            {**env, "REALTIME_METRICS_PORT": str(metrics_b), "REALTIME_NODE_ID": "node-b"}, port
+        ),
+        httpx.AsyncClient(timeout=5) as http,
+        contextlib.AsyncExitStack() as stack,
+    ):
         async with asyncio.timeout(20):  # node-a answered the start-up check for node-b too
             while True:
                 if await _healthz_node(a.url) == "node-b":
@@ -55,24 +61,30 @@ def test_a_taken_metrics_port_stops_the_start() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        env = {**server_env(), "REALTIME_PORT": str(free_port()),
-               "REALTIME_METRICS_PORT": str(taken.getsockname()[1])}
+        env = {
+            **server_env(),
+            "REALTIME_PORT": str(free_port()),
+            "REALTIME_METRICS_PORT": str(taken.getsockname()[1]),
+        }
         result = realtime("serve", env=env)
     assert result.returncode != 0
     assert "address already in use" in result.stderr.lower(), result.stderr
 
 
 def test_a_metrics_port_with_workers_is_refused() -> None:
-    result = realtime("serve", "--workers", "2", "--metrics-port", "9101",
-                      "--redis-url", "redis://127.0.0.1:1/0")
+    result = realtime(
+        "serve", "--workers", "2", "--metrics-port", "9101", "--redis-url", "redis://127.0.0.1:1/0"
+    )
     assert result.returncode == 2
     assert "REALTIME_METRICS_PORT needs REALTIME_WORKERS=1" in result.stderr, result.stderr
 
 
 async def test_the_metrics_port_is_bounded() -> None:
     metrics_port = free_port()
-    async with running_server({"REALTIME_METRICS_PORT": str(metrics_port)}), \
-            contextlib.AsyncExitStack() as stack:
+    async with (
+        running_server({"REALTIME_METRICS_PORT": str(metrics_port)}),
+        contextlib.AsyncExitStack() as stack,
+    ):
         silent = []
         for _ in range(16):  # clients that never send a request hold every slot...
             reader, writer = await asyncio.open_connection("127.0.0.1", metrics_port)

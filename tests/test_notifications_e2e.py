@@ -58,30 +58,51 @@ async def test_notification_in_app_and_pushed_by_tier_and_priority(
     async with running_server(apns_env(fake_apns, apns_credentials, tmp_path)) as server:
         paid_token, free_token = fake_apns.add_device(), fake_apns.add_device()
         for user, token in (("u-paid", paid_token), ("u-free", free_token)):
-            response = await api(server, "POST", "/v1/devices",
-                                 {"user": user, "platform": "ios", "token": token})
+            response = await api(
+                server, "POST", "/v1/devices", {"user": user, "platform": "ios", "token": token}
+            )
             assert response.status_code == 204
-        async with connected(server, "u-paid", tier="paid") as paid, \
-                connected(server, "u-free") as free:
+        async with (
+            connected(server, "u-paid", tier="paid") as paid,
+            connected(server, "u-free") as free,
+        ):
             for user in ("u-paid", "u-free"):
-                response = await api(server, "POST", "/v1/notifications", {
-                    "user": user, "priority": "normal", "title": "Budget",
-                    "body": "80% of your album budget", "data": {"pct": 80}})
+                response = await api(
+                    server,
+                    "POST",
+                    "/v1/notifications",
+                    {
+                        "user": user,
+                        "priority": "normal",
+                        "title": "Budget",
+                        "body": "80% of your album budget",
+                        "data": {"pct": 80},
+                    },
+                )
                 assert response.status_code == 202
             for client in (paid, free):
                 message = await client.next_pushed(timeout=10)
                 assert message["type"] == "notification"
                 assert (message["priority"], message["title"], message["data"]) == (
-                    "normal", "Budget", {"pct": 80})
+                    "normal",
+                    "Budget",
+                    {"pct": 80},
+                )
             # normal is pushed for paid only (free: critical and high).
             await wait_for(lambda: len(pushes_to(fake_apns, paid_token)) == 1)
             request = pushes_to(fake_apns, paid_token)[0]
             assert request.headers["apns-priority"] == "5"
             assert request.headers["apns-topic"] == apns_credentials.topic
             assert request.json()["aps"]["alert"] == {
-                "title": "Budget", "body": "80% of your album budget"}
-            response = await api(server, "POST", "/v1/notifications", {
-                "user": "u-free", "priority": "high", "title": "Comeback", "body": "tonight"})
+                "title": "Budget",
+                "body": "80% of your album budget",
+            }
+            response = await api(
+                server,
+                "POST",
+                "/v1/notifications",
+                {"user": "u-free", "priority": "high", "title": "Comeback", "body": "tonight"},
+            )
             assert response.status_code == 202
             await wait_for(lambda: len(pushes_to(fake_apns, free_token)) == 1)
             assert pushes_to(fake_apns, free_token)[0].headers["apns-priority"] == "10"
@@ -95,18 +116,24 @@ async def test_duplicate_id_pushed_once_and_dead_token_removed(
         live, dead = fake_apns.add_device(), fake_apns.add_device()
         fake_apns.answer_token(dead, apns_error(410, "Unregistered"))
         for token in (live, dead):
-            await api(server, "POST", "/v1/devices", {"user": "u-d", "platform": "ios",
-                                                      "token": token})
+            await api(
+                server, "POST", "/v1/devices", {"user": "u-d", "platform": "ios", "token": token}
+            )
         body = {"id": "notif-1", "user": "u-d", "priority": "critical", "title": "t", "body": "b"}
         first = await api(server, "POST", "/v1/notifications", body)
         second = await api(server, "POST", "/v1/notifications", body)
         assert first.status_code == second.status_code == 202
         assert first.json() == second.json() == {"id": "notif-1"}
-        await wait_for(lambda: len(pushes_to(fake_apns, live)) == 1
-                       and len(pushes_to(fake_apns, dead)) == 1)
+        await wait_for(
+            lambda: len(pushes_to(fake_apns, live)) == 1 and len(pushes_to(fake_apns, dead)) == 1
+        )
         # A second notification: the dead token was removed, the live one still gets it.
-        await api(server, "POST", "/v1/notifications",
-                  {"user": "u-d", "priority": "critical", "title": "t2", "body": "b"})
+        await api(
+            server,
+            "POST",
+            "/v1/notifications",
+            {"user": "u-d", "priority": "critical", "title": "t2", "body": "b"},
+        )
         await wait_for(lambda: len(pushes_to(fake_apns, live)) == 2)
         await asyncio.sleep(0.5)
         assert len(pushes_to(fake_apns, dead)) == 1  # 410: not retried, not pushed again
@@ -129,8 +156,9 @@ async def test_notification_and_device_validation() -> None:
             response = await api(server, "POST", "/v1/notifications", body)
             assert response.status_code == 422, body
             assert response.json()["error"]["fields"], body
-        response = await api(server, "POST", "/v1/devices",
-                             {"user": "u", "platform": "windows", "token": "x"})
+        response = await api(
+            server, "POST", "/v1/devices", {"user": "u", "platform": "windows", "token": "x"}
+        )
         assert response.status_code == 422
         assert (await api(server, "DELETE", "/v1/devices/ios/never-registered")).status_code == 204
         assert (await api(server, "DELETE", "/v1/devices/palm/x")).status_code == 404
@@ -143,8 +171,12 @@ async def test_notification_reaches_the_app_on_another_node(redis_url: str) -> N
     env = {"REALTIME_REDIS_URL": redis_url}
     async with running_server(env) as a, running_server(env) as b:
         async with connected(a, "u-far", binary=True) as client:
-            response = await api(b, "POST", "/v1/notifications", {
-                "user": "u-far", "priority": "low", "title": "Sale", "body": "merch -20%"})
+            response = await api(
+                b,
+                "POST",
+                "/v1/notifications",
+                {"user": "u-far", "priority": "low", "title": "Sale", "body": "merch -20%"},
+            )
             assert response.status_code == 202
             message = await client.next_pushed(timeout=10)
             assert message["type"] == "notification"
@@ -163,8 +195,9 @@ async def test_the_stores_dead_letters_are_counted_with_the_configured_max_deliv
     try:
         await client.xgroup_create(stream, "routers", id="0", mkstream=True)
         orphan = Notification("orphan", "u-o", Priority.NORMAL, "t", "b")
-        ref = await client.xadd(stream, {"n": json.dumps(orphan.to_map()),
-                                         "s": json.dumps(DeliveryState().to_map())})
+        ref = await client.xadd(
+            stream, {"n": json.dumps(orphan.to_map()), "s": json.dumps(DeliveryState().to_map())}
+        )
         await client.xreadgroup("routers", "died", {stream: ">"}, count=1)
         await client.xclaim(stream, "routers", "died", 0, [ref], idle=60_000, retrycount=1)
         await client.xadd(stream, {"x": "garbage"})
@@ -199,21 +232,29 @@ def test_store_bounds_are_refused_below_their_floor() -> None:
 async def test_rejected_credentials_open_the_breaker_for_the_configured_cooldown(
     fake_apns: FakeApns, apns_credentials: ApnsCredentials, tmp_path: Path
 ) -> None:
-    env = {**apns_env(fake_apns, apns_credentials, tmp_path),
-           "REALTIME_APNS_KEY_ID": "WRONGKEY01",  # APNs knows no such key: 403 InvalidProviderToken
-           "REALTIME_PUSH_CREDENTIALS_COOLDOWN": "42"}
+    env = {
+        **apns_env(fake_apns, apns_credentials, tmp_path),
+        "REALTIME_APNS_KEY_ID": "WRONGKEY01",  # APNs knows no such key: 403 InvalidProviderToken
+        "REALTIME_PUSH_CREDENTIALS_COOLDOWN": "42",
+    }
     async with running_server(env) as server:
         token = fake_apns.add_device()
-        await api(server, "POST", "/v1/devices", {"user": "u-cred", "platform": "ios",
-                                                  "token": token})
+        await api(
+            server, "POST", "/v1/devices", {"user": "u-cred", "platform": "ios", "token": token}
+        )
         for n in range(5):
-            response = await api(server, "POST", "/v1/notifications", {
-                "user": "u-cred", "priority": "critical", "title": f"t{n}", "body": "b"})
+            response = await api(
+                server,
+                "POST",
+                "/v1/notifications",
+                {"user": "u-cred", "priority": "critical", "title": f"t{n}", "body": "b"},
+            )
             assert response.status_code == 202
 
         async def breaker() -> str:
-            state: str = (await api(server, "GET", "/readyz")).json()[
-                "notifications"]["breakers"]["apns"]
+            state: str = (await api(server, "GET", "/readyz")).json()["notifications"]["breakers"][
+                "apns"
+            ]
             return state
 
         async with asyncio.timeout(10):

@@ -202,8 +202,9 @@ async def test_redis_concurrent_adds_share_few_round_trips(redis_url: str) -> No
 async def test_redis_calls_beyond_the_bound_are_refused_at_once(redis_url: str) -> None:
     registry = RedisConnectionRegistry(redis_url, max_pending=10)
     try:
-        results = await asyncio.gather(*(registry.add("u", f"c{i}") for i in range(30)),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            *(registry.add("u", f"c{i}") for i in range(30)), return_exceptions=True
+        )
         assert sorted(r for r in results if isinstance(r, int)) == list(range(1, 11))
         refused = [r for r in results if not isinstance(r, int)]
         assert len(refused) == 20
@@ -215,7 +216,8 @@ async def test_redis_calls_beyond_the_bound_are_refused_at_once(redis_url: str) 
 
 @pytest.mark.timeout(20)
 async def test_redis_a_stalled_redis_fails_each_caller_within_the_timeout(
-        redis_url: str, redis_server: RedisServer) -> None:
+    redis_url: str, redis_server: RedisServer
+) -> None:
     registry = RedisConnectionRegistry(redis_url, timeout=0.5)
     try:
         await registry.add("u", "a")
@@ -224,8 +226,10 @@ async def test_redis_a_stalled_redis_fails_each_caller_within_the_timeout(
             async with asyncio.timeout(3):
                 results = await asyncio.gather(
                     *(registry.add("u", f"c{i}") for i in range(5)),
-                    registry.set_tier("u", "paid"), registry.remove("u", "a"),
-                    return_exceptions=True)
+                    registry.set_tier("u", "paid"),
+                    registry.remove("u", "a"),
+                    return_exceptions=True,
+                )
         finally:
             redis_server.resume()
         assert all(isinstance(r, BrokerUnavailable) for r in results), results
@@ -236,7 +240,8 @@ async def test_redis_a_stalled_redis_fails_each_caller_within_the_timeout(
 
 @pytest.mark.timeout(20)
 async def test_redis_callers_that_gave_up_do_not_count_against_the_bound(
-        redis_url: str, redis_server: RedisServer) -> None:
+    redis_url: str, redis_server: RedisServer
+) -> None:
     registry = RedisConnectionRegistry(redis_url, max_pending=10, timeout=1.0)
     try:
         await registry.add("u", "a")
@@ -253,14 +258,15 @@ async def test_redis_callers_that_gave_up_do_not_count_against_the_bound(
             assert len(registry._adds._pending) <= 20  # their keys are dropped at 2 x 10
             async with asyncio.timeout(5):
                 results = await asyncio.gather(
-                    *(registry.add("u", f"c{i}") for i in range(10)), stuck,
-                    return_exceptions=True)
+                    *(registry.add("u", f"c{i}") for i in range(10)), stuck, return_exceptions=True
+                )
         finally:
             redis_server.resume()
         assert all(isinstance(r, BrokerUnavailable) for r in results), results
         refused = [r for r in results if "already waiting" in str(r)]
         assert [str(r) for r in refused] == [  # "sent" and 9 others waited; the 10th did not
-            "redis presence add failed: 10 calls already waiting for Redis"]
+            "redis presence add failed: 10 calls already waiting for Redis"
+        ]
         assert await registry.add("u", "b") >= 2
     finally:
         await registry.close()

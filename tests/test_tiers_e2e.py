@@ -80,7 +80,8 @@ def check_batch_rules(batches: list[dict[str, Any]], channel: str, window_ms: in
         waited = batch["ts"] - items[0]["ts"]
         if len(items) < MAX_ITEMS:
             assert waited >= window_ms - CLOCK_SLACK_MS, (
-                f"a batch of {len(items)} was sent {waited} ms after its first item")
+                f"a batch of {len(items)} was sent {waited} ms after its first item"
+            )
         else:
             # Full: sent when the 50th item came in, not at the end of the window.
             assert batch["ts"] - items[-1]["ts"] < window_ms / 2, batch["ts"] - items[-1]["ts"]
@@ -161,8 +162,7 @@ async def test_window_opens_with_the_first_item(server: ServerProcess) -> None:
         assert FREE_WINDOW_MS - CLOCK_SLACK_MS <= waited < FREE_WINDOW_MS + 900, waited
 
 
-async def test_paid_client_partial_batches_arrive_within_its_window(
-        server: ServerProcess) -> None:
+async def test_paid_client_partial_batches_arrive_within_its_window(server: ServerProcess) -> None:
     user = "u-paid-window"
     channel = f"user:{user}"
     async with connected(server, user, tier="paid", binary=True) as client:
@@ -189,27 +189,35 @@ async def test_paid_client_partial_batches_arrive_within_its_window(
 async def test_free_client_never_sees_premium_only_events(server: ServerProcess) -> None:
     channel = "artist:premium-filter"
     before = await metric(server, FILTERED, {"tier": "free"})
-    async with connected(server, "u-pf-free") as free, \
-            connected(server, "u-pf-paid", tier="paid", binary=True) as paid:
+    async with (
+        connected(server, "u-pf-free") as free,
+        connected(server, "u-pf-paid", tier="paid", binary=True) as paid,
+    ):
         for client in (free, paid):
             assert "result" in await client.command("subscribe", channel=channel)
-        response = await server.publish([
-            {"channel": channel, "event": "market.price", "data": {"album": "MY WORLD"}},
-            {"channel": channel, "event": "comeback.announced", "data": {"date": "05-27"}},
-        ])
+        response = await server.publish(
+            [
+                {"channel": channel, "event": "market.price", "data": {"album": "MY WORLD"}},
+                {"channel": channel, "event": "comeback.announced", "data": {"date": "05-27"}},
+            ]
+        )
         market_id, comeback_id = response.json()["ids"]
         got = [await paid.next_pushed(), await paid.next_pushed()]
         assert [(e["event"], e["id"]) for e in got] == [
-            ("market.price", market_id), ("comeback.announced", comeback_id)]
+            ("market.price", market_id),
+            ("comeback.announced", comeback_id),
+        ]
         # Same channel, same publisher, in order: had the free one been sent market.price,
         # it would come before the comeback event.
         event = await free.next_pushed()
         assert (event["event"], event["id"]) == ("comeback.announced", comeback_id)
         # On the user's own channel too.
-        await server.publish([
-            {"channel": "user:u-pf-free", "event": "market.price.alert", "data": {}},
-            {"channel": "user:u-pf-free", "event": "budget.updated", "data": {}},
-        ])
+        await server.publish(
+            [
+                {"channel": "user:u-pf-free", "event": "market.price.alert", "data": {}},
+                {"channel": "user:u-pf-free", "event": "budget.updated", "data": {}},
+            ]
+        )
         assert (await free.next_pushed())["event"] == "budget.updated"
     after = await metric(server, FILTERED, {"tier": "free"})
     assert after - before == 2
@@ -254,14 +262,18 @@ def check_refusal(reply: dict[str, Any], arrived: float, started: float) -> None
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("tier", "limit", "each"), [("free", 60, 35), ("paid", 300, 155)])
 async def test_rate_limit_is_per_user_across_two_nodes(
-        redis_url: str, tier: str, limit: int, each: int) -> None:
+    redis_url: str, tier: str, limit: int, each: int
+) -> None:
     # 2 * each - limit == 10 refusals in the first round: neither connection can have been
     # closed yet (that takes 11 refusals on one connection).
     user = f"u-rate-{tier}"
     env = {"REALTIME_REDIS_URL": redis_url}
-    async with running_server(env) as a, running_server(env) as b, \
-            connected(a, user, tier=tier) as on_a, \
-            connected(b, user, tier=tier, binary=True) as on_b:
+    async with (
+        running_server(env) as a,
+        running_server(env) as b,
+        connected(a, user, tier=tier) as on_a,
+        connected(b, user, tier=tier, binary=True) as on_b,
+    ):
         started = time.monotonic()
         rounds = await asyncio.gather(pipeline_pings(on_a, each), pipeline_pings(on_b, each))
         oks = [[r for _, r in replies if "result" in r] for replies in rounds]
@@ -314,10 +326,12 @@ async def test_refresh_changes_tier_without_reconnecting(server: ServerProcess) 
         reply = await command(client, "refresh", token=server.token(user, "paid"))
         assert reply["result"]["expires_at"] > time.time()
         assert "result" in await command(client, "subscribe", channel=premium)
-        response = await server.publish([
-            {"channel": channel, "event": "market.price", "data": {}},
-            {"channel": premium, "event": "chart.updated", "data": {}},
-        ])
+        response = await server.publish(
+            [
+                {"channel": channel, "event": "market.price", "data": {}},
+                {"channel": premium, "event": "chart.updated", "data": {}},
+            ]
+        )
         got = [await client.next_pushed(), await client.next_pushed()]
         assert [e["id"] for e in got] == response.json()["ids"]
         assert PAID_WINDOW_MS - CLOCK_SLACK_MS <= await lone_spending_wait(client, 1) <= 600
@@ -332,11 +346,13 @@ async def test_refresh_changes_tier_without_reconnecting(server: ServerProcess) 
         assert reply["result"]["tier"] == "free"
         assert premium not in reply["result"]["subscriptions"]
         assert channel in reply["result"]["subscriptions"]
-        response = await server.publish([
-            {"channel": premium, "event": "chart.updated", "data": {}},
-            {"channel": channel, "event": "market.price", "data": {}},
-            {"channel": channel, "event": "comeback.announced", "data": {}},
-        ])
+        response = await server.publish(
+            [
+                {"channel": premium, "event": "chart.updated", "data": {}},
+                {"channel": channel, "event": "market.price", "data": {}},
+                {"channel": channel, "event": "comeback.announced", "data": {}},
+            ]
+        )
         event = await client.next_pushed()
         assert (event["event"], event["id"]) == ("comeback.announced", response.json()["ids"][2])
         assert FREE_WINDOW_MS - CLOCK_SLACK_MS <= await lone_spending_wait(client, 2) <= 3000
@@ -355,9 +371,11 @@ async def test_sigterm_flushes_pending_batches_before_1001(tmp_path: Path) -> No
     policy.write_text("[tiers.free]\nbatch_window_ms = 10000\n")
     server = await start_server({"REALTIME_TIER_POLICY": str(policy)})
     try:
-        async with connected(server, "u-drain") as one, \
-                connected(server, "u-drain-mp", binary=True) as two, \
-                connected(server, "u-drain-idle") as idle:
+        async with (
+            connected(server, "u-drain") as one,
+            connected(server, "u-drain-mp", binary=True) as two,
+            connected(server, "u-drain-idle") as idle,
+        ):
             assert "result" in await one.command("subscribe", channel="artist:drain")
             body = [spending("user:u-drain", n) for n in range(3)]
             body += [spending("artist:drain", n) for n in range(2)]
@@ -382,7 +400,8 @@ async def test_sigterm_flushes_pending_batches_before_1001(tmp_path: Path) -> No
         messages, code = received["two"]
         assert code == 1001
         assert [(m["type"], [i["id"] for i in m["items"]]) for m in messages] == [
-            ("batch", ids[5:9])]
+            ("batch", ids[5:9])
+        ]
         assert received["idle"] == ([], 1001)
     finally:
         if server.proc.returncode is None:
@@ -406,8 +425,10 @@ async def test_tier_policy_file_is_applied(tmp_path: Path) -> None:
         "commands_per_minute = 1000\n"
     )
     async with running_server({"REALTIME_TIER_POLICY": str(policy)}) as server:
-        async with connected(server, "u-pol") as free, \
-                connected(server, "u-pol-vip", tier="vip") as vip:
+        async with (
+            connected(server, "u-pol") as free,
+            connected(server, "u-pol-vip", tier="vip") as vip,
+        ):
             reply = await free.command("connect", token=server.token("u-pol"))
             assert reply["error"]["code"] == "bad_request"  # already connected
             assert "result" in await free.command("subscribe", channel="artist:pol")
@@ -416,10 +437,12 @@ async def test_tier_policy_file_is_applied(tmp_path: Path) -> None:
             assert reply["error"]["code"] == "limit_exceeded"  # 3, user channel included
 
             # The pattern list is replaced: insider.* is withheld, market.* no longer is.
-            response = await server.publish([
-                {"channel": "artist:pol", "event": "insider.tip", "data": {}},
-                {"channel": "artist:pol", "event": "market.price", "data": {}},
-            ])
+            response = await server.publish(
+                [
+                    {"channel": "artist:pol", "event": "insider.tip", "data": {}},
+                    {"channel": "artist:pol", "event": "market.price", "data": {}},
+                ]
+            )
             event = await free.next_pushed()
             assert (event["event"], event["id"]) == ("market.price", response.json()["ids"][1])
 
@@ -436,8 +459,11 @@ async def test_tier_policy_file_is_applied(tmp_path: Path) -> None:
             reply = await client.command("connect", token=server.token("u-pol-vip2", "vip"))
             assert reply["result"]["tier"] == "vip"
             assert reply["result"]["limits"] == {
-                "commands_per_minute": 1000, "max_subscriptions": 200, "max_connections": 5,
-                "batch_window_ms": PAID_WINDOW_MS, "batch_max_items": 50,
+                "commands_per_minute": 1000,
+                "max_subscriptions": 200,
+                "max_connections": 5,
+                "batch_window_ms": PAID_WINDOW_MS,
+                "batch_max_items": 50,
                 "max_frame_bytes": 65536,
             }
         async with ws_client(server) as client:
@@ -451,20 +477,30 @@ async def test_tier_policy_file_is_applied(tmp_path: Path) -> None:
     [
         ("zero.toml", "[tiers.free]\nbatch_window_ms = 0\n", "tiers.free.batch_window_ms"),
         ("word.toml", '[tiers.free]\nbatch_window_ms = "fast"\n', "tiers.free.batch_window_ms"),
-        ("typo.json", json.dumps({"tiers": {"paid": {"batch_windw_ms": 100}}}),
-         "tiers.paid.batch_windw_ms"),
+        (
+            "typo.json",
+            json.dumps({"tiers": {"paid": {"batch_windw_ms": 100}}}),
+            "tiers.paid.batch_windw_ms",
+        ),
         ("new.toml", "[tiers.vip]\ncommands_per_minute = 500\n", "tiers.vip.max_subscriptions"),
         ("prio.toml", '[tiers.paid]\npush_priorities = ["urgent"]\n', "tiers.paid.push_priorities"),
     ],
 )
 async def test_bad_policy_file_stops_the_server(
-        tmp_path: Path, name: str, text: str, named: str) -> None:
+    tmp_path: Path, name: str, text: str, named: str
+) -> None:
     policy = tmp_path / name
     policy.write_text(text)
     env = server_env({"REALTIME_TIER_POLICY": str(policy), "REALTIME_PORT": "0"})
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "realtime", "serve", env=env, cwd=str(ROOT),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "realtime",
+        "serve",
+        env=env,
+        cwd=str(ROOT),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
         stdin=asyncio.subprocess.DEVNULL,
     )
     try:

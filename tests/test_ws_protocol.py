@@ -28,21 +28,27 @@ async def server() -> AsyncIterator[ServerProcess]:
 
 async def test_connect_result_and_user_channel(server: ServerProcess) -> None:
     async with ws_client(server) as client:
-        reply = await client.command("connect", token=server.token("u-connect"),
-                                     client={"app": "ios", "version": "1.0"})
+        reply = await client.command(
+            "connect", token=server.token("u-connect"), client={"app": "ios", "version": "1.0"}
+        )
         result = reply["result"]
         assert result["user"] == "u-connect"
         assert result["tier"] == "free"
         assert result["ping_interval"] == 25
         assert result["subscriptions"] == ["user:u-connect"]
         assert result["limits"] == {
-            "commands_per_minute": 60, "max_subscriptions": 20, "max_connections": 2,
-            "batch_window_ms": 2000, "batch_max_items": 50, "max_frame_bytes": 65536,
+            "commands_per_minute": 60,
+            "max_subscriptions": 20,
+            "max_connections": 2,
+            "batch_window_ms": 2000,
+            "batch_max_items": 50,
+            "max_frame_bytes": 65536,
         }
         assert isinstance(result["session"], str) and result["session"]
         # Auto-subscribed: a backend event on the user channel arrives.
         response = await server.publish(
-            {"channel": "user:u-connect", "event": "budget.updated", "data": {"left": 5}})
+            {"channel": "user:u-connect", "event": "budget.updated", "data": {"left": 5}}
+        )
         assert response.status_code == 202
         event = await client.next_pushed()
         assert event["type"] == "event"
@@ -57,10 +63,17 @@ async def test_json_and_msgpack_clients_each_get_their_encoding(server: ServerPr
     async with connected(server, "u-json") as js, connected(server, "u-mp", binary=True) as mp:
         for client in (js, mp):
             assert (await client.command("subscribe", channel="artist:aespa")) == {
-                "id": 2, "result": {}}
+                "id": 2,
+                "result": {},
+            }
         response = await server.publish(
-            {"channel": "artist:aespa", "event": "comeback.announced", "id": "evt-1",
-             "data": {"album": "Armageddon"}})
+            {
+                "channel": "artist:aespa",
+                "event": "comeback.announced",
+                "id": "evt-1",
+                "data": {"album": "Armageddon"},
+            }
+        )
         assert response.json() == {"ids": ["evt-1"]}
         raw_json = await asyncio.wait_for(js.ws.recv(), 5)
         raw_mp = await asyncio.wait_for(mp.ws.recv(), 5)
@@ -73,8 +86,9 @@ async def test_json_and_msgpack_clients_each_get_their_encoding(server: ServerPr
 
 async def test_client_publish_reaches_own_devices_and_is_acl_checked(server: ServerProcess) -> None:
     async with connected(server, "u-sync") as phone, connected(server, "u-sync") as tablet:
-        reply = await phone.command("publish", channel="user:u-sync", event="draft.saved",
-                                    data={"n": 1})
+        reply = await phone.command(
+            "publish", channel="user:u-sync", event="draft.saved", data={"n": 1}
+        )
         eid = reply["result"]["id"]
         for client in (phone, tablet):
             event = await client.next_pushed()
@@ -86,14 +100,23 @@ async def test_client_publish_reaches_own_devices_and_is_acl_checked(server: Ser
 
 async def test_subscribe_rules(server: ServerProcess) -> None:
     async with connected(server, "u-sub") as client:
-        for channel in ("nope:x", "artist:", "artist:bad name", "a" * 129, "artist:" + "a" * 122,
-                        "", 5):
+        for channel in (
+            "nope:x",
+            "artist:",
+            "artist:bad name",
+            "a" * 129,
+            "artist:" + "a" * 122,
+            "",
+            5,
+        ):
             reply = await client.command("subscribe", channel=channel)
             assert reply["error"]["code"] == "bad_request", (channel, reply)
         assert (await client.command("subscribe", channel="user:other"))["error"]["code"] == (
-            "forbidden")
+            "forbidden"
+        )
         assert (await client.command("subscribe", channel="premium:charts"))["error"][
-            "code"] == "forbidden"
+            "code"
+        ] == "forbidden"
         assert "result" in await client.command("subscribe", channel="broadcast")
         assert "result" in await client.command("subscribe", channel="broadcast")  # no change
         assert "result" in await client.command("subscribe", channel="artist:" + "a" * 121)
@@ -125,11 +148,13 @@ async def test_paid_tier_and_premium_channel(server: ServerProcess) -> None:
 
 async def test_readable_but_wrong_messages_keep_the_connection(server: ServerProcess) -> None:
     async with connected(server, "u-wrong") as client:
-        cases = [
+        cases: list[tuple[dict[str, object], str]] = [
             ({"op": "subscribe"}, "bad_request"),
             ({"op": "publish", "channel": "user:u-wrong"}, "bad_request"),
-            ({"op": "publish", "channel": "user:u-wrong", "event": "e", "data": [1]},
-             "bad_request"),
+            (
+                {"op": "publish", "channel": "user:u-wrong", "event": "e", "data": [1]},
+                "bad_request",
+            ),
             ({"op": 5}, "bad_request"),
             ({"op": "dance"}, "not_found"),
             ({"op": "connect", "token": server.token("u-wrong")}, "bad_request"),
@@ -157,8 +182,9 @@ async def test_readable_but_wrong_messages_keep_the_connection(server: ServerPro
         (True, msgpack.packb([1, 2])),
     ],
 )
-async def test_malformed_frames_close_4000(server: ServerProcess, binary: bool,
-                                           frame: str | bytes) -> None:
+async def test_malformed_frames_close_4000(
+    server: ServerProcess, binary: bool, frame: str | bytes
+) -> None:
     for before_connect in (True, False):
         async with ws_client(server, binary=binary) as client:
             if not before_connect:
@@ -166,7 +192,7 @@ async def test_malformed_frames_close_4000(server: ServerProcess, binary: bool,
                 assert "result" in reply
             if frame == b"\xff\xfe not utf-8":
                 # websockets refuses to send invalid UTF-8 as text: write the frame by hand.
-                client.ws.protocol.send_text(frame)  # type: ignore[arg-type]
+                client.ws.protocol.send_text(frame)
                 client.ws.send_data()
             else:
                 await client.send_raw(frame)
@@ -191,8 +217,9 @@ async def test_before_connect(server: ServerProcess) -> None:
         assert "result" in reply
 
 
-@pytest.mark.parametrize("case", ["garbage", "bad-signature", "alg-none", "expired", "no-exp",
-                                  "wrong-aud"])
+@pytest.mark.parametrize(
+    "case", ["garbage", "bad-signature", "alg-none", "expired", "no-exp", "wrong-aud"]
+)
 async def test_refused_connect_replies_then_closes_4001(server: ServerProcess, case: str) -> None:
     now = int(time.time())
     claims = {"sub": "u-refused", "exp": now + 60, "aud": "authenticated"}
@@ -223,7 +250,8 @@ async def test_refresh(server: ServerProcess) -> None:
     async with ws_client(server) as client:
         assert "result" in await client.command("connect", token=server.token("u-ref", ttl=2))
         assert (await client.command("refresh", token=server.token("someone")))["error"][
-            "code"] == "forbidden"
+            "code"
+        ] == "forbidden"
         assert (await client.command("refresh", token="junk"))["error"]["code"] == "unauthorized"
         reply = await client.command("refresh", token=server.token("u-ref", ttl=60))
         assert reply["result"]["expires_at"] >= int(time.time()) + 55
@@ -233,8 +261,15 @@ async def test_refresh(server: ServerProcess) -> None:
 
 async def test_frame_over_limit_closes_1009(server: ServerProcess) -> None:
     async with connected(server, "u-big") as client:
-        big = json.dumps({"id": 9, "op": "publish", "channel": "user:u-big", "event": "e",
-                          "data": {"x": "a" * 70_000}})
+        big = json.dumps(
+            {
+                "id": 9,
+                "op": "publish",
+                "channel": "user:u-big",
+                "event": "e",
+                "data": {"x": "a" * 70_000},
+            }
+        )
         await client.send_raw(big)
         assert await client.close_code() == 1009
 
@@ -254,8 +289,11 @@ async def test_websocket_on_another_path_is_refused(server: ServerProcess) -> No
     # /v1/ws skips Starlette's router; every other path still goes through it (403, no upgrade).
     for path in ("/v1/ws/", "/v1/wsx", "/ws", "/v1/publish"):
         with pytest.raises(InvalidStatus) as info:
-            async with connect(server.ws_url.replace("/v1/ws", path), open_timeout=5,
-                               subprotocols=[Subprotocol("piggybong.v1.json")]):
+            async with connect(
+                server.ws_url.replace("/v1/ws", path),
+                open_timeout=5,
+                subprotocols=[Subprotocol("piggybong.v1.json")],
+            ):
                 pass
         assert info.value.response.status_code == 403, path
     async with connected(server, "u-after-403") as client:

@@ -1,0 +1,132 @@
+"""The library internals this server reaches into, checked against the installed releases.
+
+realtime/wsprotocol.py subclasses uvicorn's sans-I/O WebSocket protocol and replaces the
+parser of websockets' ``ServerProtocol``; realtime/httpprotocol.py subclasses uvicorn's
+httptools protocol. pyproject.toml caps both libraries below their next minor release;
+when an upgrade moves one of these names, this test fails naming it, before production does.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import Protocol as SansIOProtocol
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+from websockets.version import version as websockets_version
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Methods realtime/ overrides or calls, with the parameters it passes.
+METHODS: list[tuple[type, str, list[str]]] = [
+    (WebSocketsSansIOProtocol, "__init__", ["self", "config", "server_state", "app_state"]),
+    (WebSocketsSansIOProtocol, "handle_connect", ["self", "event"]),
+    (WebSocketsSansIOProtocol, "send", ["self", "message"]),
+    (WebSocketsSansIOProtocol, "schedule_ping", ["self"]),
+    (WebSocketsSansIOProtocol, "send_keepalive_ping", ["self"]),
+    (WebSocketsSansIOProtocol, "stop_keepalive", ["self"]),
+    (WebSocketsSansIOProtocol, "send_receive_event_to_app", ["self"]),
+    (WebSocketsSansIOProtocol, "pause_writing", ["self"]),
+    (WebSocketsSansIOProtocol, "resume_writing", ["self"]),
+    (WebSocketsSansIOProtocol, "shutdown", ["self"]),
+    (WebSocketsSansIOProtocol, "connection_lost", ["self", "exc"]),
+    (WebSocketsSansIOProtocol, "run_asgi", ["self"]),
+    (HttpToolsProtocol, "handle_websocket_upgrade", ["self"]),
+    (SansIOProtocol, "parse", ["self"]),
+    (SansIOProtocol, "send_close", ["self", "code", "reason"]),
+    (SansIOProtocol, "data_to_send", ["self"]),
+]
+
+#: Instance attributes realtime/ reads or replaces, per class: each must still be set
+#: somewhere in that class's own source (``self.<name> =``).
+ATTRIBUTES: list[tuple[type, list[str]]] = [
+    (
+        WebSocketsSansIOProtocol,
+        [
+            "conn",
+            "queue",
+            "writable",
+            "logger",
+            "scope",
+            "request",
+            "response",
+            "handshake_complete",
+            "ping_interval",
+            "last_ping_rtt",
+            "frames",
+            "curr_msg_data_type",
+            "close_sent",
+            "read_paused",
+            "transport",
+            "close_timer",
+            "loop",
+        ],
+    ),
+    (HttpToolsProtocol, ["parser"]),
+    (SansIOProtocol, ["reader", "parser", "parser_exc", "state", "logger"]),
+]
+
+
+def _params(owner: type, name: str) -> list[str]:
+    return list(inspect.signature(getattr(owner, name)).parameters)[:4]
+
+
+@pytest.mark.parametrize(
+    ("owner", "name", "params"), METHODS, ids=[f"{o.__name__}.{n}" for o, n, _ in METHODS]
+)
+def test_overridden_methods_are_where_we_left_them(
+    owner: type, name: str, params: list[str]
+) -> None:
+    where = f"{owner.__module__}.{owner.__qualname__}.{name}"
+    assert hasattr(owner, name), (
+        f"{where} is gone in this release of {owner.__module__.split('.')[0]}: "
+        "realtime/wsprotocol.py or httpprotocol.py relies on it"
+    )
+    got = _params(owner, name)[: len(params)]
+    assert got == params, f"{where} now takes {got}, realtime/ was written for {params}"
+
+
+@pytest.mark.parametrize(("owner", "names"), ATTRIBUTES, ids=[o.__name__ for o, _ in ATTRIBUTES])
+def test_instance_attributes_are_still_set(owner: type, names: list[str]) -> None:
+    source = "".join(
+        inspect.getsource(cls)
+        for cls in owner.__mro__
+        if cls.__module__.split(".")[0] in {"uvicorn", "websockets"}
+    )
+    missing = [n for n in names if not re.search(rf"self\.{n}\s*(:[^=]*)?=", source)]
+    assert not missing, (
+        f"{owner.__module__}.{owner.__qualname__} no longer sets {missing}: "
+        "realtime/wsprotocol.py reads or replaces them"
+    )
+
+
+def test_states_and_parser_class() -> None:
+    assert {"CONNECTING", "OPEN", "CLOSING", "CLOSED"} <= set(State.__members__), (
+        "websockets.protocol.State changed its members"
+    )
+    assert issubclass(ServerProtocol, SansIOProtocol), (
+        "websockets.server.ServerProtocol no longer derives from websockets.protocol.Protocol"
+    )
+
+
+def _upper_bound(name: str) -> tuple[int, ...]:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    spec = next(d for d in deps if re.match(rf"{name}\b", d))
+    found = re.search(r"<\s*([0-9.]+)", spec)
+    assert found, f"pyproject.toml gives {name} no upper bound: {spec}"
+    return tuple(int(p) for p in found.group(1).split("."))
+
+
+@pytest.mark.parametrize(
+    ("name", "version"), [("uvicorn", uvicorn.__version__), ("websockets", websockets_version)]
+)
+def test_installed_release_is_below_the_cap(name: str, version: str) -> None:
+    installed = tuple(int(p) for p in re.findall(r"\d+", version)[:3])
+    assert installed < _upper_bound(name), f"{name} {version} is above pyproject.toml's cap"
