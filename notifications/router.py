@@ -251,10 +251,6 @@ class NotificationRouter:
         self._rounds: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._rounds)
-
     async def start(self) -> None:
         if self._background:
             raise RuntimeError("router already started")

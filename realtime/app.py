@@ -33,7 +33,7 @@ from notifications.store import MemoryNotificationStore, NotificationStore, Redi
 from realtime.api import Api
 from realtime.auth import ApiKeys, Authenticator
 from realtime.broker import Broker, MemoryBroker
-from realtime.connection import Connection
+from realtime.connection import Connection, close_expired, flush_due_batches
 from realtime.envelope import pack_notification
 from realtime.gcfreeze import GcFreezer
 from realtime.hub import Hub
@@ -42,11 +42,12 @@ from realtime.metrics import Metrics
 from realtime.metricsport import MetricsPort
 from realtime.node import Node, make_log_throttle
 from realtime.presence import ConnectionRegistry, MemoryConnectionRegistry
-from realtime.protocol import ErrorCode, choose_codec
+from realtime.protocol import ErrorCode, choose_codec, notification_message
 from realtime.ratelimit import MemoryRateLimiter, RateLimiter
 from realtime.settings import NOTIFICATION_LEASE_TIMEOUT, Settings
 from realtime.tiers import load_policy
 from realtime.timers import Timers
+from realtime.writer import FlushQueue, OutboxLimits
 from realtime.wsprotocol import EXTENSION, WS_LOG
 
 log = logging.getLogger("realtime")
@@ -209,15 +210,14 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
     )
 
     async def deliver_in_app(n: Notification) -> None:
-        message = {
-            "type": "notification",
-            "id": n.id,
-            "priority": n.priority.value,
-            "title": n.title,
-            "body": n.body,
-            "data": n.data,
-            "ts": int(n.created_at * 1000),
-        }
+        message = notification_message(
+            n.id,
+            priority=n.priority.value,
+            title=n.title,
+            body=n.body,
+            data=n.data,
+            ts=int(n.created_at * 1000),
+        )
         await broker.publish(f"user:{n.user}", pack_notification(message))
 
     async def push_allowed(user: str, priority: Priority) -> bool:
@@ -260,12 +260,12 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
             presence=presence,
             idempotency=idempotency,
             metrics=metrics,
-            batch_timers=None,  # type: ignore[arg-type]
-            expiry_timers=None,  # type: ignore[arg-type]
+            flushes=FlushQueue(),
+            outbox_limits=OutboxLimits(settings.outbox_max_messages, settings.outbox_max_bytes),
+            batch_timers=Timers(flush_due_batches),
+            expiry_timers=Timers(close_expired, clock=time.time),
             log_throttle=make_log_throttle(settings.log_interval),
         )
-        node.batch_timers = Timers(node.flush_due_batches)
-        node.expiry_timers = Timers(node.close_expired, clock=time.time)
 
         async def notifications_ready() -> dict[str, Any]:
             try:
@@ -279,7 +279,9 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         app.state.api = Api(node, api_keys, service)
         metrics.open_connections.set_function(lambda: len(node.connections))
         metrics.channels.set_function(lambda: len(hub.channels))
-        metrics.queued_bytes.set_function(lambda: sum(c.outbox_bytes for c in node.connections))
+        metrics.queued_bytes.set_function(
+            lambda: sum(c.writer.outbox_bytes for c in node.connections)
+        )
         if settings.log_level != "debug":
             WS_LOG.setLevel(logging.WARNING)
         metrics_port = None

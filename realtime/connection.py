@@ -1,22 +1,16 @@
-"""One client WebSocket: the connect deadline, its commands, its bounded outbox, its closes.
+"""One client WebSocket session: the connect deadline, its commands, its subscriptions, its
+spending batches and its closes.
 
-Writes are synchronous and coalesced: while the transport is not paused a
-frame joins the connection's pending frames, and the hub's flush (scheduled
-with ``call_soon``, 128 connections per loop iteration) writes them with one
-``transport.write`` (or sooner, once ``FLUSH_BYTES`` are pending). Under
-back-pressure a frame waits in the outbox instead (bounded in messages and
-bytes; at the bound the connection is closed with 4008 and its outbox
-dropped) and is written, in order, when the transport resumes. Only this
-class writes to its socket, so order is kept without a writer task. Once the
-connection is closed or cleaning up, nothing more is written.
+Its output goes through its ``Writer`` (realtime/writer.py): ordered, coalesced, bounded
+(4008). The hub sees a connection as a ``Subscriber`` (realtime/hub.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from realtime import protocol as p
@@ -24,8 +18,9 @@ from realtime.auth import Principal
 from realtime.batching import SpendingBatcher
 from realtime.broker import BrokerUnavailable
 from realtime.envelope import new_event_id, now_ms, pack_event
-from realtime.protocol import CloseCode, Codec, Error, ErrorCode, ProtocolViolation
+from realtime.protocol import CloseCode, Codec, Error, ErrorCode, Op, ProtocolViolation
 from realtime.tiers import Tier
+from realtime.writer import Writer
 
 if TYPE_CHECKING:
     from starlette.types import Message, Receive
@@ -37,10 +32,6 @@ log = logging.getLogger("realtime.connection")
 
 #: Rejected commands within the minute after the first ``rate_limited`` that close with 4029.
 STRIKES_BEFORE_CLOSE = 10
-#: Pending bytes at which a connection writes at once instead of waiting for the hub's flush.
-FLUSH_BYTES = 64 * 1024
-#: The outbox of a connection that never queued: takes nothing (maxlen 0), costs nothing.
-_NO_OUTBOX: deque[bytes] = deque(maxlen=0)
 
 
 class Connection:
@@ -50,26 +41,19 @@ class Connection:
         "_receive",
         "_strike_until",
         "_strikes",
-        "_write",
         "batcher",
-        "closed",
         "codec",
         "conn_id",
-        "draining",
         "expires_at",
         "loop",
         "node",
-        "outbox",
-        "outbox_bytes",
-        "paused",
         "peer",
-        "pending",
-        "pending_bytes",
         "registered",
         "subscriptions",
         "tier",
         "user",
         "wire",
+        "writer",
     )
 
     def __init__(
@@ -86,134 +70,50 @@ class Connection:
         self.tier: Tier = node.policy.resolve(node.policy.default_tier)[0]
         self.expires_at = 0.0
         self.subscriptions: set[str] = set()
-        self.outbox = _NO_OUTBOX  # a deque of its own from the first frame it queues
-        self.outbox_bytes = 0
-        #: the transport's buffer is full (``wire`` says so through on_pause / on_resume)
-        self.paused = wire.paused
-        #: frames written but not yet handed to the transport (see ``flush``)
-        self.pending: list[bytes] = []
-        self.pending_bytes = 0
-        self.closed = False
-        self.draining = False
         self.registered = False
         self.batcher: SpendingBatcher[dict[str, Any]] | None = None
         self._strikes = 0
         self._strike_until = 0.0
-        self._write = wire.transport.write
+        self.writer = Writer(
+            wire.transport.write,
+            functools.partial(wire.close_with, timeout=node.settings.close_timeout),
+            node.flushes,
+            node.outbox_limits,
+            node.metrics,
+            paused=wire.paused,
+        )
+
+    @property
+    def closed(self) -> bool:
+        """Closed, closing or cleaning up: nothing more is written."""
+        return self.writer.closed
 
     # ------------------------------------------------------------------ output
 
-    def write(self, data: bytes) -> None:
-        """Write one complete frame with the hub's next flush, or queue it under back-pressure
-        (4008 at the bound)."""
-        if self.closed:
-            return
-        pending = self.pending
-        if pending:
-            pending.append(data)
-            self.pending_bytes += len(data)
-            if self.pending_bytes >= FLUSH_BYTES:
-                self.flush()
-            return
-        if self.outbox or self.paused:
-            outbox = self.outbox
-            if outbox is _NO_OUTBOX:
-                outbox = self.outbox = deque()
-            settings = self.node.settings
-            if (
-                len(outbox) >= settings.outbox_max_messages
-                or self.outbox_bytes + len(data) > settings.outbox_max_bytes
-            ):
-                self.node.metrics.overflows.inc()
-                self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
-                return
-            outbox.append(data)
-            self.outbox_bytes += len(data)
-            return
-        pending.append(data)
-        self.pending_bytes = len(data)
-        self.node.hub.mark_pending(self)
-
-    def flush(self) -> None:
-        """Hand the pending frames to the transport in one write (the hub's flush calls it).
-
-        They go even if the transport paused meanwhile: that is at most ``FLUSH_BYTES``
-        plus one frame more in its buffer; later frames wait in the bounded outbox.
-        """
-        pending = self.pending
-        if not pending:
-            return
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
-        pending.clear()
-        self.pending_bytes = 0
-        if not self.closed:
-            self._transmit(data)
-
-    def _transmit(self, data: bytes) -> None:
-        """``transport.write``; on a socket already closed (uvloop raises) the connection is
-        closed and what it queued is dropped: nothing more can reach the client."""
-        try:
-            self._write(data)
-        except RuntimeError:
-            self.closed = True
-            self.outbox.clear()
-            self.outbox_bytes = 0
-
     def send(self, message: dict[str, Any]) -> None:
-        self.write(self.codec.encode(message))
-
-    def on_pause(self) -> None:
-        self.paused = True
-
-    def on_resume(self) -> None:
-        self.paused = False
-        outbox = self.outbox
-        while outbox and not self.paused and not self.closed:
-            # Coalesce what is queued into one write.
-            chunk: list[bytes] = []
-            size = 0
-            while outbox and size < 256 * 1024:
-                data = outbox.popleft()
-                chunk.append(data)
-                size += len(data)
-            self.outbox_bytes -= size
-            self._transmit(b"".join(chunk))
-        if self.draining and not outbox:
-            self.close(CloseCode.GOING_AWAY, "server shutting down")
+        self.writer.write(self.codec.encode(message))
 
     def close(self, code: CloseCode, reason: str = "") -> None:
         """Close with ``code`` after what was already written; drop the outbox."""
-        if self.closed:
-            return
-        self.flush()
-        self.closed = True
-        self.outbox.clear()
-        self.outbox_bytes = 0
-        self.node.metrics.closes.labels(str(int(code))).inc()
-        self.wire.close_with(int(code), reason, self.node.settings.close_timeout)
+        self.writer.close(code, reason)
+
+    # WireListener: what the socket tells its connection.
+
+    def on_pause(self) -> None:
+        self.writer.pause()
+
+    def on_resume(self) -> None:
+        self.writer.resume()
 
     def on_shutdown(self) -> None:
         """The server drains: flush pending batches, then what is queued, then close 1001."""
         if self.closed:
             return
-        self.draining = True
         self.flush_batches(everything=True)
-        if not self.outbox:
-            self.close(CloseCode.GOING_AWAY, "server shutting down")
-        else:
-            self.loop.call_later(
-                self.node.settings.drain_timeout,
-                self.close,
-                CloseCode.GOING_AWAY,
-                "server shutting down",
-            )
+        self.writer.drain(self.node.settings.drain_timeout, self.loop)
 
     def on_lost(self) -> None:
-        self.closed = True
-        self.outbox.clear()
-        self.outbox_bytes = 0
-        self.pending.clear()
-        self.pending_bytes = 0
+        self.writer.stop()
 
     # ------------------------------------------------------------------ batching
 
@@ -293,8 +193,8 @@ class Connection:
                 return False
             command = p.parse_command(decoded)
             if isinstance(command, p.CommandError):
-                if command.op == "connect":
-                    self._reply_error(command.id, "connect", command.error)
+                if command.known_op is Op.CONNECT:
+                    self._reply_error(command.id, Op.CONNECT, command.error)
                     continue
                 self._violation("connect must be the first message")
                 return False
@@ -308,7 +208,7 @@ class Connection:
         node = self.node
         principal = node.auth.authenticate(command.token)
         if isinstance(principal, Error):
-            self._reply_error(command.id, "connect", principal)
+            self._reply_error(command.id, Op.CONNECT, principal)
             code = (
                 CloseCode.FORBIDDEN
                 if principal.code is ErrorCode.FORBIDDEN
@@ -325,7 +225,7 @@ class Connection:
             if count > limit:
                 self._reply_error(
                     command.id,
-                    "connect",
+                    Op.CONNECT,
                     Error(ErrorCode.LIMIT_EXCEEDED, f"at most {limit} connections per user"),
                 )
                 self.close(CloseCode.TOO_MANY, "too many connections")
@@ -338,7 +238,7 @@ class Connection:
         except BrokerUnavailable:
             self._reply_error(
                 command.id,
-                "connect",
+                Op.CONNECT,
                 Error(
                     ErrorCode.UNAVAILABLE,
                     "the server cannot reach its broker; retry shortly",
@@ -351,7 +251,7 @@ class Connection:
         self._set_expiry(principal.expires_at)
         self._reply(
             command.id,
-            "connect",
+            Op.CONNECT,
             {
                 "session": self.conn_id,
                 "user": self.user,
@@ -366,8 +266,7 @@ class Connection:
     async def _cleanup(self) -> None:
         node = self.node
         # Finished: nothing more is written, even while the awaits below let events in.
-        self.closed = True
-        self.pending.clear()
+        self.writer.stop()
         self.wire.listener = None
         node.connections.discard(self)
         node.batch_timers.cancel(self)
@@ -411,8 +310,8 @@ class Connection:
 
     async def _command(self, message: dict[str, Any]) -> None:
         command = p.parse_command(message)
-        op = command.op if isinstance(command, p.CommandError) else _OP_NAMES[type(command)]
-        op_label = op if op in p.OPS else "unknown"
+        op = command.known_op if isinstance(command, p.CommandError) else command.op
+        op_label = op or "unknown"
         decision = await self.node.limiter_hit(self.user, self.tier.commands_per_minute)
         if not decision.allowed:
             self._rate_limited(command.id, op_label, decision.retry_after)
@@ -421,7 +320,7 @@ class Connection:
             self._reply_error(command.id, op_label, command.error)
             return
         if isinstance(command, p.Ping):
-            self._reply(command.id, "ping", {})
+            self._reply(command.id, Op.PING, {})
         elif isinstance(command, p.Publish):
             await self._publish(command)
         elif isinstance(command, p.Subscribe):
@@ -430,12 +329,12 @@ class Connection:
             if command.channel.name in self.subscriptions:
                 self.subscriptions.discard(command.channel.name)
                 await self.node.hub.unsubscribe(self, command.channel.name)
-            self._reply(command.id, "unsubscribe", {})
+            self._reply(command.id, Op.UNSUBSCRIBE, {})
         elif isinstance(command, p.Refresh):
             await self._refresh(command)
         else:
             self._reply_error(
-                command.id, "connect", Error(ErrorCode.BAD_REQUEST, "already connected")
+                command.id, Op.CONNECT, Error(ErrorCode.BAD_REQUEST, "already connected")
             )
 
     def _rate_limited(self, cid: int, op: str, retry_after: float) -> None:
@@ -464,16 +363,16 @@ class Connection:
     async def _subscribe(self, command: p.Subscribe) -> None:
         channel = command.channel
         if channel.name in self.subscriptions:
-            self._reply(command.id, "subscribe", {})
+            self._reply(command.id, Op.SUBSCRIBE, {})
             return
         denied = self._may_subscribe(channel)
         if denied is not None:
-            self._reply_error(command.id, "subscribe", denied)
+            self._reply_error(command.id, Op.SUBSCRIBE, denied)
             return
         if len(self.subscriptions) >= self.tier.max_subscriptions:
             self._reply_error(
                 command.id,
-                "subscribe",
+                Op.SUBSCRIBE,
                 Error(
                     ErrorCode.LIMIT_EXCEEDED,
                     f"at most {self.tier.max_subscriptions} subscriptions per connection on the "
@@ -488,14 +387,14 @@ class Connection:
             self.subscriptions.discard(channel.name)
             self._reply_error(
                 command.id,
-                "subscribe",
+                Op.SUBSCRIBE,
                 Error(ErrorCode.UNAVAILABLE, "broker unavailable; retry shortly", retry_after=1.0),
             )
             return
         if self.closed:  # closed while subscribing: cleanup may have run already
             await self.node.hub.unsubscribe(self, channel.name)
             return
-        self._reply(command.id, "subscribe", {})
+        self._reply(command.id, Op.SUBSCRIBE, {})
 
     def _may_subscribe(self, channel: p.Channel) -> Error | None:
         if channel.namespace == "user" and channel.key != self.user:
@@ -512,7 +411,7 @@ class Connection:
         if channel.namespace != "user" or channel.key != self.user:
             self._reply_error(
                 command.id,
-                "publish",
+                Op.PUBLISH,
                 Error(ErrorCode.FORBIDDEN, "clients may publish only to their own user channel"),
             )
             return
@@ -523,22 +422,22 @@ class Connection:
         except BrokerUnavailable:
             self._reply_error(
                 command.id,
-                "publish",
+                Op.PUBLISH,
                 Error(ErrorCode.UNAVAILABLE, "broker unavailable; not published", retry_after=1.0),
             )
             return
         self.node.metrics.published.labels("ws").inc()
-        self._reply(command.id, "publish", {"id": eid})
+        self._reply(command.id, Op.PUBLISH, {"id": eid})
 
     async def _refresh(self, command: p.Refresh) -> None:
         principal = self.node.auth.authenticate(command.token)
         if isinstance(principal, Error):
-            self._reply_error(command.id, "refresh", principal)
+            self._reply_error(command.id, Op.REFRESH, principal)
             return
         if principal.user != self.user:
             self._reply_error(
                 command.id,
-                "refresh",
+                Op.REFRESH,
                 Error(ErrorCode.FORBIDDEN, "the token belongs to another user"),
             )
             return
@@ -556,7 +455,7 @@ class Connection:
         self._set_expiry(principal.expires_at)
         self._reply(
             command.id,
-            "refresh",
+            Op.REFRESH,
             {
                 "expires_at": int(principal.expires_at),
                 "tier": tier.name,
@@ -578,11 +477,10 @@ class Connection:
             gauge.labels(self.tier.name).dec()
         gauge.labels(tier.name).inc()
         self.tier = tier
-        window = tier.batch_window_ms / 1000.0
         if self.batcher is None:
-            self.batcher = SpendingBatcher(window, tier.batch_max_items)
+            self.batcher = SpendingBatcher(tier.batch_window, tier.batch_max_items)
         else:
-            self.batcher.set_limits(window, tier.batch_max_items)
+            self.batcher.set_limits(tier.batch_window, tier.batch_max_items)
 
     def _set_expiry(self, expires_at: float) -> None:
         """Close with 4001 when the token expires (``exp`` plus the configured leeway).
@@ -605,11 +503,13 @@ class Connection:
         self.send(p.error_reply(cid, error))
 
 
-_OP_NAMES: dict[type, str] = {
-    p.Connect: "connect",
-    p.Refresh: "refresh",
-    p.Subscribe: "subscribe",
-    p.Unsubscribe: "unsubscribe",
-    p.Publish: "publish",
-    p.Ping: "ping",
-}
+def flush_due_batches(conns: list[Connection]) -> None:
+    """The batch timers' callback: send the connections' due batches."""
+    for conn in conns:
+        conn.flush_batches()
+
+
+def close_expired(conns: list[Connection]) -> None:
+    """The expiry timers' callback: close the connections whose token expired (4001)."""
+    for conn in conns:
+        conn.expired()

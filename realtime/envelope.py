@@ -14,6 +14,8 @@ from typing import Any
 
 import msgpack
 
+from realtime.protocol import event_message
+
 KIND_EVENT = "event"
 KIND_NOTIFICATION = "notification"
 
@@ -42,18 +44,7 @@ def new_event_id() -> str:
 
 def pack_event(channel: str, event: str, eid: str, ts: int, data: Any) -> bytes:
     return msgpack.packb(  # type: ignore[no-any-return]
-        {
-            "k": KIND_EVENT,
-            "m": {
-                "type": "event",
-                "channel": channel,
-                "event": event,
-                "id": eid,
-                "ts": ts,
-                "data": data,
-            },
-            "a": time.time(),
-        },
+        {"k": KIND_EVENT, "m": event_message(channel, event, eid, ts, data), "a": time.time()},
         use_bin_type=True,
     )
 

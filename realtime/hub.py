@@ -1,29 +1,57 @@
-"""The hub: which connections hold which channel on this node, and the fan-out.
+"""The hub: which subscribers hold which channel on this node, and the fan-out.
 
 The broker hands every payload to ``on_message`` synchronously. The hub
 decodes it once, encodes it at most once per codec in use, and gives the same
-frame bytes to each subscriber; a connection writes them straight to its
-socket or queues them (bounded). Nothing here awaits a connection.
+frame bytes to each subscriber's writer, which writes them or queues them
+(bounded). Nothing here awaits a subscriber. The hub knows a connection only
+as a ``Subscriber``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from realtime.broker import Broker, BrokerUnavailable
 from realtime.envelope import KIND_EVENT, unpack
-from realtime.protocol import CODECS, is_spending
-
-#: Connections written per loop iteration by the flush (the loop reads its sockets between).
-FLUSH_SLICE = 128
+from realtime.protocol import CODECS, Codec, is_spending, spending_item
 
 if TYPE_CHECKING:
-    from realtime.connection import Connection
     from realtime.metrics import Metrics
-    from realtime.tiers import TierPolicy
+    from realtime.tiers import Tier, TierPolicy
+
+
+class FrameSink(Protocol):
+    """Where the hub puts a subscriber's frames (``realtime.writer.Writer``)."""
+
+    def write(self, data: bytes, /) -> None:
+        """Take one complete frame; never blocks, never raises."""
+        ...
+
+
+class Subscriber(Hashable, Protocol):
+    """What the hub calls on a connection (``realtime.connection.Connection``).
+
+    ``writer.write`` takes frames encoded with ``codec``; ``tier`` decides whether
+    premium-only events reach it; ``add_spending`` takes a spending item of a
+    channel it holds, to batch. None of them may block or raise.
+    """
+
+    @property
+    def user(self) -> str: ...
+
+    @property
+    def codec(self) -> Codec: ...
+
+    @property
+    def tier(self) -> Tier: ...
+
+    @property
+    def writer(self) -> FrameSink: ...
+
+    def add_spending(self, channel: str, item: dict[str, Any]) -> None: ...
 
 
 class Hub:
@@ -34,34 +62,33 @@ class Hub:
         self.policy = policy
         self.metrics = metrics
         #: channel -> its local subscribers, in subscription order
-        self.channels: dict[str, dict[Connection, None]] = {}
-        #: user -> that user's connections on this node
-        self.users: dict[str, set[Connection]] = {}
+        self.channels: dict[str, dict[Subscriber, None]] = {}
+        #: user -> that user's subscribers on this node
+        self.users: dict[str, set[Subscriber]] = {}
         self._subscribing: dict[str, asyncio.Future[None]] = {}
-        #: connections with pending frames, in the order they got them; flushed in slices
-        self._pending: deque[Connection] = deque()
-        self._flush_scheduled = False
         self._events_out = metrics.messages_out.labels("event")
         self._notifications_out = metrics.messages_out.labels("notification")
         self._latency = metrics.latency
 
     # ------------------------------------------------------------------ registry
 
-    def add_user(self, conn: Connection) -> None:
+    def add_user(self, conn: Subscriber) -> None:
         self.users.setdefault(conn.user, set()).add(conn)
 
-    def remove_user(self, conn: Connection) -> None:
+    def remove_user(self, conn: Subscriber) -> None:
         conns = self.users.get(conn.user)
         if conns is not None:
             conns.discard(conn)
             if not conns:
                 del self.users[conn.user]
 
-    async def subscribe(self, conn: Connection, channel: str) -> None:
+    async def subscribe(self, conn: Subscriber, channel: str) -> None:
         """Add ``conn`` to ``channel``; on the node's first subscriber, subscribe the broker.
 
         Raises BrokerUnavailable (and leaves ``conn`` unsubscribed) when the broker
-        could not subscribe.
+        could not subscribe. Cancelled, it leaves ``conn`` unsubscribed and re-raises
+        the cancellation; other callers waiting on the same broker subscription get
+        BrokerUnavailable.
         """
         subs = self.channels.get(channel)
         if subs is not None:
@@ -70,7 +97,7 @@ class Hub:
             if pending is not None:
                 try:
                     await asyncio.shield(pending)
-                except BrokerUnavailable:
+                except BaseException:
                     self._discard(conn, channel)
                     raise
             return
@@ -80,18 +107,24 @@ class Hub:
         try:
             await self.broker.subscribe(channel)
         except BaseException as exc:
-            subs = self.channels.pop(channel, None)
-            failure = exc if isinstance(exc, BrokerUnavailable) else BrokerUnavailable(str(exc))
+            self.channels.pop(channel, None)
+            failure = (
+                exc
+                if isinstance(exc, BrokerUnavailable)
+                else BrokerUnavailable(f"subscribing {channel} failed: {exc!r}")
+            )
             future.set_exception(failure)
             future.exception()  # retrieved: waiters re-raise it through shield
-            raise failure from None
+            if isinstance(exc, Exception) and exc is not failure:
+                raise failure from exc
+            raise
         else:
             future.set_result(None)
         finally:
             if self._subscribing.get(channel) is future:
                 del self._subscribing[channel]
 
-    def _discard(self, conn: Connection, channel: str) -> bool:
+    def _discard(self, conn: Subscriber, channel: str) -> bool:
         """Remove ``conn`` from ``channel``; True when the channel has no local subscriber left."""
         subs = self.channels.get(channel)
         if subs is None or conn not in subs:
@@ -102,48 +135,13 @@ class Hub:
         del self.channels[channel]
         return True
 
-    async def unsubscribe(self, conn: Connection, channel: str) -> None:
+    async def unsubscribe(self, conn: Subscriber, channel: str) -> None:
         """Remove ``conn``; after the node's last subscriber, unsubscribe the broker."""
         if self._discard(conn, channel):
             try:
                 await self.broker.unsubscribe(channel)
             except BrokerUnavailable:
                 pass  # the broker forgets the channel; it will not be re-subscribed
-
-    # ------------------------------------------------------------------ writes
-
-    def mark_pending(self, conn: Connection) -> None:
-        """``conn`` has a first pending frame: it is flushed with the others, in turn."""
-        self._pending.append(conn)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        """One write per connection with pending frames, ``FLUSH_SLICE`` connections per
-        loop iteration.
-
-        Between slices the loop reads its sockets, so a message that arrives while a
-        big fan-out is being written is fanned out at once: the connections not yet
-        written take it in the same write as the frames they hold (fewer writes per
-        delivery the busier the node is), the others are queued again. Each
-        connection's frames stay in order: they are written only from its own list.
-        """
-        pending = self._pending
-        count = len(pending)
-        if count > FLUSH_SLICE:
-            count = FLUSH_SLICE
-            asyncio.get_running_loop().call_soon(self._flush)  # the rest, after the sockets
-        else:
-            self._flush_scheduled = False  # a connection marked from here on schedules anew
-        popleft = pending.popleft
-        try:
-            for _ in range(count):
-                popleft().flush()
-        finally:
-            if pending and not self._flush_scheduled:  # a flush raised: the rest still go
-                self._flush_scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
 
     # ------------------------------------------------------------------ fan-out
 
@@ -167,12 +165,7 @@ class Hub:
             else:
                 targets = tuple(subs)
             if is_spending(event):
-                item = {
-                    "event": event,
-                    "id": message.get("id"),
-                    "ts": message.get("ts"),
-                    "data": message.get("data"),
-                }
+                item = spending_item(message)
                 for conn in targets:
                     conn.add_spending(channel, item)
             else:
@@ -180,22 +173,22 @@ class Hub:
         if delivery.accepted_at:
             self._latency.observe(max(0.0, time.time() - delivery.accepted_at))
 
-    def _premium_targets(self, subs: dict[Connection, None]) -> tuple[Connection, ...]:
+    def _premium_targets(self, subs: dict[Subscriber, None]) -> tuple[Subscriber, ...]:
         targets = tuple(conn for conn in subs if conn.tier.premium_events)
-        withheld = len(subs) - len(targets)
-        if withheld:
+        if len(targets) < len(subs):
             for conn in subs:
                 if not conn.tier.premium_events:
                     self.metrics.filtered.labels(conn.tier.name).inc()
         return targets
 
     @staticmethod
-    def _fan_out(targets: tuple[Connection, ...], message: dict[str, Any], counter: Any) -> None:
+    def _fan_out(targets: tuple[Subscriber, ...], message: dict[str, Any], counter: Any) -> None:
+        """Encode ``message`` at most once per codec and give the frame to every target."""
         frames: list[bytes | None] = [None, None]
         for conn in targets:
             index = conn.codec.index
             data = frames[index]
             if data is None:
                 data = frames[index] = CODECS[index].encode(message)
-            conn.write(data)
+            conn.writer.write(data)
         counter.inc(len(targets))

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from realtime.settings import Settings
     from realtime.tiers import TierPolicy
     from realtime.timers import Timers
+    from realtime.writer import FlushQueue, OutboxLimits
 
 
 class LogThrottle:
@@ -60,6 +61,10 @@ class Node:
     presence: ConnectionRegistry
     idempotency: IdempotencyStore
     metrics: Metrics
+    #: the writers with frames to write, flushed once per loop iteration
+    flushes: FlushQueue
+    #: every connection's outbox bound (4008 beyond)
+    outbox_limits: OutboxLimits
     batch_timers: Timers[Connection]
     #: token expiries on the wall clock (``exp`` is unix time)
     expiry_timers: Timers[Connection]
@@ -75,14 +80,6 @@ class Node:
             return await self.limiter.hit(f"cmd:{user}", limit)
         except BrokerUnavailable:
             return Decision(True, 0.0)
-
-    def flush_due_batches(self, conns: list[Connection]) -> None:
-        for conn in conns:
-            conn.flush_batches()
-
-    def close_expired(self, conns: list[Connection]) -> None:
-        for conn in conns:
-            conn.expired()
 
     def is_ready(self) -> bool:
         return self.broker.ready and not self.draining

@@ -13,7 +13,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import msgpack
 
@@ -183,29 +183,44 @@ def parse_channel(value: object) -> Channel | Error:
 MAX_EVENT_LENGTH: Final = 128
 
 
+class Op(StrEnum):
+    """The client commands' ``op`` names (section 2)."""
+
+    CONNECT = "connect"
+    REFRESH = "refresh"
+    SUBSCRIBE = "subscribe"
+    UNSUBSCRIBE = "unsubscribe"
+    PUBLISH = "publish"
+    PING = "ping"
+
+
 @dataclass(frozen=True, slots=True)
 class Connect:
     id: int
     token: str
     client: dict[str, Any] | None = None
+    op: ClassVar[Op] = Op.CONNECT
 
 
 @dataclass(frozen=True, slots=True)
 class Refresh:
     id: int
     token: str
+    op: ClassVar[Op] = Op.REFRESH
 
 
 @dataclass(frozen=True, slots=True)
 class Subscribe:
     id: int
     channel: Channel
+    op: ClassVar[Op] = Op.SUBSCRIBE
 
 
 @dataclass(frozen=True, slots=True)
 class Unsubscribe:
     id: int
     channel: Channel
+    op: ClassVar[Op] = Op.UNSUBSCRIBE
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,15 +229,16 @@ class Publish:
     channel: Channel
     event: str
     data: dict[str, Any] = field(default_factory=dict)
+    op: ClassVar[Op] = Op.PUBLISH
 
 
 @dataclass(frozen=True, slots=True)
 class Ping:
     id: int
+    op: ClassVar[Op] = Op.PING
 
 
 Command = Connect | Refresh | Subscribe | Unsubscribe | Publish | Ping
-OPS: Final = ("connect", "refresh", "subscribe", "unsubscribe", "publish", "ping")
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +248,14 @@ class CommandError:
     id: int
     op: str | None
     error: Error
+
+    @property
+    def known_op(self) -> Op | None:
+        """``op`` when it names a command (the error is in its fields), else None."""
+        try:
+            return Op(self.op) if self.op is not None else None
+        except ValueError:
+            return None
 
 
 def message_id(message: Mapping[str, Any]) -> int:
@@ -277,15 +301,15 @@ def parse_command(message: Mapping[str, Any]) -> Command | CommandError:
     def bad(err: Error) -> CommandError:
         return CommandError(cid, op, err)
 
-    if op == "ping":
+    if op == Op.PING:
         return Ping(cid)
-    if op in ("subscribe", "unsubscribe", "publish"):
+    if op in (Op.SUBSCRIBE, Op.UNSUBSCRIBE, Op.PUBLISH):
         channel = parse_channel(message.get("channel"))
         if isinstance(channel, Error):
             return bad(channel)
-        if op == "subscribe":
+        if op == Op.SUBSCRIBE:
             return Subscribe(cid, channel)
-        if op == "unsubscribe":
+        if op == Op.UNSUBSCRIBE:
             return Unsubscribe(cid, channel)
         event = validate_event_name(message.get("event"))
         if isinstance(event, Error):
@@ -294,11 +318,11 @@ def parse_command(message: Mapping[str, Any]) -> Command | CommandError:
         if isinstance(data, Error):
             return bad(data)
         return Publish(cid, channel, event, data)
-    if op in ("connect", "refresh"):
+    if op in (Op.CONNECT, Op.REFRESH):
         token = _str_field(message, "token")
         if isinstance(token, Error):
             return bad(token)
-        if op == "refresh":
+        if op == Op.REFRESH:
             return Refresh(cid, token)
         client = message.get("client")
         if client is not None and not isinstance(client, dict):
@@ -318,12 +342,47 @@ def error_reply(cid: int, error: Error) -> dict[str, Any]:
     return {"id": cid, "error": error.to_map()}
 
 
+def http_error_body(error: Error, fields: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The body of an HTTP error answer (section 6): ``{"error": {code, message, ...}}``."""
+    body = error.to_map()
+    if fields is not None:
+        body["fields"] = fields
+    return {"error": body}
+
+
 def event_message(channel: str, event: str, eid: str, ts: int, data: Any) -> dict[str, Any]:
+    """An ``event`` server message (section 4)."""
     return {"type": "event", "channel": channel, "event": event, "id": eid, "ts": ts, "data": data}
 
 
+def spending_item(event: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``batch`` item of a spending ``event`` message: its event, id, ts and data."""
+    return {
+        "event": event.get("event"),
+        "id": event.get("id"),
+        "ts": event.get("ts"),
+        "data": event.get("data"),
+    }
+
+
 def batch_message(channel: str, ts: int, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """A ``batch`` server message of spending items (section 4)."""
     return {"type": "batch", "channel": channel, "ts": ts, "items": items}
+
+
+def notification_message(
+    nid: str, *, priority: str, title: str, body: str, data: Mapping[str, Any], ts: int
+) -> dict[str, Any]:
+    """A ``notification`` server message (section 4)."""
+    return {
+        "type": "notification",
+        "id": nid,
+        "priority": priority,
+        "title": title,
+        "body": body,
+        "data": data,
+        "ts": ts,
+    }
 
 
 def is_spending(event: str) -> bool:

@@ -165,10 +165,6 @@ class TierPolicy:
         self._cache[event] = premium
         return premium
 
-    def can_receive(self, tier: Tier, event: str) -> bool:
-        """Whether a connection of ``tier`` is sent events of this type."""
-        return tier.premium_events or not self.is_premium_event(event)
-
 
 # --------------------------------------------------------------------------- policy files
 

@@ -1,0 +1,254 @@
+"""The write side of one connection, and the node's flush queue.
+
+A ``Writer`` turns complete frames into socket writes, in order, without a task
+or an await: while its socket takes data a frame joins the writer's pending
+frames, and the node's ``FlushQueue`` (one ``call_soon`` while any writer has
+pending frames) hands each writer's frames to its socket in one write, 128
+writers per loop iteration (sooner, at ``FLUSH_BYTES``). While the socket is
+paused a frame waits in the bounded outbox instead; at the bound the
+connection is closed with 4008 and the outbox dropped. ``resume`` writes the
+outbox, coalesced, in order. Once closed, a writer writes nothing more.
+
+The writer knows its socket only through two callables (``write`` and
+``close``): the real one is ``RealtimeWSProtocol``, tests pass a fake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from realtime.protocol import CloseCode
+
+if TYPE_CHECKING:
+    from realtime.metrics import Metrics
+
+#: Writers flushed per loop iteration (the loop reads its sockets between slices).
+FLUSH_SLICE: Final = 128
+#: Pending bytes at which a writer writes at once instead of waiting for the flush.
+FLUSH_BYTES: Final = 64 * 1024
+#: Largest single write when the outbox is flushed on resume.
+RESUME_CHUNK_BYTES: Final = 256 * 1024
+#: The outbox of a writer that never queued: takes nothing (maxlen 0), costs nothing.
+_NO_OUTBOX: Final[deque[bytes]] = deque(maxlen=0)
+
+#: ``write(data)``: hand bytes to the socket; raises RuntimeError once the socket is closed.
+WriteBytes = Callable[[bytes], None]
+#: ``close(code, reason)``: send a close frame after what was written (abort if unanswered).
+CloseSocket = Callable[[int, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxLimits:
+    """The bound of one writer's outbox: beyond either, the connection is closed with 4008."""
+
+    max_messages: int
+    max_bytes: int
+
+
+class FlushQueue:
+    """The writers with pending frames on one node, flushed in slices, in the order they got
+    their first pending frame. Bounded by the node's writers (each is queued at most once)."""
+
+    __slots__ = ("_loop", "_pending", "_scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._pending: deque[Writer] = deque()
+        self._scheduled = False
+        self._loop = loop
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, writer: Writer) -> None:
+        """``writer`` has a first pending frame: it is flushed with the others, in turn."""
+        self._pending.append(writer)
+        if not self._scheduled:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        self._scheduled = True
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """One write per pending writer, ``FLUSH_SLICE`` writers now, the rest next iteration.
+
+        Between slices the loop reads its sockets, so a message that arrives during a big
+        fan-out joins the pending frames of the writers not yet written (one write carries
+        both); the writers already written are queued again.
+        """
+        pending = self._pending
+        count = len(pending)
+        if count > FLUSH_SLICE:
+            count = FLUSH_SLICE
+            self._schedule()  # the rest, after the sockets
+        else:
+            self._scheduled = False  # a writer queued from here on schedules anew
+        popleft = pending.popleft
+        try:
+            for _ in range(count):
+                popleft().flush()
+        finally:
+            if pending and not self._scheduled:  # a flush raised: the rest still go
+                self._schedule()
+
+
+class Writer:
+    """The ordered, bounded output of one connection. See the module docstring."""
+
+    __slots__ = (
+        "_close",
+        "_flushes",
+        "_metrics",
+        "_write",
+        "close_timer",
+        "closed",
+        "limits",
+        "outbox",
+        "outbox_bytes",
+        "paused",
+        "pending",
+        "pending_bytes",
+    )
+
+    def __init__(
+        self,
+        write: WriteBytes,
+        close: CloseSocket,
+        flushes: FlushQueue,
+        limits: OutboxLimits,
+        metrics: Metrics,
+        *,
+        paused: bool = False,
+    ) -> None:
+        self._write = write
+        self._close = close
+        self._flushes = flushes
+        self._metrics = metrics
+        self.limits = limits
+        #: the socket's buffer is full (``pause`` / ``resume``)
+        self.paused = paused
+        #: frames taken but not yet handed to the socket (see ``flush``)
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.outbox = _NO_OUTBOX  # a deque of its own from the first frame it queues
+        self.outbox_bytes = 0
+        self.closed = False
+        #: the drain's deadline, while a drain waits for the outbox
+        self.close_timer: asyncio.TimerHandle | None = None
+
+    def write(self, data: bytes) -> None:
+        """Take one complete frame: written with the next flush, or queued while the socket
+        is paused (4008 at the outbox's bound). Nothing happens once closed."""
+        if self.closed:
+            return
+        pending = self.pending
+        if pending:
+            pending.append(data)
+            self.pending_bytes += len(data)
+            if self.pending_bytes >= FLUSH_BYTES:
+                self.flush()
+            return
+        if self.outbox or self.paused:
+            self._queue(data)
+            return
+        pending.append(data)
+        self.pending_bytes = len(data)
+        self._flushes.add(self)
+
+    def _queue(self, data: bytes) -> None:
+        outbox = self.outbox
+        if outbox is _NO_OUTBOX:
+            outbox = self.outbox = deque()
+        limits = self.limits
+        if len(outbox) >= limits.max_messages or self.outbox_bytes + len(data) > limits.max_bytes:
+            self._metrics.overflows.inc()
+            self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+            return
+        outbox.append(data)
+        self.outbox_bytes += len(data)
+
+    def flush(self) -> None:
+        """Hand the pending frames to the socket in one write (the flush queue calls it).
+
+        They go even if the socket paused meanwhile: that is at most ``FLUSH_BYTES`` plus
+        one frame more in its buffer; later frames wait in the bounded outbox.
+        """
+        pending = self.pending
+        if not pending:
+            return
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        self.pending_bytes = 0
+        if not self.closed:
+            self._transmit(data)
+
+    def _transmit(self, data: bytes) -> None:
+        """Write to the socket; on a socket already closed (uvloop raises) the writer is
+        closed and what it queued is dropped: nothing more can reach the client."""
+        try:
+            self._write(data)
+        except RuntimeError:
+            self._finish()
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        """The socket takes data again: write the outbox in order, coalesced; a drain whose
+        outbox is now empty closes (1001)."""
+        self.paused = False
+        outbox = self.outbox
+        while outbox and not self.paused and not self.closed:
+            chunk: list[bytes] = []
+            size = 0
+            while outbox and size < RESUME_CHUNK_BYTES:
+                data = outbox.popleft()
+                chunk.append(data)
+                size += len(data)
+            self.outbox_bytes -= size
+            self._transmit(b"".join(chunk))
+        if self.close_timer is not None and not outbox:
+            self.close(CloseCode.GOING_AWAY, "server shutting down")
+
+    def drain(self, timeout: float, loop: asyncio.AbstractEventLoop) -> None:
+        """Close with 1001 once the outbox is written, or after ``timeout`` seconds."""
+        if self.closed:
+            return
+        self.flush()
+        if not self.outbox:
+            self.close(CloseCode.GOING_AWAY, "server shutting down")
+        elif self.close_timer is None:
+            self.close_timer = loop.call_later(
+                timeout, self.close, CloseCode.GOING_AWAY, "server shutting down"
+            )
+
+    def close(self, code: CloseCode, reason: str = "") -> None:
+        """Close with ``code`` after what was already taken; drop the outbox."""
+        if self.closed:
+            return
+        self.flush()
+        self._finish()
+        self._metrics.closes.labels(str(int(code))).inc()
+        self._close(int(code), reason)
+
+    def _finish(self) -> None:
+        """Write nothing more: the socket is closing, closed or lost."""
+        self.closed = True
+        self.pending.clear()
+        self.pending_bytes = 0
+        self.outbox.clear()
+        self.outbox_bytes = 0
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+            self.close_timer = None
+
+    def stop(self) -> None:
+        """Write nothing more (the socket is gone, or the connection is cleaning up)."""
+        self._finish()
