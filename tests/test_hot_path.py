@@ -1,0 +1,415 @@
+"""The hot path in-process: writer, flush queue, hub and HTTP API, driven with fakes.
+
+A fake socket records the bytes handed to it (as websockets tests its protocol bytes in,
+bytes out); fake subscribers stand for connections. No server process, no network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import pytest
+from prometheus_client import CollectorRegistry
+from starlette.testclient import TestClient
+
+from realtime.app import create_app
+from realtime.broker import BrokerUnavailable, MemoryBroker
+from realtime.envelope import pack_event, pack_notification
+from realtime.hub import Hub
+from realtime.metrics import Metrics
+from realtime.protocol import JSON, MSGPACK, CloseCode, Codec, notification_message
+from realtime.settings import Settings
+from realtime.tiers import FREE, PAID, Tier, TierPolicy
+from realtime.writer import FLUSH_BYTES, FLUSH_SLICE, FlushQueue, OutboxLimits, Writer
+
+pytestmark = pytest.mark.timeout(10)
+
+
+class FakeSocket:
+    """The two callables a Writer needs, recording what it was given."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closes: list[tuple[int, str]] = []
+        self.broken = False
+
+    def write(self, data: bytes) -> None:
+        if self.broken:
+            raise RuntimeError("unable to perform operation on closed transport")
+        self.writes.append(data)
+
+    def close(self, code: int, reason: str) -> None:
+        self.closes.append((code, reason))
+
+
+def frame(n: int, size: int = 10) -> bytes:
+    return bytes([n % 256]) * size
+
+
+def make_writer(
+    flushes: FlushQueue, metrics: Metrics, *, max_messages: int = 5, max_bytes: int = 1000
+) -> tuple[Writer, FakeSocket]:
+    sock = FakeSocket()
+    writer = Writer(sock.write, sock.close, flushes, OutboxLimits(max_messages, max_bytes), metrics)
+    return writer, sock
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics(CollectorRegistry())
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(f"piggybong_realtime_{name}", labels)
+    return value or 0.0
+
+
+# ------------------------------------------------------------------------------ writer
+
+
+async def test_frames_of_one_tick_go_out_in_one_write_in_order(metrics: Metrics) -> None:
+    flushes = FlushQueue()
+    writer, sock = make_writer(flushes, metrics)
+    for n in range(3):
+        writer.write(frame(n))
+    assert sock.writes == []  # nothing before the flush
+    assert len(flushes) == 1  # queued once, however many frames
+    await asyncio.sleep(0)
+    assert sock.writes == [frame(0) + frame(1) + frame(2)]
+    assert len(flushes) == 0
+
+
+async def test_pending_bytes_at_the_threshold_write_at_once(metrics: Metrics) -> None:
+    writer, sock = make_writer(FlushQueue(), metrics)
+    big = b"x" * (FLUSH_BYTES // 2)
+    writer.write(big)
+    writer.write(big)
+    assert sock.writes == [big + big]  # before any flush
+    writer.write(b"tail")
+    await asyncio.sleep(0)
+    assert sock.writes == [big + big, b"tail"]
+
+
+async def test_flush_writes_a_slice_per_iteration_and_late_frames_join(metrics: Metrics) -> None:
+    flushes = FlushQueue()
+    pairs = [make_writer(flushes, metrics) for _ in range(FLUSH_SLICE + 10)]
+    for writer, _ in pairs:
+        writer.write(b"a")
+    flushes.flush()  # the first slice, as the loop would run it
+    written = [sock for _, sock in pairs if sock.writes]
+    assert len(written) == FLUSH_SLICE
+    # A message fanned out between slices: the writers not yet written carry both frames.
+    for writer, _ in pairs:
+        writer.write(b"b")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    for i, (_, sock) in enumerate(pairs):
+        if i < FLUSH_SLICE:
+            assert sock.writes == [b"a", b"b"]
+        else:
+            assert sock.writes == [b"ab"]
+
+
+async def test_order_is_kept_across_pause_and_resume(metrics: Metrics) -> None:
+    writer, sock = make_writer(FlushQueue(), metrics, max_messages=100, max_bytes=10_000)
+    writer.write(frame(1))
+    writer.pause()
+    writer.write(frame(2))  # pending frames go first, even paused
+    await asyncio.sleep(0)
+    writer.write(frame(3))
+    writer.write(frame(4))
+    assert sock.writes == [frame(1) + frame(2)]
+    assert writer.outbox_bytes == 20
+    writer.resume()
+    assert sock.writes == [frame(1) + frame(2), frame(3) + frame(4)]
+    writer.write(frame(5))
+    await asyncio.sleep(0)
+    assert b"".join(sock.writes) == b"".join(frame(n) for n in range(1, 6))
+    assert writer.outbox_bytes == 0
+
+
+@pytest.mark.parametrize(("messages", "size"), [(4, 10), (100, 25)])
+async def test_outbox_bound_closes_4008_and_drops(
+    metrics: Metrics, messages: int, size: int
+) -> None:
+    writer, sock = make_writer(FlushQueue(), metrics, max_messages=3, max_bytes=60)
+    writer.pause()
+    for n in range(messages):
+        writer.write(frame(n, size))
+    assert sock.closes == [(4008, "slow consumer")]
+    assert writer.closed and not writer.outbox and writer.outbox_bytes == 0
+    assert sample(metrics, "ws_queue_overflows_total") == 1
+    assert sample(metrics, "ws_closes_total", code="4008") == 1
+    writer.resume()
+    writer.write(b"after")
+    await asyncio.sleep(0)
+    assert sock.writes == []  # nothing after the cut
+
+
+async def test_close_flushes_what_was_taken_first(metrics: Metrics) -> None:
+    writer, sock = make_writer(FlushQueue(), metrics)
+    writer.write(b"last words")
+    writer.close(CloseCode.GOING_AWAY, "bye")
+    assert sock.writes == [b"last words"]
+    assert sock.closes == [(1001, "bye")]
+    writer.close(CloseCode.NORMAL)
+    assert sock.closes == [(1001, "bye")]  # once
+
+
+async def test_a_closed_socket_closes_the_writer(metrics: Metrics) -> None:
+    writer, sock = make_writer(FlushQueue(), metrics)
+    sock.broken = True
+    writer.write(b"x")
+    await asyncio.sleep(0)
+    assert writer.closed
+    writer.write(b"y")
+    assert writer.pending == []
+
+
+async def test_drain_closes_once_the_outbox_is_written(metrics: Metrics) -> None:
+    loop = asyncio.get_running_loop()
+    writer, sock = make_writer(FlushQueue(), metrics)
+    writer.pause()
+    writer.write(b"queued")
+    writer.drain(5.0, loop)
+    assert sock.closes == []
+    writer.resume()
+    assert sock.writes == [b"queued"]
+    assert sock.closes == [(1001, "server shutting down")]
+
+
+async def test_drain_gives_up_after_its_timeout(metrics: Metrics) -> None:
+    writer, sock = make_writer(FlushQueue(), metrics)
+    writer.pause()
+    writer.write(b"never read")
+    writer.drain(0.05, asyncio.get_running_loop())
+    await asyncio.sleep(0.1)
+    assert sock.closes == [(1001, "server shutting down")]
+    assert sock.writes == []
+
+
+# ------------------------------------------------------------------------------ hub
+
+
+@dataclass(eq=False)
+class FakeSubscriber:
+    """A connection as the hub sees it."""
+
+    user: str
+    codec: Codec
+    tier: Tier
+    writer: Writer
+    sock: FakeSocket
+    spending: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def add_spending(self, channel: str, item: dict[str, Any]) -> None:
+        self.spending.append((channel, item))
+
+    def __hash__(self) -> int:
+        return id(self)
+
+
+@pytest.fixture
+def flushes() -> FlushQueue:
+    return FlushQueue()
+
+
+@pytest.fixture
+def hub(metrics: Metrics) -> Hub:
+    return Hub(MemoryBroker(), TierPolicy(), metrics)
+
+
+def subscriber(
+    flushes: FlushQueue, metrics: Metrics, user: str, codec: Codec = JSON, tier: Tier = PAID
+) -> FakeSubscriber:
+    writer, sock = make_writer(flushes, metrics)
+    return FakeSubscriber(user, codec, tier, writer, sock)
+
+
+def decoded(sub: FakeSubscriber) -> list[dict[str, Any]]:
+    """The messages in the subscriber's writes (frames of at most 125 bytes)."""
+    out = []
+    data = b"".join(sub.sock.writes)
+    while data:
+        length = data[1] & 0x7F
+        assert length < 126
+        payload, data = data[2 : 2 + length], data[2 + length :]
+        out.append(msgpack.unpackb(payload) if sub.codec is MSGPACK else json.loads(payload))
+    return out
+
+
+async def test_one_encode_per_codec_same_bytes_to_all(
+    hub: Hub, flushes: FlushQueue, metrics: Metrics
+) -> None:
+    subs = [subscriber(flushes, metrics, f"u{i}", JSON if i % 2 else MSGPACK) for i in range(6)]
+    for sub in subs:
+        await hub.subscribe(sub, "artist:x")
+    hub.on_message("artist:x", pack_event("artist:x", "comeback", "e1", 1, {"n": 1}))
+    pending = [sub.writer.pending[0] for sub in subs]
+    json_frames = {id(f) for f, s in zip(pending, subs, strict=True) if s.codec is JSON}
+    msgpack_frames = {id(f) for f, s in zip(pending, subs, strict=True) if s.codec is MSGPACK}
+    assert len(json_frames) == 1 and len(msgpack_frames) == 1  # one object per codec
+    await asyncio.sleep(0)
+    for sub in subs:
+        (message,) = decoded(sub)
+        assert message["id"] == "e1" and message["data"] == {"n": 1}
+    assert sample(metrics, "ws_messages_out_total", type="event") == 6
+
+
+async def test_premium_events_skip_free_subscribers(
+    hub: Hub, flushes: FlushQueue, metrics: Metrics
+) -> None:
+    free = subscriber(flushes, metrics, "f", tier=FREE)
+    paid = subscriber(flushes, metrics, "p", tier=PAID)
+    for sub in (free, paid):
+        await hub.subscribe(sub, "broadcast")
+    hub.on_message("broadcast", pack_event("broadcast", "market.open", "m1", 1, {}))
+    hub.on_message("broadcast", pack_event("broadcast", "news", "n1", 2, {}))
+    await asyncio.sleep(0)
+    assert [m["id"] for m in decoded(paid)] == ["m1", "n1"]
+    assert [m["id"] for m in decoded(free)] == ["n1"]
+    assert sample(metrics, "hub_filtered_events_total", tier="free") == 1
+
+
+async def test_spending_goes_to_the_batcher_and_notifications_to_the_writer(
+    hub: Hub, flushes: FlushQueue, metrics: Metrics
+) -> None:
+    sub = subscriber(flushes, metrics, "42")
+    await hub.subscribe(sub, "user:42")
+    hub.on_message("user:42", pack_event("user:42", "spending.created", "s1", 7, {"won": 5}))
+    assert sub.spending == [
+        ("user:42", {"event": "spending.created", "id": "s1", "ts": 7, "data": {"won": 5}})
+    ]
+    note = notification_message("n1", priority="high", title="t", body="b", data={}, ts=1)
+    hub.on_message("user:42", pack_notification(note))
+    hub.on_message("user:42", b"not ours")  # ignored
+    await asyncio.sleep(0)
+    assert decoded(sub) == [note]
+
+
+class StalledBroker(MemoryBroker):
+    """A broker whose subscribe waits until released (or fails)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.fail = False
+
+    async def subscribe(self, channel: str) -> None:
+        await self.release.wait()
+        if self.fail:
+            raise BrokerUnavailable("down")
+        await super().subscribe(channel)
+
+
+async def test_a_cancelled_subscribe_is_a_cancellation(
+    flushes: FlushQueue, metrics: Metrics
+) -> None:
+    broker = StalledBroker()
+    hub = Hub(broker, TierPolicy(), metrics)
+    first, second = subscriber(flushes, metrics, "a"), subscriber(flushes, metrics, "b")
+    task = asyncio.create_task(hub.subscribe(first, "artist:x"))
+    waiter = asyncio.create_task(hub.subscribe(second, "artist:x"))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with pytest.raises(BrokerUnavailable):
+        await waiter
+    assert "artist:x" not in hub.channels
+    # A cancelled waiter leaves too, and the channel works afterwards.
+    broker.release.set()
+    await hub.subscribe(first, "artist:x")
+    assert list(hub.channels["artist:x"]) == [first]
+
+
+async def test_a_failed_subscribe_leaves_nothing_behind(
+    flushes: FlushQueue, metrics: Metrics
+) -> None:
+    broker = StalledBroker()
+    broker.fail = True
+    broker.release.set()
+    hub = Hub(broker, TierPolicy(), metrics)
+    with pytest.raises(BrokerUnavailable):
+        await hub.subscribe(subscriber(flushes, metrics, "a"), "artist:x")
+    assert hub.channels == {}
+
+
+# ------------------------------------------------------------------------------ HTTP API
+
+KEY = {"Authorization": "Bearer dev-api-key"}
+
+
+@pytest.fixture
+def client() -> Iterator[TestClient]:
+    app = create_app(Settings(gc_freeze_interval=None))
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def test_publish_reaches_a_subscriber_through_the_memory_broker(client: TestClient) -> None:
+    node = client.app.state.node  # type: ignore[attr-defined]
+    sub = subscriber(node.flushes, node.metrics, "42")
+    client.portal.call(node.hub.subscribe, sub, "user:42")  # type: ignore[union-attr]
+    answer = client.post(
+        "/v1/publish",
+        headers=KEY,
+        json=[
+            {"channel": "user:42", "event": "budget.updated", "data": {"left": 1}, "id": "a"},
+            {"channel": "artist:x", "event": "nobody.listens"},
+        ],
+    )
+    assert answer.status_code == 202
+    ids = answer.json()["ids"]
+    assert ids[0] == "a" and len(ids) == 2
+    client.portal.call(asyncio.sleep, 0)  # type: ignore[union-attr]
+    assert [(m["channel"], m["id"], m["data"]) for m in decoded(sub)] == [
+        ("user:42", "a", {"left": 1})
+    ]
+    again = client.post("/v1/publish", headers=KEY, json={"channel": "user:42", "event": "e",
+                                                           "id": "a"})  # fmt: skip
+    assert again.status_code == 202 and again.json() == {"ids": ["a"]}
+    client.portal.call(asyncio.sleep, 0)  # type: ignore[union-attr]
+    assert len(decoded(sub)) == 1  # the duplicate is not delivered
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status", "code"),
+    [
+        ({}, {"channel": "user:1", "event": "e"}, 401, "unauthorized"),
+        (KEY, b"{not json", 400, "bad_request"),
+        (KEY, {"channel": "nope", "event": "e"}, 422, "bad_request"),
+        (KEY, [], 422, "bad_request"),
+        (KEY, b"x" * 2_000_000, 413, "limit_exceeded"),
+    ],
+)
+def test_publish_errors(
+    client: TestClient, headers: dict[str, str], body: Any, status: int, code: str
+) -> None:
+    if isinstance(body, bytes):
+        answer = client.post("/v1/publish", headers=headers, content=body)
+    else:
+        answer = client.post("/v1/publish", headers=headers, json=body)
+    assert answer.status_code == status
+    assert answer.json()["error"]["code"] == code
+
+
+def test_unknown_path_and_method(client: TestClient) -> None:
+    assert client.get("/v1/nothing").json() == {
+        "error": {"code": "not_found", "message": "not found"}
+    }
+    answer = client.get("/v1/publish")
+    assert answer.status_code == 405
+    assert answer.json()["error"]["code"] == "bad_request"
+
+
+def test_health_and_readiness(client: TestClient) -> None:
+    assert client.get("/healthz").status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    assert "piggybong_realtime_ws_open" in client.get("/metrics").text
