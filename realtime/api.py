@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from notifications.models import Platform
 from notifications.requests import DeviceRequest, NotificationRequest
@@ -26,40 +29,46 @@ from realtime.auth import ApiKeys
 from realtime.broker import BrokerUnavailable
 from realtime.envelope import new_event_id, now_ms, pack_event
 from realtime.node import Node
-from realtime.protocol import MAX_EVENT_LENGTH, Error, ErrorCode, parse_channel
+from realtime.protocol import MAX_EVENT_LENGTH, Error, ErrorCode, http_error_body, parse_channel
+
+log = logging.getLogger("realtime.api")
 
 MAX_ITEMS = 1000
 T = TypeVar("T")
 
 
 class HttpError(Exception):
-    """An HTTP error answer as a value."""
+    """An HTTP error answer as a value, rendered by the app's exception handler."""
 
     def __init__(
         self,
         status: int,
-        code: ErrorCode,
-        message: str,
+        error: Error,
         *,
         fields: list[dict[str, Any]] | None = None,
-        retry_after: float | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(error.message)
         self.status = status
-        self.code = code
-        self.message = message
+        self.error = error
         self.fields = fields
-        self.retry_after = retry_after
 
     def response(self) -> JSONResponse:
-        body: dict[str, Any] = {"code": self.code.value, "message": self.message}
-        if self.fields is not None:
-            body["fields"] = self.fields
         headers = {}
-        if self.retry_after is not None:
-            body["retry_after"] = round(self.retry_after, 3)
-            headers["Retry-After"] = str(max(1, round(self.retry_after)))
-        return JSONResponse({"error": body}, status_code=self.status, headers=headers)
+        if self.error.retry_after is not None:
+            headers["Retry-After"] = str(max(1, round(self.error.retry_after)))
+        return JSONResponse(
+            http_error_body(self.error, self.fields), status_code=self.status, headers=headers
+        )
+
+
+def unavailable(message: str) -> HttpError:
+    """503: a store or the broker did not take it; retry in a second."""
+    return HttpError(503, Error(ErrorCode.UNAVAILABLE, message, retry_after=1.0))
+
+
+def invalid(message: str, fields: list[dict[str, Any]]) -> HttpError:
+    """422 with the field errors."""
+    return HttpError(422, Error(ErrorCode.BAD_REQUEST, message), fields=fields)
 
 
 def validation_error(exc: ValidationError) -> HttpError:
@@ -67,25 +76,29 @@ def validation_error(exc: ValidationError) -> HttpError:
         {"loc": ".".join(str(part) for part in err["loc"]), "message": err["msg"]}
         for err in exc.errors(include_url=False, include_context=False, include_input=False)
     ]
-    return HttpError(422, ErrorCode.BAD_REQUEST, "invalid fields", fields=fields)
+    return invalid("invalid fields", fields)
 
 
 async def read_json(request: Request, limit: int) -> Any:
     """The request body as JSON: 413 over ``limit`` bytes, 400 when it is not JSON."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HttpError(413, ErrorCode.LIMIT_EXCEEDED, f"body larger than {limit} bytes")
+        raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise HttpError(413, ErrorCode.LIMIT_EXCEEDED, f"body larger than {limit} bytes")
+            raise _too_large(limit)
         chunks.append(chunk)
     try:
         return json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise HttpError(400, ErrorCode.BAD_REQUEST, f"body is not JSON: {exc}") from None
+        raise HttpError(400, Error(ErrorCode.BAD_REQUEST, f"body is not JSON: {exc}")) from None
+
+
+def _too_large(limit: int) -> HttpError:
+    return HttpError(413, Error(ErrorCode.LIMIT_EXCEEDED, f"body larger than {limit} bytes"))
 
 
 class PublishItem(BaseModel):
@@ -128,7 +141,7 @@ class TokenBucket:
 
 
 class Api:
-    """Handlers of the HTTP API, bound to one node."""
+    """Handlers of the HTTP API, bound to one node. Errors are raised as ``HttpError``."""
 
     def __init__(self, node: Node, api_keys: ApiKeys, notifications: NotificationService) -> None:
         self.node = node
@@ -137,51 +150,52 @@ class Api:
         rate = node.settings.publish_rate_per_key
         self.bucket = TokenBucket(rate) if rate else None
 
+    def routes(self) -> list[Route]:
+        return [
+            Route("/v1/publish", self.publish, methods=["POST"]),
+            Route("/v1/notifications", self.notify, methods=["POST"]),
+            Route("/v1/devices", self.register_device, methods=["POST"]),
+            Route("/v1/devices/{platform}/{token:path}", self.remove_device, methods=["DELETE"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/readyz", self.readyz, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
+        ]
+
     def authorize(self, request: Request) -> str:
         """The presented key (for per-key limits), or 401."""
         header = request.headers.get("authorization")
         if not self.api_keys.check(header):
-            raise HttpError(401, ErrorCode.UNAUTHORIZED, "missing or invalid API key")
+            raise HttpError(401, Error(ErrorCode.UNAUTHORIZED, "missing or invalid API key"))
         assert header is not None
         return header
 
     def refuse_when_draining(self) -> None:
         if self.node.draining:
-            raise HttpError(503, ErrorCode.UNAVAILABLE, "server draining", retry_after=1.0)
+            raise unavailable("server draining")
 
     async def publish(self, request: Request) -> Response:
-        try:
-            key = self.authorize(request)
-            self.refuse_when_draining()
-            if self.bucket is not None:
-                wait = self.bucket.take(key)
-                if wait > 0:
-                    raise HttpError(
-                        429, ErrorCode.RATE_LIMITED, "publish rate exceeded", retry_after=wait
-                    )
-            body = await read_json(request, self.node.settings.max_body_bytes)
-            items = self._items(body)
-            ids = await self._publish(items)
-        except HttpError as exc:
-            return self._answer(request, exc.response())
-        return self._answer(request, JSONResponse({"ids": ids}, status_code=202))
+        key = self.authorize(request)
+        self.refuse_when_draining()
+        if self.bucket is not None:
+            wait = self.bucket.take(key)
+            if wait > 0:
+                raise HttpError(
+                    429,
+                    Error(ErrorCode.RATE_LIMITED, "publish rate exceeded", retry_after=wait),
+                )
+        body = await read_json(request, self.node.settings.max_body_bytes)
+        ids = await self._publish(self._items(body))
+        return JSONResponse({"ids": ids}, status_code=202)
 
     def _items(self, body: Any) -> list[PublishItem]:
         many = isinstance(body, list)
         raw = body if many else [body]
         if many and not raw:
-            raise HttpError(
-                422,
-                ErrorCode.BAD_REQUEST,
-                "empty list",
-                fields=[{"loc": "", "message": "at least one item"}],
-            )
+            raise invalid("empty list", [{"loc": "", "message": "at least one item"}])
         if len(raw) > MAX_ITEMS:
-            raise HttpError(
-                422,
-                ErrorCode.BAD_REQUEST,
+            raise invalid(
                 f"more than {MAX_ITEMS} items",
-                fields=[{"loc": "", "message": f"at most {MAX_ITEMS} items"}],
+                [{"loc": "", "message": f"at most {MAX_ITEMS} items"}],
             )
         items: list[PublishItem] = []
         errors: list[dict[str, Any]] = []
@@ -193,7 +207,7 @@ class Api:
                     loc = f"{index}.{field['loc']}" if many else field["loc"]
                     errors.append({"loc": loc, "message": field["message"]})
         if errors:
-            raise HttpError(422, ErrorCode.BAD_REQUEST, "invalid fields", fields=errors)
+            raise invalid("invalid fields", errors)
         return items
 
     async def _publish(self, items: list[PublishItem]) -> list[str]:
@@ -209,9 +223,7 @@ class Api:
                 for i, claimed in zip(keyed, claims, strict=True):
                     fresh[i] = claimed
         except BrokerUnavailable:
-            raise HttpError(
-                503, ErrorCode.UNAVAILABLE, "idempotency store unavailable", retry_after=1.0
-            ) from None
+            raise unavailable("idempotency store unavailable") from None
         ts = now_ms()
         todo = [i for i in range(len(items)) if fresh[i]]
         node.metrics.duplicates.inc(len(items) - len(todo))
@@ -239,73 +251,41 @@ class Api:
                     await node.idempotency.release_many(unsent)
                 except BrokerUnavailable:
                     pass
-            raise HttpError(
-                503,
-                ErrorCode.UNAVAILABLE,
-                f"broker unavailable: {len(todo) - len(failed)} of {len(todo)} published",
-                retry_after=1.0,
+            raise unavailable(
+                f"broker unavailable: {len(todo) - len(failed)} of {len(todo)} published"
             )
         node.metrics.published.labels("http").inc(len(todo))
         return ids
 
     async def notify(self, request: Request) -> Response:
-        try:
-            self.authorize(request)
-            self.refuse_when_draining()
-            body = await read_json(request, self.node.settings.max_body_bytes)
-            try:
-                req = NotificationRequest.model_validate(body)
-            except ValidationError as exc:
-                raise validation_error(exc) from None
-            nid = await self._queue(self.notifications.accept(req))
-        except HttpError as exc:
-            return self._answer(request, exc.response())
-        return self._answer(request, JSONResponse({"id": nid}, status_code=202))
+        self.authorize(request)
+        self.refuse_when_draining()
+        body = await read_json(request, self.node.settings.max_body_bytes)
+        req = _validate(NotificationRequest, body)
+        nid = await self._queue(self.notifications.accept(req))
+        return JSONResponse({"id": nid}, status_code=202)
 
     async def register_device(self, request: Request) -> Response:
-        try:
-            self.authorize(request)
-            body = await read_json(request, self.node.settings.max_body_bytes)
-            try:
-                req = DeviceRequest.model_validate(body)
-            except ValidationError as exc:
-                raise validation_error(exc) from None
-            await self._queue(self.notifications.register_device(req))
-        except HttpError as exc:
-            return self._answer(request, exc.response())
-        return self._answer(request, Response(status_code=204))
+        self.authorize(request)
+        body = await read_json(request, self.node.settings.max_body_bytes)
+        await self._queue(self.notifications.register_device(_validate(DeviceRequest, body)))
+        return Response(status_code=204)
 
     async def remove_device(self, request: Request) -> Response:
+        self.authorize(request)
         try:
-            self.authorize(request)
-            try:
-                platform = Platform(request.path_params["platform"])
-            except ValueError:
-                raise HttpError(404, ErrorCode.NOT_FOUND, "platform is ios or android") from None
-            await self._queue(
-                self.notifications.remove_device(platform, request.path_params["token"])
-            )
-        except HttpError as exc:
-            return self._answer(request, exc.response())
-        return self._answer(request, Response(status_code=204))
+            platform = Platform(request.path_params["platform"])
+        except ValueError:
+            raise HttpError(404, Error(ErrorCode.NOT_FOUND, "platform is ios or android")) from None
+        await self._queue(self.notifications.remove_device(platform, request.path_params["token"]))
+        return Response(status_code=204)
 
     @staticmethod
     async def _queue(call: Awaitable[T]) -> T:
         try:
             return await call
         except QueueUnavailable as exc:
-            raise HttpError(
-                503,
-                ErrorCode.UNAVAILABLE,
-                f"notification queue unavailable: {exc}",
-                retry_after=1.0,
-            ) from None
-
-    def _answer(self, request: Request, response: Response) -> Response:
-        route = request.scope.get("route")
-        path = getattr(route, "path", request.url.path)
-        self.node.metrics.http_requests.labels(path, str(response.status_code)).inc()
-        return response
+            raise unavailable(f"notification queue unavailable: {exc}") from None
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "node": self.node.node_id})
@@ -323,3 +303,45 @@ class Api:
 
     async def metrics(self, request: Request) -> Response:
         return Response(generate_latest(self.node.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _validate(model: type[M], body: Any) -> M:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+async def render_http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's exception handler for ``HttpError``."""
+    assert isinstance(exc, HttpError)
+    return exc.response()
+
+
+async def render_starlette_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own HTTP errors (404 no route, 405 wrong method) in the contract's shape."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        error = Error(ErrorCode.NOT_FOUND, "not found")
+    else:
+        error = Error(ErrorCode.BAD_REQUEST, str(exc.detail))
+    return JSONResponse(http_error_body(error), status_code=exc.status_code, headers=exc.headers)
+
+
+async def render_internal_error(request: Request, exc: Exception) -> Response:
+    """An unexpected exception: logged with its traceback, answered 500 ``internal``."""
+    log.error("unhandled error on %s", request.url.path, exc_info=exc)
+    return JSONResponse(
+        http_error_body(Error(ErrorCode.INTERNAL, "internal error")), status_code=500
+    )
+
+
+#: The app's exception handlers: every error answer has the contract's shape.
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    HttpError: render_http_error,
+    HTTPException: render_starlette_error,
+    Exception: render_internal_error,
+}

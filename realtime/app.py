@@ -14,11 +14,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.responses import JSONResponse
+from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from notifications.apns import ApnsAdapter
@@ -30,7 +27,7 @@ from notifications.push import LogAdapter, PushAdapter, WebhookAdapter
 from notifications.router import NotificationRouter
 from notifications.service import NotificationService
 from notifications.store import MemoryNotificationStore, NotificationStore, RedisNotificationStore
-from realtime.api import Api
+from realtime.api import EXCEPTION_HANDLERS, Api
 from realtime.auth import ApiKeys, Authenticator
 from realtime.broker import Broker, MemoryBroker
 from realtime.connection import Connection, close_expired, flush_due_batches
@@ -42,7 +39,13 @@ from realtime.metrics import Metrics
 from realtime.metricsport import MetricsPort
 from realtime.node import Node, make_log_throttle
 from realtime.presence import ConnectionRegistry, MemoryConnectionRegistry
-from realtime.protocol import ErrorCode, choose_codec, notification_message
+from realtime.protocol import (
+    Error,
+    ErrorCode,
+    choose_codec,
+    http_error_body,
+    notification_message,
+)
 from realtime.ratelimit import MemoryRateLimiter, RateLimiter
 from realtime.settings import NOTIFICATION_LEASE_TIMEOUT, Settings
 from realtime.tiers import load_policy
@@ -54,6 +57,8 @@ log = logging.getLogger("realtime")
 
 #: The WebSocket endpoint's path (protocol-v1).
 WS_PATH = "/v1/ws"
+#: HTTP requests under this prefix are counted in ``http_requests`` (the backend's API).
+API_PREFIX = "/v1/"
 
 #: Seconds between presence heartbeats (entries of a dead node expire after 3 of them).
 HEARTBEAT_INTERVAL = 30.0
@@ -95,19 +100,7 @@ class WebSocketEndpoint:
 
 
 def _error(status: int, code: ErrorCode, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code.value, "message": message}}, status_code=status)
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.BAD_REQUEST
-    message = "not found" if exc.status_code == 404 else str(exc.detail)
-    return _error(exc.status_code, code, message)
-
-
-async def _internal_error(request: Request, exc: Exception) -> Response:
-    log.error("unhandled error on %s", request.url.path, exc_info=exc)
-    return _error(500, ErrorCode.INTERNAL, "internal error")
+    return JSONResponse(http_error_body(Error(code, message)), status_code=status)
 
 
 def _redis_parts(
@@ -123,6 +116,15 @@ def _redis_parts(
         RedisIdempotencyStore(url),
         RedisConnectionRegistry(url),
         RedisRateLimiter(url),
+    )
+
+
+def _memory_parts() -> tuple[Broker, IdempotencyStore, ConnectionRegistry, RateLimiter]:
+    return (
+        MemoryBroker(),
+        MemoryIdempotencyStore(),
+        MemoryConnectionRegistry(),
+        MemoryRateLimiter(),
     )
 
 
@@ -157,13 +159,52 @@ def _adapters(settings: Settings) -> dict[Platform, PushAdapter]:
     return adapters
 
 
+def _notification_store(settings: Settings, metrics: NotificationMetrics) -> NotificationStore:
+    if settings.redis_url:  # from_url's options go to RedisNotificationStore.__init__
+        return RedisNotificationStore.from_url(
+            settings.redis_url,
+            max_depth=settings.notification_queue_max,
+            lease_timeout=NOTIFICATION_LEASE_TIMEOUT,
+            max_deliveries=settings.notification_max_deliveries,
+            consumer_idle_timeout=settings.notification_consumer_idle_timeout,
+            on_dead_letter=metrics.count_dead_letter,
+        )
+    return MemoryNotificationStore(
+        max_depth=settings.notification_queue_max,
+        lease_timeout=NOTIFICATION_LEASE_TIMEOUT,
+        max_deliveries=settings.notification_max_deliveries,
+        on_dead_letter=metrics.count_dead_letter,
+    )
+
+
+def _breakers(
+    settings: Settings, adapters: dict[Platform, PushAdapter], metrics: NotificationMetrics
+) -> dict[Platform, CircuitBreaker]:
+    """One breaker per adapter (a webhook serving both platforms has one), named as it is."""
+    by_adapter = {
+        id(adapter): CircuitBreaker(
+            name=adapter.name,
+            clock=time.time,
+            credentials_cooldown=settings.push_credentials_cooldown,
+            on_transition=metrics.breaker_transition,
+        )
+        for adapter in adapters.values()
+    }
+    return {platform: by_adapter[id(adapter)] for platform, adapter in adapters.items()}
+
+
 def create_app(settings: Settings | None = None) -> RealtimeApp:
-    """Build the server app. Without a Redis URL: in-process broker and stores (one node)."""
+    """Build the server app. Without a Redis URL: in-process broker and stores (one node).
+
+    Everything is built here, in dependency order; the lifespan only starts the parts
+    with background work and closes everything in reverse.
+    """
     settings = settings or Settings()
     registry = CollectorRegistry()
     for collector in (ProcessCollector, PlatformCollector, GCCollector):
         collector(registry=registry)
     metrics = Metrics(registry)
+    notification_metrics = NotificationMetrics(registry)
     freezer = GcFreezer(settings.gc_freeze_interval, settings.gc_full_interval, registry)
     policy = load_policy(settings.tier_policy)
     public_key = settings.jwt_public_key.read_bytes() if settings.jwt_public_key else None
@@ -174,40 +215,33 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         leeway=settings.jwt_leeway,
         blocked_users=settings.blocked_users,
     )
-    api_keys = ApiKeys(settings.effective_api_keys)
-    node_id = settings.node_id or f"{socket.gethostname()}-{os.getpid()}"
-
-    broker: Broker
-    idempotency: IdempotencyStore
-    presence: ConnectionRegistry
-    limiter: RateLimiter
-    if settings.redis_url:
-        broker, idempotency, presence, limiter = _redis_parts(settings.redis_url, metrics)
-    else:
-        broker, idempotency = MemoryBroker(), MemoryIdempotencyStore()
-        presence, limiter = MemoryConnectionRegistry(), MemoryRateLimiter()
-
-    notification_metrics = NotificationMetrics(registry)
-    store: NotificationStore
-    if settings.redis_url:  # from_url's options go to RedisNotificationStore.__init__
-        store = RedisNotificationStore.from_url(
-            settings.redis_url,
-            max_depth=settings.notification_queue_max,
-            lease_timeout=NOTIFICATION_LEASE_TIMEOUT,
-            max_deliveries=settings.notification_max_deliveries,
-            consumer_idle_timeout=settings.notification_consumer_idle_timeout,
-            on_dead_letter=notification_metrics.count_dead_letter,
-        )
-    else:
-        store = MemoryNotificationStore(
-            max_depth=settings.notification_queue_max,
-            lease_timeout=NOTIFICATION_LEASE_TIMEOUT,
-            max_deliveries=settings.notification_max_deliveries,
-            on_dead_letter=notification_metrics.count_dead_letter,
-        )
+    broker, idempotency, presence, limiter = (
+        _redis_parts(settings.redis_url, metrics) if settings.redis_url else _memory_parts()
+    )
+    hub = Hub(broker, policy, metrics)
+    node = Node(
+        node_id=settings.node_id or f"{socket.gethostname()}-{os.getpid()}",
+        settings=settings,
+        broker=broker,
+        hub=hub,
+        auth=auth,
+        policy=policy,
+        limiter=limiter,
+        presence=presence,
+        idempotency=idempotency,
+        metrics=metrics,
+        flushes=FlushQueue(),
+        outbox_limits=OutboxLimits(settings.outbox_max_messages, settings.outbox_max_bytes),
+        batch_timers=Timers(flush_due_batches),
+        expiry_timers=Timers(close_expired, clock=time.time),
+        log_throttle=make_log_throttle(settings.log_interval),
+    )
+    store = _notification_store(settings, notification_metrics)
     service = NotificationService(
         store, metrics=notification_metrics, idempotency_window=settings.idempotency_window
     )
+    adapters = _adapters(settings)
+    breakers = _breakers(settings, adapters, notification_metrics)
 
     async def deliver_in_app(n: Notification) -> None:
         message = notification_message(
@@ -224,117 +258,77 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         tier, _ = policy.resolve(await presence.tier_of(user) or policy.default_tier)
         return priority.value in tier.push_priorities
 
+    router = NotificationRouter(
+        store,
+        adapters,
+        breakers,
+        deliver_in_app,
+        push_allowed,
+        notification_metrics,
+        concurrency=settings.notification_concurrency,
+        max_attempts=settings.notification_max_attempts,
+    )
+
+    async def notifications_ready() -> dict[str, Any]:
+        try:
+            ok = await service.ready()
+        except Exception:
+            ok = False
+        states = {b.name: b.state.value for b in breakers.values()}
+        return {"ok": ok, "breakers": states}
+
+    node.readiness["notifications"] = notifications_ready
+    api = Api(node, ApiKeys(settings.effective_api_keys), service)
+    metrics.open_connections.set_function(lambda: len(node.connections))
+    metrics.channels.set_function(lambda: len(hub.channels))
+    metrics.queued_bytes.set_function(lambda: sum(c.writer.outbox_bytes for c in node.connections))
+    if settings.log_level != "debug":
+        WS_LOG.setLevel(logging.WARNING)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        hub = Hub(broker, policy, metrics)
-        adapters = _adapters(settings)
-        # One breaker per adapter (a webhook serving both platforms has one), named as it is.
-        by_adapter = {
-            id(adapter): CircuitBreaker(
-                name=adapter.name,
-                clock=time.time,
-                credentials_cooldown=settings.push_credentials_cooldown,
-                on_transition=notification_metrics.breaker_transition,
-            )
-            for adapter in adapters.values()
-        }
-        breakers = {platform: by_adapter[id(adapter)] for platform, adapter in adapters.items()}
-        router = NotificationRouter(
-            store,
-            adapters,
-            breakers,
-            deliver_in_app,
-            push_allowed,
-            notification_metrics,
-            concurrency=settings.notification_concurrency,
-            max_attempts=settings.notification_max_attempts,
-        )
-        node = Node(
-            node_id=node_id,
-            settings=settings,
-            broker=broker,
-            hub=hub,
-            auth=auth,
-            policy=policy,
-            limiter=limiter,
-            presence=presence,
-            idempotency=idempotency,
-            metrics=metrics,
-            flushes=FlushQueue(),
-            outbox_limits=OutboxLimits(settings.outbox_max_messages, settings.outbox_max_bytes),
-            batch_timers=Timers(flush_due_batches),
-            expiry_timers=Timers(close_expired, clock=time.time),
-            log_throttle=make_log_throttle(settings.log_interval),
-        )
-
-        async def notifications_ready() -> dict[str, Any]:
-            try:
-                ok = await service.ready()
-            except Exception:
-                ok = False
-            return {"ok": ok, "breakers": {b.name: b.state.value for b in by_adapter.values()}}
-
-        node.readiness["notifications"] = notifications_ready
-        app.state.node = node
-        app.state.api = Api(node, api_keys, service)
-        metrics.open_connections.set_function(lambda: len(node.connections))
-        metrics.channels.set_function(lambda: len(hub.channels))
-        metrics.queued_bytes.set_function(
-            lambda: sum(c.writer.outbox_bytes for c in node.connections)
-        )
-        if settings.log_level != "debug":
-            WS_LOG.setLevel(logging.WARNING)
-        metrics_port = None
-        if settings.metrics_port is not None:  # first: a taken port stops the start cleanly
-            metrics_port = MetricsPort(registry, settings.host, settings.metrics_port)
-            await metrics_port.start()
-            log.info("metrics on %s:%d", settings.host, metrics_port.port)
-        await broker.start(hub.on_message)
-        await router.start()
-        housekeeping = asyncio.create_task(_housekeeping(node), name="housekeeping")
-        freezer.start()
-        log.info("node %s ready (%s broker)", node_id, "redis" if settings.redis_url else "memory")
-        try:
-            yield
-        finally:
-            node.draining = True
-            housekeeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await housekeeping
-            await freezer.close()
-            if metrics_port is not None:
-                await metrics_port.close()
-            node.batch_timers.close()
-            node.expiry_timers.close()
-            await router.close()
+        async with contextlib.AsyncExitStack() as stack:
+            # Closed in reverse order, also when a later start fails.
+            for part in (broker, idempotency, presence, limiter, store):
+                stack.push_async_callback(part.close)
             for adapter in set(adapters.values()):
-                await adapter.close()
-            await store.close()
-            for part in (broker, idempotency, presence, limiter):
-                await part.close()
+                stack.push_async_callback(adapter.close)
+            stack.push_async_callback(router.close)
+            stack.callback(node.expiry_timers.close)
+            stack.callback(node.batch_timers.close)
+            if settings.metrics_port is not None:  # first: a taken port stops the start cleanly
+                metrics_port = MetricsPort(registry, settings.host, settings.metrics_port)
+                await metrics_port.start()
+                stack.push_async_callback(metrics_port.close)
+                log.info("metrics on %s:%d", settings.host, metrics_port.port)
+            await broker.start(hub.on_message)
+            await router.start()
+            housekeeping = asyncio.create_task(_housekeeping(node), name="housekeeping")
+            stack.push_async_callback(_cancelled, housekeeping)
+            freezer.start()
+            stack.push_async_callback(freezer.close)
+            stack.callback(setattr, node, "draining", True)
+            log.info("node %s ready (%s broker)", node.node_id, _kind(settings))
+            yield
 
-    def handler(name: str) -> Any:
-        async def endpoint(request: Request) -> Response:
-            result: Response = await getattr(request.app.state.api, name)(request)
-            return result
-
-        endpoint.__name__ = name
-        return endpoint
-
-    routes = [
-        Route("/v1/publish", handler("publish"), methods=["POST"]),
-        Route("/v1/notifications", handler("notify"), methods=["POST"]),
-        Route("/v1/devices", handler("register_device"), methods=["POST"]),
-        Route("/v1/devices/{platform}/{token:path}", handler("remove_device"), methods=["DELETE"]),
-        Route("/healthz", handler("healthz"), methods=["GET"]),
-        Route("/readyz", handler("readyz"), methods=["GET"]),
-        Route("/metrics", handler("metrics"), methods=["GET"]),
-    ]
-    return RealtimeApp(
-        routes=routes,
+    app = RealtimeApp(
+        routes=api.routes(),
         lifespan=lifespan,
-        exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+        exception_handlers=EXCEPTION_HANDLERS,
     )
+    app.state.node = node
+    app.state.api = api
+    return app
+
+
+def _kind(settings: Settings) -> str:
+    return "redis" if settings.redis_url else "memory"
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 class RealtimeApp(Starlette):
@@ -354,8 +348,22 @@ class RealtimeApp(Starlette):
         if scope["type"] == "websocket" and scope["path"] == WS_PATH:
             scope["app"] = self
             await self.ws_endpoint(scope, receive, send)
+        elif scope["type"] == "http" and scope["path"].startswith(API_PREFIX):
+            await super().__call__(scope, receive, self._counting(scope, send))
         else:
             await super().__call__(scope, receive, send)
+
+    def _counting(self, scope: Scope, send: Send) -> Send:
+        """``send`` counting the answer in ``http_requests`` by route template and status."""
+        requests = self.state.node.metrics.http_requests
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", "unmatched")
+                requests.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        return counted
 
 
 async def _housekeeping(node: Node) -> None:

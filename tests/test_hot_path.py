@@ -413,3 +413,17 @@ def test_health_and_readiness(client: TestClient) -> None:
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     assert "piggybong_realtime_ws_open" in client.get("/metrics").text
+
+
+def test_api_requests_are_counted_by_route_and_status(client: TestClient) -> None:
+    client.post("/v1/publish", headers=KEY, json={"channel": "user:1", "event": "e"})
+    client.post("/v1/publish", json={"channel": "user:1", "event": "e"})
+    client.delete("/v1/devices/ios/abc", headers=KEY)
+    text = client.get("/metrics").text
+    for route, status in [
+        ("/v1/publish", "202"),
+        ("/v1/publish", "401"),
+        ("/v1/devices/{platform}/{token:path}", "204"),
+    ]:
+        line = f'piggybong_realtime_http_requests_total{{route="{route}",status="{status}"}} 1.0'
+        assert line in text
