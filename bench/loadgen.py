@@ -736,6 +736,21 @@ def proc_cpu_seconds(pids: Iterable[int]) -> float:
     return sum(u.cpu_seconds for pid in pids if (u := proc_usage(pid)) is not None)
 
 
+def proc_write_calls(pids: Iterable[int]) -> int:
+    """write(2)-family system calls made so far by the live ``pids`` (``syscw`` of
+    /proc/<pid>/io: write, writev, sendto and the like); 0 where it cannot be read."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/io") as io:
+                for line in io:
+                    if line.startswith("syscw:"):
+                        total += int(line.split()[1])
+        except (OSError, ValueError):
+            continue
+    return total
+
+
 def proc_rss_bytes(pids: Iterable[int]) -> int:
     """Resident memory of the live ``pids``."""
     return sum(u.rss_bytes for pid in pids if (u := proc_usage(pid)) is not None)

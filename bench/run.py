@@ -55,6 +55,7 @@ from bench.loadgen import (
     merge_snaps,
     proc_cpu_seconds,
     proc_rss_bytes,
+    proc_write_calls,
     publish,
 )
 from loadtest.sysstats import raise_nofile
@@ -292,6 +293,7 @@ async def step(
     subscribers = before["connected"] - sum(before["closed"].values())
     pids = [*servers.pids, *extra_pids]
     cpu0, t0, own0 = proc_cpu_seconds(servers.pids), time.time(), time.process_time()
+    writes0 = proc_write_calls(servers.pids)
     extra0 = proc_cpu_seconds(extra_pids)
     sent = await publish(HOST, servers.port, channel, rate, duration, lanes=lanes, batch=batch)
     owed = sent.accepted * subscribers
@@ -304,6 +306,7 @@ async def step(
             break
         await asyncio.sleep(0.1)
     cpu1, t1, own1 = proc_cpu_seconds(servers.pids), time.time(), time.process_time()
+    writes = proc_write_calls(servers.pids) - writes0
     delivered = after["delivered"] - before["delivered"]
     cpu = cpu1 - cpu0
     lat = hist.summary()
@@ -326,6 +329,8 @@ async def step(
         "server_cpu_s": round(cpu, 3),
         "server_cpu_percent": round(100 * cpu / (t1 - t0), 1),
         "deliveries_per_cpu_s": round(delivered / cpu) if cpu > 0 else None,
+        # write(2)-family calls of the server per delivery (HTTP answers to the publisher included)
+        "writes_per_delivery": round(writes / delivered, 3) if delivered else None,
         "load_cpu_percent": round(100 * (own1 - own0) / (t1 - t0), 1),
         "other_cpu_s": round(proc_cpu_seconds(extra_pids) - extra0, 3) if extra_pids else None,
         "server_rss_mib": round(proc_rss_bytes(pids) / 2**20, 1),
@@ -432,7 +437,8 @@ async def side_by_side(name: str, mode: Mode, log: Any) -> dict[str, Any]:
         out["cpu"] = await step(fleets, servers, 50, mode.cpu_step_s, extra_pids=extra)
         log(
             f"  S=1000 R=50: {out['cpu']['deliveries_per_cpu_s']:,} deliveries per CPU-second "
-            f"(cpu {out['cpu']['server_cpu_percent']}%)"
+            f"(cpu {out['cpu']['server_cpu_percent']}%, "
+            f"{out['cpu']['writes_per_delivery']} write calls per delivery)"
         )
         log("  ramp S=1000")
         out["ramp_1000"] = await ramp(
