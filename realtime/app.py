@@ -231,7 +231,9 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         idempotency=idempotency,
         metrics=metrics,
         flushes=FlushQueue(),
-        outbox_limits=OutboxLimits(settings.outbox_max_messages, settings.outbox_max_bytes),
+        outbox_limits=OutboxLimits(
+            settings.outbox_max_messages, settings.outbox_max_bytes, settings.close_timeout
+        ),
         batch_timers=Timers(flush_due_batches),
         expiry_timers=Timers(close_expired, clock=time.time),
         log_throttle=make_log_throttle(settings.log_interval),

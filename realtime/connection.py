@@ -8,7 +8,6 @@ Its output goes through its ``Writer`` (realtime/writer.py): ordered, coalesced,
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 from typing import TYPE_CHECKING, Any
@@ -76,7 +75,7 @@ class Connection:
         self._strike_until = 0.0
         self.writer = Writer(
             wire.transport.write,
-            functools.partial(wire.close_with, timeout=node.settings.close_timeout),
+            wire,
             node.flushes,
             node.outbox_limits,
             node.metrics,

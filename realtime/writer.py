@@ -9,8 +9,9 @@ paused a frame waits in the bounded outbox instead; at the bound the
 connection is closed with 4008 and the outbox dropped. ``resume`` writes the
 outbox, coalesced, in order. Once closed, a writer writes nothing more.
 
-The writer knows its socket only through two callables (``write`` and
-``close``): the real one is ``RealtimeWSProtocol``, tests pass a fake.
+The writer knows its socket only through ``write`` (the transport's) and a
+``Socket``'s ``close_with``: the real one is ``RealtimeWSProtocol``, tests pass
+a fake.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 from realtime.protocol import CloseCode
 
@@ -37,16 +38,24 @@ _NO_OUTBOX: Final[deque[bytes]] = deque(maxlen=0)
 
 #: ``write(data)``: hand bytes to the socket; raises RuntimeError once the socket is closed.
 WriteBytes = Callable[[bytes], None]
-#: ``close(code, reason)``: send a close frame after what was written (abort if unanswered).
-CloseSocket = Callable[[int, str], None]
+
+
+class Socket(Protocol):
+    """How a writer closes its socket."""
+
+    def close_with(self, code: int, reason: str, timeout: float) -> None:
+        """Send a close frame after what was written; abort if unanswered in ``timeout`` s."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
 class OutboxLimits:
-    """The bound of one writer's outbox: beyond either, the connection is closed with 4008."""
+    """The bound of one writer's outbox (beyond either, the connection is closed with 4008),
+    and how long a close waits for the client's answer."""
 
     max_messages: int
     max_bytes: int
+    close_timeout: float = 5.0
 
 
 class FlushQueue:
@@ -103,9 +112,9 @@ class Writer:
     """The ordered, bounded output of one connection. See the module docstring."""
 
     __slots__ = (
-        "_close",
         "_flushes",
         "_metrics",
+        "_socket",
         "_write",
         "close_timer",
         "closed",
@@ -120,7 +129,7 @@ class Writer:
     def __init__(
         self,
         write: WriteBytes,
-        close: CloseSocket,
+        socket: Socket,
         flushes: FlushQueue,
         limits: OutboxLimits,
         metrics: Metrics,
@@ -128,7 +137,7 @@ class Writer:
         paused: bool = False,
     ) -> None:
         self._write = write
-        self._close = close
+        self._socket = socket
         self._flushes = flushes
         self._metrics = metrics
         self.limits = limits
@@ -236,7 +245,7 @@ class Writer:
         self.flush()
         self._finish()
         self._metrics.closes.labels(str(int(code))).inc()
-        self._close(int(code), reason)
+        self._socket.close_with(int(code), reason, self.limits.close_timeout)
 
     def _finish(self) -> None:
         """Write nothing more: the socket is closing, closed or lost."""

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.timeout(10)
 
 
 class FakeSocket:
-    """The two callables a Writer needs, recording what it was given."""
+    """What a Writer needs of its socket, recording what it was given."""
 
     def __init__(self) -> None:
         self.writes: list[bytes] = []
@@ -43,7 +43,7 @@ class FakeSocket:
             raise RuntimeError("unable to perform operation on closed transport")
         self.writes.append(data)
 
-    def close(self, code: int, reason: str) -> None:
+    def close_with(self, code: int, reason: str, timeout: float) -> None:
         self.closes.append((code, reason))
 
 
@@ -55,7 +55,7 @@ def make_writer(
     flushes: FlushQueue, metrics: Metrics, *, max_messages: int = 5, max_bytes: int = 1000
 ) -> tuple[Writer, FakeSocket]:
     sock = FakeSocket()
-    writer = Writer(sock.write, sock.close, flushes, OutboxLimits(max_messages, max_bytes), metrics)
+    writer = Writer(sock.write, sock, flushes, OutboxLimits(max_messages, max_bytes), metrics)
     return writer, sock
 
 
