@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from notifications.breaker import BreakerState, CircuitBreaker
 from notifications.metrics import NotificationMetrics
 from notifications.models import (
     IN_APP,
@@ -470,6 +471,34 @@ class NotificationRouter:
         if retry_at is not None and now < retry_at:
             return min(retry_at, now + self._max_breaker_wait) + jitter
         return now + self._breaker_recheck + jitter
+
+
+def log_breaker_transition(
+    breaker: CircuitBreaker, old: str, new: str, clock: Callable[[], float] = time.time
+) -> None:
+    """One log line per state change of a push adapter's breaker (its ``on_transition``).
+
+    Opened by failures: WARNING; half-open and closed: INFO. An opening for rejected
+    credentials is logged by the router at ERROR, with the provider's answer, so not here.
+    ``clock`` is the breaker's (for the seconds until its probe)."""
+    if new == BreakerState.OPEN:
+        if breaker.opened_for_credentials:
+            return
+        retry_at = breaker.retry_at()
+        wait = 0.0 if retry_at is None else max(0.0, retry_at - clock())
+        log.warning(
+            "push adapter %s: circuit breaker open (%s); no push through it for %.1f s, "
+            "notifications wait",
+            breaker.name,
+            "its probe failed"
+            if old == BreakerState.HALF_OPEN
+            else "the provider is failing: errors, time-outs or 5xx answers",
+            wait,
+        )
+    elif new == BreakerState.HALF_OPEN:
+        log.info("push adapter %s: circuit breaker half-open, one probe goes through", breaker.name)
+    else:
+        log.info("push adapter %s: circuit breaker closed, pushes go through again", breaker.name)
 
 
 async def _cancel_all(tasks: Collection[asyncio.Task[None]]) -> None:

@@ -22,12 +22,12 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from notifications.apns import ApnsAdapter
-from notifications.breaker import CircuitBreaker
+from notifications.breaker import BreakerState, CircuitBreaker
 from notifications.fcm import FcmAdapter
 from notifications.metrics import NotificationMetrics
 from notifications.models import Notification, Platform, Priority
 from notifications.push import LogAdapter, PushAdapter, WebhookAdapter
-from notifications.router import NotificationRouter
+from notifications.router import NotificationRouter, log_breaker_transition
 from notifications.service import NotificationService
 from notifications.store import MemoryNotificationStore, NotificationStore, RedisNotificationStore
 from realtime.api import Api
@@ -47,7 +47,7 @@ from realtime.ratelimit import MemoryRateLimiter, RateLimiter
 from realtime.settings import NOTIFICATION_LEASE_TIMEOUT, Settings
 from realtime.tiers import load_policy
 from realtime.timers import Timers
-from realtime.wsprotocol import EXTENSION, WS_LOG
+from realtime.wsprotocol import EXTENSION
 
 log = logging.getLogger("realtime")
 
@@ -156,6 +156,22 @@ def _adapters(settings: Settings) -> dict[Platform, PushAdapter]:
     return adapters
 
 
+def _breaker(name: str, settings: Settings, metrics: NotificationMetrics) -> CircuitBreaker:
+    """The breaker of the push adapter ``name``: its transitions are counted and logged."""
+
+    def on_transition(adapter: str, old: BreakerState, new: BreakerState) -> None:
+        metrics.breaker_transition(adapter, old, new)
+        log_breaker_transition(breaker, old, new)
+
+    breaker = CircuitBreaker(
+        name=name,
+        clock=time.time,
+        credentials_cooldown=settings.push_credentials_cooldown,
+        on_transition=on_transition,
+    )
+    return breaker
+
+
 def create_app(settings: Settings | None = None) -> RealtimeApp:
     """Build the server app. Without a Redis URL: in-process broker and stores (one node)."""
     settings = settings or Settings()
@@ -230,12 +246,7 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         adapters = _adapters(settings)
         # One breaker per adapter (a webhook serving both platforms has one), named as it is.
         by_adapter = {
-            id(adapter): CircuitBreaker(
-                name=adapter.name,
-                clock=time.time,
-                credentials_cooldown=settings.push_credentials_cooldown,
-                on_transition=notification_metrics.breaker_transition,
-            )
+            id(adapter): _breaker(adapter.name, settings, notification_metrics)
             for adapter in adapters.values()
         }
         breakers = {platform: by_adapter[id(adapter)] for platform, adapter in adapters.items()}
@@ -280,8 +291,6 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         metrics.open_connections.set_function(lambda: len(node.connections))
         metrics.channels.set_function(lambda: len(hub.channels))
         metrics.queued_bytes.set_function(lambda: sum(c.outbox_bytes for c in node.connections))
-        if settings.log_level != "debug":
-            WS_LOG.setLevel(logging.WARNING)
         metrics_port = None
         if settings.metrics_port is not None:  # first: a taken port stops the start cleanly
             metrics_port = MetricsPort(registry, settings.host, settings.metrics_port)
@@ -291,7 +300,13 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         await router.start()
         housekeeping = asyncio.create_task(_housekeeping(node), name="housekeeping")
         freezer.start()
-        log.info("node %s ready (%s broker)", node_id, "redis" if settings.redis_url else "memory")
+        log.info(
+            "node %s ready: listening on %s:%d, %s broker",
+            node_id,
+            settings.host,
+            settings.port,
+            "redis" if settings.redis_url else "memory",
+        )
         try:
             yield
         finally:
