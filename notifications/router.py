@@ -275,15 +275,21 @@ class NotificationRouter:
             await _cancel_all(pending)
 
     async def _dispatch(self) -> None:
+        """Claims and starts rounds until closed. A failing store (or a bug) pauses it with
+        backoff: one WARNING when it starts failing, one INFO when it works again."""
         pause = 0.0
         while not self._closing:
             try:
                 await self._claim_and_start()
-                pause = 0.0
             except Exception as exc:  # QueueUnavailable, or a bug: keep dispatching
+                level = logging.DEBUG if pause else logging.WARNING
                 pause = min(5.0, max(0.05, pause * 2))
-                log.warning("notification dispatch failed (retrying in %.2fs): %r", pause, exc)
+                log.log(level, "notification dispatch failed (retrying in %.2fs): %r", pause, exc)
                 await asyncio.sleep(pause)
+            else:
+                if pause:
+                    log.info("notification dispatch resumed")
+                pause = 0.0
 
     async def _claim_and_start(self) -> None:
         """Starts a round for the next lease once a slot is free, or waits for work."""

@@ -208,12 +208,12 @@ class Settings(BaseSettings):
     def _dev_mode_on_loopback_only(self) -> Settings:
         if self.dev_mode and not _is_loopback(self.host):
             raise ValueError(
-                "dev mode (no REALTIME_JWT_SECRET / REALTIME_JWT_PUBLIC_KEY or no "
+                "REALTIME_HOST: dev mode (no REALTIME_JWT_SECRET / REALTIME_JWT_PUBLIC_KEY or no "
                 "REALTIME_API_KEYS) is refused on a non-loopback host "
                 f"({self.host!r}); configure a secret and API keys"
             )
         if self.jwt_secret is not None and len(self.jwt_secret.encode()) < 32:
-            raise ValueError("REALTIME_JWT_SECRET must be at least 32 bytes (RFC 7518 for HS256)")
+            raise ValueError("REALTIME_JWT_SECRET: must be at least 32 bytes (RFC 7518 for HS256)")
         if self.workers > 1 and not self.redis_url:
             raise ValueError("REALTIME_WORKERS > 1 needs REALTIME_REDIS_URL")
         if self.reuse_port and not hasattr(socket, "SO_REUSEPORT"):
