@@ -215,17 +215,17 @@ class Settings(BaseSettings):
         if self.jwt_secret is not None and len(self.jwt_secret.encode()) < 32:
             raise ValueError("REALTIME_JWT_SECRET: must be at least 32 bytes (RFC 7518 for HS256)")
         if self.workers > 1 and not self.redis_url:
-            raise ValueError("REALTIME_WORKERS > 1 needs REALTIME_REDIS_URL")
+            raise ValueError("REALTIME_WORKERS: more than 1 needs REALTIME_REDIS_URL")
         if self.reuse_port and not hasattr(socket, "SO_REUSEPORT"):
             raise ValueError("REALTIME_REUSE_PORT: this platform has no SO_REUSEPORT")
         if self.reuse_port and self.workers > 1:
             raise ValueError(
-                "REALTIME_REUSE_PORT needs REALTIME_WORKERS=1: workers share one socket; "
+                "REALTIME_REUSE_PORT: needs REALTIME_WORKERS=1 (workers share one socket); "
                 "run several `realtime serve --reuse-port` processes instead"
             )
         if self.metrics_port is not None and self.workers > 1:
             raise ValueError(
-                "REALTIME_METRICS_PORT needs REALTIME_WORKERS=1: workers would all bind it; "
+                "REALTIME_METRICS_PORT: needs REALTIME_WORKERS=1 (workers would all bind it); "
                 "run several `realtime serve --reuse-port --metrics-port N` processes instead"
             )
         return self
