@@ -25,7 +25,19 @@ from loadtest.thresholds import DEFAULT_EXPRESSIONS, METRICS
 from loadtest.worker import run_event_loop
 
 
+def _default(field: str) -> str:
+    """``(default: <value>)`` of a Scenario field, escaped for argparse's % formatting."""
+    value = Scenario.model_fields[field].default
+    if isinstance(value, list):
+        value = ",".join(map(str, value)) or "none"
+    elif value is None:
+        value = "none"
+    return f"(default: {value})".replace("%", "%%")
+
+
 def _parser() -> argparse.ArgumentParser:
+    """The command line: every option has a help line ending with its default (the
+    Scenario's, which a --config file changes; secrets are named, never shown)."""
     p = argparse.ArgumentParser(
         prog="realtime-loadtest",
         description=__doc__,
@@ -33,60 +45,158 @@ def _parser() -> argparse.ArgumentParser:
         argument_default=None,
     )
     add = p.add_argument
-    add("--config", type=Path, help="scenario file (.toml, .json, .yaml); flags override it")
+    add(
+        "--config",
+        type=Path,
+        help="scenario file (.toml, .json, .yaml); flags override it (default: none)",
+    )
     add(
         "--scenario",
         choices=("mixed", "broadcast"),
-        help="mixed: the app's traffic (default); broadcast: S subscribers on one artist "
-        "channel, R messages/s",
+        help="mixed: the app's traffic; broadcast: S subscribers on one artist "
+        "channel, R messages/s " + _default("scenario"),
     )
-    add("--target", help="server base URL, 127.0.0.0/8 only (default http://127.0.0.1:8000)")
+    add("--target", help="server base URL, 127.0.0.0/8 only " + _default("target"))
     g = p.add_argument_group("clients")
-    g.add_argument("--clients", "--subscribers", dest="clients", type=int, metavar="N")
-    g.add_argument("--connect-rate", type=float, metavar="PER_S")
-    g.add_argument("--connect-timeout", metavar="DURATION")
+    g.add_argument(
+        "--clients",
+        "--subscribers",
+        dest="clients",
+        type=int,
+        metavar="N",
+        help="WebSocket clients " + _default("clients"),
+    )
+    g.add_argument(
+        "--connect-rate",
+        type=float,
+        metavar="PER_S",
+        help="new connections per second, at most " + _default("connect_rate"),
+    )
+    g.add_argument(
+        "--connect-timeout",
+        metavar="DURATION",
+        help="time for one connect and its handshake, e.g. 10s " + _default("connect_timeout"),
+    )
     g.add_argument(
         "--paid",
         dest="paid_fraction",
         type=float,
         metavar="FRACTION",
-        help="share of paid-tier clients (default 0.2)",
+        help="share of paid-tier clients " + _default("paid_fraction"),
     )
     g.add_argument(
         "--msgpack",
         dest="msgpack_fraction",
         type=float,
         metavar="FRACTION",
-        help="share of msgpack clients (default 0.3)",
+        help="share of msgpack clients " + _default("msgpack_fraction"),
     )
-    g.add_argument("--artists", type=int, metavar="N", help="artist channels in play")
-    g.add_argument("--artists-per-client", type=int, metavar="N")
+    g.add_argument(
+        "--artists", type=int, metavar="N", help="artist channels in play " + _default("artists")
+    )
+    g.add_argument(
+        "--artists-per-client",
+        type=int,
+        metavar="N",
+        help="artist channels each client subscribes " + _default("artists_per_client"),
+    )
     g.add_argument(
         "--stage",
         dest="stages",
         action="append",
         metavar="DURATION:CLIENTS[:RATE]",
-        help="ramp stage like k6's, e.g. 30s:1000 (repeat)",
+        help="ramp stage like k6's, e.g. 30s:1000 (repeat) " + _default("stages"),
     )
     g = p.add_argument_group("publishing")
-    g.add_argument("--event-rate", "--rate", dest="event_rate", type=float, metavar="PER_S")
-    g.add_argument("--spending-rate", type=float, metavar="PER_S")
-    g.add_argument("--notification-rate", type=float, metavar="PER_S")
-    g.add_argument("--premium-fraction", type=float, metavar="FRACTION")
-    g.add_argument("--payload-bytes", type=int, metavar="N")
-    g.add_argument("--publish-lanes", type=int, metavar="N")
-    g.add_argument("--publish-batch", type=int, metavar="N")
-    g.add_argument("--duration", metavar="DURATION", help="publishing time (default 30s)")
-    g.add_argument("--drain", metavar="DURATION", help="wait after the last publish (3s)")
+    g.add_argument(
+        "--event-rate",
+        "--rate",
+        dest="event_rate",
+        type=float,
+        metavar="PER_S",
+        help="artist events per second " + _default("event_rate"),
+    )
+    g.add_argument(
+        "--spending-rate",
+        type=float,
+        metavar="PER_S",
+        help="spending events per second " + _default("spending_rate"),
+    )
+    g.add_argument(
+        "--notification-rate",
+        type=float,
+        metavar="PER_S",
+        help="notifications per second " + _default("notification_rate"),
+    )
+    g.add_argument(
+        "--premium-fraction",
+        type=float,
+        metavar="FRACTION",
+        help="share of premium-only (market.*) events " + _default("premium_fraction"),
+    )
+    g.add_argument(
+        "--payload-bytes",
+        type=int,
+        metavar="N",
+        help="approximate size of an event's data " + _default("payload_bytes"),
+    )
+    g.add_argument(
+        "--publish-lanes",
+        type=int,
+        metavar="N",
+        help="concurrent HTTP publish connections " + _default("publish_lanes"),
+    )
+    g.add_argument(
+        "--publish-batch",
+        type=int,
+        metavar="N",
+        help="events per POST at most " + _default("publish_batch"),
+    )
+    g.add_argument(
+        "--duration",
+        metavar="DURATION",
+        help="publishing time when no stages are given " + _default("duration"),
+    )
+    g.add_argument(
+        "--drain", metavar="DURATION", help="wait after the last publish " + _default("drain")
+    )
     g = p.add_argument_group("processes and credentials")
-    g.add_argument("--workers", metavar="N|auto", help="client processes; 0: this process")
-    g.add_argument("--source-ips", type=int, metavar="N", help="use 127.0.0.1 .. 127.0.0.N")
-    g.add_argument("--source-address", dest="source_addresses", action="append", metavar="IP")
-    g.add_argument("--cpus", metavar="LIST", help="pin the harness to CPUs, e.g. 1 or 0,1")
-    g.add_argument("--jwt-secret", default=os.environ.get("REALTIME_JWT_SECRET") or None)
-    g.add_argument("--api-key", default=_first_key(os.environ.get("REALTIME_API_KEYS", "")))
-    g.add_argument("--audience")
-    g.add_argument("--seed", type=int)
+    g.add_argument(
+        "--workers",
+        metavar="N|auto",
+        help="client processes; 0: this process " + _default("workers"),
+    )
+    g.add_argument(
+        "--source-ips",
+        type=int,
+        metavar="N",
+        help="use 127.0.0.1 .. 127.0.0.N as source addresses (default: the kernel's choice)",
+    )
+    g.add_argument(
+        "--source-address",
+        dest="source_addresses",
+        action="append",
+        metavar="IP",
+        help="a source address for client connections (repeat) " + _default("source_addresses"),
+    )
+    g.add_argument(
+        "--cpus",
+        metavar="LIST",
+        help="pin the harness to CPUs, e.g. 1 or 0,1 (default: no pinning)",
+    )
+    g.add_argument(
+        "--jwt-secret",
+        default=os.environ.get("REALTIME_JWT_SECRET") or None,
+        help="HS256 secret to mint client tokens (default: $REALTIME_JWT_SECRET, "
+        "else the dev secret)",
+    )
+    g.add_argument(
+        "--api-key",
+        default=_first_key(os.environ.get("REALTIME_API_KEYS", "")),
+        help="API key to publish with (default: the first of $REALTIME_API_KEYS, else the dev key)",
+    )
+    g.add_argument("--audience", help="aud claim of client tokens " + _default("audience"))
+    g.add_argument("--seed", type=int, help="random seed of the run " + _default("seed"))
     g = p.add_argument_group("measurement and output")
     g.add_argument(
         "--threshold",
@@ -94,31 +204,52 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         metavar="EXPR",
         # argparse formats help with %: the defaults' "0.1%" must be escaped.
-        help="e.g. 'p95<150' (repeat); defaults: "
-        + ", ".join(DEFAULT_EXPRESSIONS).replace("%", "%%"),
+        help="e.g. 'p95<150' (repeat) (default: "
+        + ", ".join(DEFAULT_EXPRESSIONS).replace("%", "%%")
+        + ")",
     )
     g.add_argument(
-        "--no-default-thresholds", dest="default_thresholds", action="store_const", const=False
+        "--no-default-thresholds",
+        dest="default_thresholds",
+        action="store_const",
+        const=False,
+        help="drop the default thresholds, keep only --threshold's (default: kept)",
     )
     g.add_argument(
         "--server-pid",
         action="append",
         metavar="PID|auto",
-        help="read the server's CPU and memory from /proc (repeat)",
+        help="read the server's CPU and memory from /proc (repeat) " + _default("server_pid"),
     )
     g.add_argument(
         "--no-server-metrics",
         dest="server_metrics",
         action="store_const",
         const=False,
-        help="do not scrape /metrics for process_* figures",
+        help="do not scrape /metrics for process_* figures (default: scraped)",
     )
-    g.add_argument("--sample-interval", metavar="DURATION")
-    g.add_argument("--out", type=Path, metavar="FILE", help="write results as JSON")
-    g.add_argument("--html", type=Path, metavar="FILE", help="write an HTML report")
-    g.add_argument("--progress", choices=("auto", "line", "off"))
-    g.add_argument("--quiet", action="store_true", help="no progress line")
-    g.add_argument("--list-metrics", action="store_true", help="list threshold metrics and exit")
+    g.add_argument(
+        "--sample-interval",
+        metavar="DURATION",
+        help="time between samples of the server's figures " + _default("sample_interval"),
+    )
+    g.add_argument(
+        "--out", type=Path, metavar="FILE", help="write results as JSON " + _default("out")
+    )
+    g.add_argument(
+        "--html", type=Path, metavar="FILE", help="write an HTML report " + _default("html")
+    )
+    g.add_argument(
+        "--progress",
+        choices=("auto", "line", "off"),
+        help="progress display; auto: a live line on a terminal " + _default("progress"),
+    )
+    g.add_argument("--quiet", action="store_true", help="no progress line (default: off)")
+    g.add_argument(
+        "--list-metrics",
+        action="store_true",
+        help="list threshold metrics and exit (default: off)",
+    )
     return p
 
 

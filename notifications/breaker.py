@@ -90,11 +90,17 @@ class CircuitBreaker:
         self._retry_at: float | None = None
         self._probes_in_flight = 0
         self._probe_successes = 0
+        self._opened_for_credentials = False
 
     @property
     def state(self) -> BreakerState:
         """The current state; an open breaker turns half-open only in ``allow()``."""
         return self._state
+
+    @property
+    def opened_for_credentials(self) -> bool:
+        """Whether the last opening was ``record_credentials_rejected()``'s (else failures')."""
+        return self._opened_for_credentials
 
     def retry_at(self) -> float | None:
         """When an open breaker will let a probe through; None unless open."""
@@ -157,6 +163,7 @@ class CircuitBreaker:
         if self._state is BreakerState.HALF_OPEN:
             self._release_probe()
         self._retry_at = self._clock() + self._credentials_cooldown
+        self._opened_for_credentials = True
         self._move(BreakerState.OPEN)
         return True
 
@@ -171,6 +178,7 @@ class CircuitBreaker:
     def _open(self, retry_after: float | None) -> None:
         self._retry_at = self._clock() + self._cooldown
         self._extend(retry_after)
+        self._opened_for_credentials = False
         self._move(BreakerState.OPEN)
 
     def _extend(self, retry_after: float | None) -> None:

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from notifications.breaker import BreakerState, CircuitBreaker
 from notifications.metrics import NotificationMetrics
 from notifications.models import (
     IN_APP,
@@ -270,15 +271,21 @@ class NotificationRouter:
             await _cancel_all(pending)
 
     async def _dispatch(self) -> None:
+        """Claims and starts rounds until closed. A failing store (or a bug) pauses it with
+        backoff: one WARNING when it starts failing, one INFO when it works again."""
         pause = 0.0
         while not self._closing:
             try:
                 await self._claim_and_start()
-                pause = 0.0
             except Exception as exc:  # QueueUnavailable, or a bug: keep dispatching
+                level = logging.DEBUG if pause else logging.WARNING
                 pause = min(5.0, max(0.05, pause * 2))
-                log.warning("notification dispatch failed (retrying in %.2fs): %r", pause, exc)
+                log.log(level, "notification dispatch failed (retrying in %.2fs): %r", pause, exc)
                 await asyncio.sleep(pause)
+            else:
+                if pause:
+                    log.info("notification dispatch resumed")
+                pause = 0.0
 
     async def _claim_and_start(self) -> None:
         """Starts a round for the next lease once a slot is free, or waits for work."""
@@ -466,6 +473,34 @@ class NotificationRouter:
         if retry_at is not None and now < retry_at:
             return min(retry_at, now + self._max_breaker_wait) + jitter
         return now + self._breaker_recheck + jitter
+
+
+def log_breaker_transition(
+    breaker: CircuitBreaker, old: str, new: str, clock: Callable[[], float] = time.time
+) -> None:
+    """One log line per state change of a push adapter's breaker (its ``on_transition``).
+
+    Opened by failures: WARNING; half-open and closed: INFO. An opening for rejected
+    credentials is logged by the router at ERROR, with the provider's answer, so not here.
+    ``clock`` is the breaker's (for the seconds until its probe)."""
+    if new == BreakerState.OPEN:
+        if breaker.opened_for_credentials:
+            return
+        retry_at = breaker.retry_at()
+        wait = 0.0 if retry_at is None else max(0.0, retry_at - clock())
+        log.warning(
+            "push adapter %s: circuit breaker open (%s); no push through it for %.1f s, "
+            "notifications wait",
+            breaker.name,
+            "its probe failed"
+            if old == BreakerState.HALF_OPEN
+            else "the provider is failing: errors, time-outs or 5xx answers",
+            wait,
+        )
+    elif new == BreakerState.HALF_OPEN:
+        log.info("push adapter %s: circuit breaker half-open, one probe goes through", breaker.name)
+    else:
+        log.info("push adapter %s: circuit breaker closed, pushes go through again", breaker.name)
 
 
 async def _cancel_all(tasks: Collection[asyncio.Task[None]]) -> None:

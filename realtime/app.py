@@ -19,12 +19,12 @@ from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from notifications.apns import ApnsAdapter
-from notifications.breaker import CircuitBreaker
+from notifications.breaker import BreakerState, CircuitBreaker
 from notifications.fcm import FcmAdapter
 from notifications.metrics import NotificationMetrics
 from notifications.models import Notification, Platform, Priority
 from notifications.push import LogAdapter, PushAdapter, WebhookAdapter
-from notifications.router import NotificationRouter
+from notifications.router import NotificationRouter, log_breaker_transition
 from notifications.service import NotificationService
 from notifications.store import MemoryNotificationStore, NotificationStore, RedisNotificationStore
 from realtime.api import EXCEPTION_HANDLERS, Api
@@ -51,7 +51,7 @@ from realtime.settings import NOTIFICATION_LEASE_TIMEOUT, Settings
 from realtime.tiers import load_policy
 from realtime.timers import Timers
 from realtime.writer import FlushQueue, OutboxLimits
-from realtime.wsprotocol import EXTENSION, WS_LOG
+from realtime.wsprotocol import EXTENSION
 
 log = logging.getLogger("realtime")
 
@@ -182,15 +182,25 @@ def _breakers(
 ) -> dict[Platform, CircuitBreaker]:
     """One breaker per adapter (a webhook serving both platforms has one), named as it is."""
     by_adapter = {
-        id(adapter): CircuitBreaker(
-            name=adapter.name,
-            clock=time.time,
-            credentials_cooldown=settings.push_credentials_cooldown,
-            on_transition=metrics.breaker_transition,
-        )
-        for adapter in adapters.values()
+        id(adapter): _breaker(adapter.name, settings, metrics) for adapter in adapters.values()
     }
     return {platform: by_adapter[id(adapter)] for platform, adapter in adapters.items()}
+
+
+def _breaker(name: str, settings: Settings, metrics: NotificationMetrics) -> CircuitBreaker:
+    """The breaker of the push adapter ``name``: its transitions are counted and logged."""
+
+    def on_transition(adapter: str, old: BreakerState, new: BreakerState) -> None:
+        metrics.breaker_transition(adapter, old, new)
+        log_breaker_transition(breaker, old, new)
+
+    breaker = CircuitBreaker(
+        name=name,
+        clock=time.time,
+        credentials_cooldown=settings.push_credentials_cooldown,
+        on_transition=on_transition,
+    )
+    return breaker
 
 
 def create_app(settings: Settings | None = None) -> RealtimeApp:
@@ -284,8 +294,6 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
     metrics.open_connections.set_function(lambda: len(node.connections))
     metrics.channels.set_function(lambda: len(hub.channels))
     metrics.queued_bytes.set_function(lambda: sum(c.writer.outbox_bytes for c in node.connections))
-    if settings.log_level != "debug":
-        WS_LOG.setLevel(logging.WARNING)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -310,7 +318,13 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
             freezer.start()
             stack.push_async_callback(freezer.close)
             stack.callback(setattr, node, "draining", True)
-            log.info("node %s ready (%s broker)", node.node_id, _kind(settings))
+            log.info(
+                "node %s ready: listening on %s:%d, %s broker",
+                node.node_id,
+                settings.host,
+                settings.port,
+                _kind(settings),
+            )
             yield
 
     app = RealtimeApp(

@@ -10,18 +10,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
+from realtime import logs
+from realtime.logs import LogFormat
 from realtime.settings import DEV_API_KEY, DEV_JWT_SECRET, Settings
 
 BANNER = """\
@@ -74,13 +79,33 @@ def _apply_flags(args: argparse.Namespace) -> None:
             os.environ[f"REALTIME_{name.upper()}"] = str(value)
 
 
+def refusal_lines(exc: ValidationError) -> list[str]:
+    """One ``realtime: REALTIME_<NAME>: <why>`` line per error, without the value given (a
+    secret, a key or a Redis password must not reach a log) nor pydantic's boilerplate."""
+    lines = []
+    for error in exc.errors(include_url=False, include_context=False, include_input=False):
+        why = error["msg"].removeprefix("Value error, ")
+        setting = f"REALTIME_{str(error['loc'][0]).upper()}: " if error["loc"] else ""
+        lines.append(f"realtime: {setting}{why}")
+    return lines
+
+
+def load_settings() -> Settings | int:
+    """The settings, or exit status 2 once the refusal is printed (one line per setting)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        print("\n".join(refusal_lines(exc)), file=sys.stderr)
+    except SettingsError as exc:  # a value pydantic-settings could not decode; not quoted
+        print(f"realtime: {str(exc).split(' from source')[0]}", file=sys.stderr)
+    return 2
+
+
 def serve(args: argparse.Namespace) -> int:
     _apply_flags(args)
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        print(f"realtime: invalid settings:\n{exc}", file=sys.stderr)
-        return 2
+    settings = load_settings()
+    if isinstance(settings, int):
+        return settings
     raise_open_files_limit()
     if settings.dev_mode:
         what = " and ".join(
@@ -127,8 +152,8 @@ def serve(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return STARTUP_FAILURE
-        logging.getLogger("uvicorn.error").info(
-            "Uvicorn will listen on %s:%d with SO_REUSEPORT once started",
+        logging.getLogger("realtime").info(
+            "will listen on %s:%d with SO_REUSEPORT once started",
             settings.host,
             sock.getsockname()[1],
         )
@@ -165,8 +190,23 @@ def _http_protocol() -> str:
     return "realtime.httpprotocol:RealtimeHttpToolsProtocol"
 
 
+class RealtimeConfig(uvicorn.Config):
+    """uvicorn's Config, except that logging is ``realtime.logs.configure``'s: uvicorn calls
+    ``configure_logging`` when the config is made and again in each worker process."""
+
+    def __init__(self, app: str, *, log_format: LogFormat = "text", **options: Any) -> None:
+        self.log_format: LogFormat = log_format
+        super().__init__(app, **options)
+
+    def configure_logging(self) -> None:
+        level = self.log_level if isinstance(self.log_level, str) else "info"
+        logs.configure(level, self.log_format)
+
+
 def uvicorn_config(settings: Settings, **overrides: Any) -> uvicorn.Config:
-    """uvicorn's configuration for ``settings`` (``overrides`` for an embedding, e.g. loop)."""
+    """uvicorn's configuration for ``settings`` (``overrides`` for an embedding, e.g. loop).
+
+    Making it configures logging (``realtime.logs``) in this process, at once."""
     options: dict[str, Any] = dict(
         factory=True,
         host=settings.host,
@@ -182,13 +222,15 @@ def uvicorn_config(settings: Settings, **overrides: Any) -> uvicorn.Config:
         lifespan="on",
         timeout_graceful_shutdown=int(settings.drain_timeout + settings.close_timeout) + 1,
         log_level=settings.log_level,
+        log_format=settings.log_format,
+        log_config=None,
         backlog=LISTEN_BACKLOG,
         access_log=settings.log_level == "debug",
         server_header=False,
         h11_max_incomplete_event_size=settings.max_body_bytes,
     )
     options.update(overrides)
-    return uvicorn.Config("realtime.app:create_app", **options)
+    return RealtimeConfig("realtime.app:create_app", **options)
 
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:
@@ -245,6 +287,22 @@ def token(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if not (math.isfinite(args.ttl) and args.ttl > 0):
+        print("realtime: --ttl: must be a positive number of seconds", file=sys.stderr)
+        return 2
+    if args.tier is not None:
+        from realtime.tiers import PolicyError, load_policy
+
+        path = os.environ.get("REALTIME_TIER_POLICY")
+        try:
+            policy = load_policy(Path(path) if path else None)
+        except PolicyError as exc:
+            print(f"realtime: invalid tier policy: {exc}", file=sys.stderr)
+            return 2
+        if args.tier not in policy.tiers:
+            known = ", ".join(sorted(policy.tiers))
+            print(f"realtime: --tier: unknown tier {args.tier!r} (known: {known})", file=sys.stderr)
+            return 2
     audiences = os.environ.get("REALTIME_JWT_AUDIENCES")
     audience = audiences.split(",")[0].strip() if audiences else settings.jwt_audiences[0]
     print(mint_token(secret, args.user, tier=args.tier, ttl=args.ttl, audience=audience))
@@ -257,8 +315,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     _serve_parser(sub)
     tok = sub.add_parser("token", help="mint a JWT with the configured (or dev) secret")
     tok.add_argument("user")
-    tok.add_argument("--tier", default=None, help="tier claim, e.g. paid (default: none = free)")
-    tok.add_argument("--ttl", type=float, default=3600.0, help="seconds until expiry")
+    tok.add_argument(
+        "--tier",
+        default=None,
+        help="tier claim, one the tier policy (REALTIME_TIER_POLICY) knows, e.g. paid "
+        "(default: none = free)",
+    )
+    tok.add_argument("--ttl", type=float, default=3600.0, help="seconds until expiry (> 0)")
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)

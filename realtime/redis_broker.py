@@ -600,8 +600,11 @@ class RedisBroker:
     # -- supervisor ---------------------------------------------------------------------
 
     async def _supervise(self) -> None:
+        # One WARNING when pub/sub goes down (unreachable at start, or lost), one INFO when it
+        # is back; nothing per failed attempt in between.
         attempt = 0
         connected_before = False
+        down = False
         while True:
             try:
                 conn = await self._connect()
@@ -609,8 +612,9 @@ class RedisBroker:
                 expected = (OSError, TimeoutError, _ConnectionLost, RedisReplyError)
                 if not isinstance(exc, expected):
                     log.exception("unexpected error connecting redis pub/sub; retrying")
-                elif attempt == 0:
+                elif not down:
                     log.warning("redis pub/sub unreachable (%s); retrying", exc)
+                down = True
                 self._first_attempt.set()
                 await asyncio.sleep(backoff_delay(attempt, cap=self._max_backoff))
                 attempt += 1
@@ -618,19 +622,21 @@ class RedisBroker:
             attempt = 0
             self._conn = conn
             self._first_attempt.set()
-            if connected_before:
+            if down:
                 log.info("redis pub/sub reconnected; %d channels re-subscribed", len(self._wanted))
-                if self._on_reconnect is not None:
-                    try:
-                        self._on_reconnect()
-                    except Exception:
-                        log.exception("on_reconnect callback raised")
+                down = False
+            if connected_before and self._on_reconnect is not None:
+                try:
+                    self._on_reconnect()
+                except Exception:
+                    log.exception("on_reconnect callback raised")
             connected_before = True
             try:
-                await self._watch(conn)
+                why = await self._watch(conn)
             finally:
                 self._conn = None
-            log.warning("redis pub/sub connection lost; reconnecting")
+            log.warning("redis pub/sub connection lost (%s); reconnecting", why)
+            down = True
 
     async def _open(self, wanted: dict[bytes, str], handler: MessageHandler) -> _RespConnection:
         """A new authenticated connection (raises OSError, TimeoutError, _ConnectionLost...)."""
@@ -677,20 +683,21 @@ class RedisBroker:
             raise
         return conn
 
-    async def _watch(self, conn: _RespConnection) -> None:
-        """Return when ``conn`` is lost; PING it when idle and drop it if it does not answer."""
+    async def _watch(self, conn: _RespConnection) -> str:
+        """Return why ``conn`` was lost; PING it when idle and drop it if it does not answer."""
         try:
             while not conn.lost.done():
                 await asyncio.wait([conn.lost], timeout=self._health_interval)
                 if conn.lost.done():
-                    return
+                    break
                 try:
                     async with asyncio.timeout(self._timeout):
                         await conn.command(b"PING")
                 except (TimeoutError, _ConnectionLost, RedisReplyError):
-                    log.warning("redis pub/sub connection did not answer PING; dropping it")
                     conn.abort()
                     await conn.lost
+                    return "no answer to PING"
+            return "closed by Redis or the network"
         except asyncio.CancelledError:
             conn.abort()
             raise

@@ -21,6 +21,8 @@ DEV_API_KEY = "dev-api-key"
 #: Seconds a leased notification may sit untouched before another router takes it over; not a
 #: setting: app.py gives it to the notification store, and the consumer idle timeout exceeds it.
 NOTIFICATION_LEASE_TIMEOUT = 30.0
+#: What a REALTIME_REDIS_URL starts with.
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def _split_csv(value: object) -> object:
@@ -142,7 +144,14 @@ class Settings(BaseSettings):
         description="seconds a push adapter's breaker stays open after the "
         "provider rejected our credentials (nothing is sent meanwhile but one probe after)",
     )
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="log level of every logger (debug adds per-connection lines)"
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="log lines: text, or json (one object per line: ts, level, logger, "
+        "message, exc_info)",
+    )
     gc_freeze_interval: float | None = Field(
         1.0,
         ge=0.1,
@@ -171,6 +180,25 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        """Refuses what the broker could not parse, without quoting it (it may hold a password)."""
+        if value is None:
+            return value
+        if not value.startswith(REDIS_SCHEMES):
+            raise ValueError("must start with redis:// , rediss:// or unix://")
+        from redis.asyncio.connection import parse_url
+
+        try:
+            options = parse_url(value)
+            int(options.get("port", 6379))
+        except (ValueError, TypeError):
+            raise ValueError(
+                "not a valid Redis URL (redis://[user:password@]host[:port][/db])"
+            ) from None
+        return value
+
     @field_validator("jwt_audiences", "api_keys", "blocked_users", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
@@ -180,24 +208,24 @@ class Settings(BaseSettings):
     def _dev_mode_on_loopback_only(self) -> Settings:
         if self.dev_mode and not _is_loopback(self.host):
             raise ValueError(
-                "dev mode (no REALTIME_JWT_SECRET / REALTIME_JWT_PUBLIC_KEY or no "
+                "REALTIME_HOST: dev mode (no REALTIME_JWT_SECRET / REALTIME_JWT_PUBLIC_KEY or no "
                 "REALTIME_API_KEYS) is refused on a non-loopback host "
                 f"({self.host!r}); configure a secret and API keys"
             )
         if self.jwt_secret is not None and len(self.jwt_secret.encode()) < 32:
-            raise ValueError("REALTIME_JWT_SECRET must be at least 32 bytes (RFC 7518 for HS256)")
+            raise ValueError("REALTIME_JWT_SECRET: must be at least 32 bytes (RFC 7518 for HS256)")
         if self.workers > 1 and not self.redis_url:
-            raise ValueError("REALTIME_WORKERS > 1 needs REALTIME_REDIS_URL")
+            raise ValueError("REALTIME_WORKERS: more than 1 needs REALTIME_REDIS_URL")
         if self.reuse_port and not hasattr(socket, "SO_REUSEPORT"):
             raise ValueError("REALTIME_REUSE_PORT: this platform has no SO_REUSEPORT")
         if self.reuse_port and self.workers > 1:
             raise ValueError(
-                "REALTIME_REUSE_PORT needs REALTIME_WORKERS=1: workers share one socket; "
+                "REALTIME_REUSE_PORT: needs REALTIME_WORKERS=1 (workers share one socket); "
                 "run several `realtime serve --reuse-port` processes instead"
             )
         if self.metrics_port is not None and self.workers > 1:
             raise ValueError(
-                "REALTIME_METRICS_PORT needs REALTIME_WORKERS=1: workers would all bind it; "
+                "REALTIME_METRICS_PORT: needs REALTIME_WORKERS=1 (workers would all bind it); "
                 "run several `realtime serve --reuse-port --metrics-port N` processes instead"
             )
         return self

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import jwt
@@ -54,7 +55,7 @@ def test_dev_mode_is_refused_off_loopback_and_bad_settings_exit_2() -> None:
     assert result.returncode == 2
     assert "dev mode" in result.stderr
     result = realtime("serve", "--port", "not-a-port")
-    assert result.returncode == 2 and "port" in result.stderr
+    assert result.returncode == 2 and "REALTIME_PORT: " in result.stderr
     result = realtime("serve", env={"REALTIME_JWT_SECRET": "short"})
     assert result.returncode == 2 and "32 bytes" in result.stderr
 
@@ -144,3 +145,93 @@ def test_push_credentials_cooldown_is_at_least_a_second() -> None:
     with pytest.raises(ValidationError, match="push_credentials_cooldown"):
         Settings(push_credentials_cooldown=0.5)
     assert Settings(push_credentials_cooldown=42).push_credentials_cooldown == 42
+
+
+SECRET = "s3cret-TAIL-do-not-echo-7f1e"
+
+
+def assert_one_clean_line(result: subprocess.CompletedProcess[str], setting: str) -> None:
+    """Exit 2, one ``realtime: ...`` line naming ``setting``, nothing of pydantic's or a trace."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"realtime: {setting}"), lines
+    for noise in ("Traceback", "errors.pydantic.dev", "input_value", "For further information"):
+        assert noise not in result.stderr
+
+
+def test_refusals_are_one_line_naming_the_setting_and_never_echo_secrets() -> None:
+    secrets = {
+        "REALTIME_JWT_SECRET": SECRET + "-jwt-0123456789",
+        "REALTIME_API_KEYS": f"{SECRET}-key-a,{SECRET}-key-b",
+        "REALTIME_REDIS_URL": f"redis://default:{SECRET}@127.0.0.1:6379/0",
+    }
+    # A model-level refusal used to print every input value, secrets included.
+    result = realtime("serve", "--workers", "2", "--metrics-port", "9100", env=secrets)
+    assert_one_clean_line(result, "REALTIME_METRICS_PORT: needs REALTIME_WORKERS=1")
+    result = realtime("serve", env={**secrets, "REALTIME_JWT_SECRET": SECRET})
+    assert_one_clean_line(result, "REALTIME_JWT_SECRET: must be at least 32 bytes")
+    bad_url = {**secrets, "REALTIME_REDIS_URL": f"redis://u:{SECRET}@127.0.0.1:notaport/0"}
+    assert_one_clean_line(realtime("serve", env=bad_url), "REALTIME_REDIS_URL: not a valid")
+    result = realtime("serve", "--redis-url", "127.0.0.1:6379")
+    assert_one_clean_line(
+        result, "REALTIME_REDIS_URL: must start with redis:// , rediss:// or unix://"
+    )
+    result = realtime("serve", "--log-format", "xml", env=secrets)
+    assert_one_clean_line(result, "REALTIME_LOG_FORMAT: Input should be 'text' or 'json'")
+    for result in (
+        realtime("serve", "--workers", "2", "--metrics-port", "9100", env=secrets),
+        realtime("serve", "--host", "0.0.0.0", env={"REALTIME_API_KEYS": SECRET}),
+    ):
+        assert SECRET not in result.stderr + result.stdout
+
+
+def test_token_refuses_an_unknown_tier_and_a_bad_ttl(tmp_path: Path) -> None:
+    result = realtime("token", "42", "--tier", "gold")
+    assert_one_clean_line(result, "--tier: unknown tier 'gold' (known: free, paid)")
+    for ttl in ("-5", "0", "nan"):
+        assert_one_clean_line(realtime("token", "42", f"--ttl={ttl}"), "--ttl: must be")
+    policy = tmp_path / "tiers.toml"
+    policy.write_text('[tiers.gold]\nextends = "paid"\n')
+    env = {"REALTIME_TIER_POLICY": str(policy)}
+    token = realtime("token", "42", "--tier", "gold", env=env).stdout.strip()
+    assert jwt.decode(token, options={"verify_signature": False})["tier"] == "gold"
+    free = (
+        "commands_per_minute = 60\nmax_subscriptions = 20\nmax_connections = 2\n"
+        "batch_window_ms = 2000\nbatch_max_items = 50\npremium_channels = false\n"
+        'premium_events = false\npush_priorities = ["critical"]\n'
+    )
+    policy.write_text(f"inherit_defaults = false\n[tiers.free]\n{free}")
+    result = realtime("token", "42", "--tier", "paid", env=env)
+    assert_one_clean_line(result, "--tier: unknown tier 'paid' (known: free)")
+
+
+def test_loadtest_help_describes_every_option_with_its_default() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtest", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+        env={**os.environ, "REALTIME_JWT_SECRET": SECRET + "-jwt", "REALTIME_API_KEYS": SECRET},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert SECRET not in result.stdout
+    # Each option's entry: its "  --flag ..." line and the deeper-indented lines after it.
+    entries: dict[str, str] = {}
+    option = None
+    for line in result.stdout.splitlines():
+        if line.startswith("  -"):
+            invocation, _, text = line.strip().partition("  ")
+            option = invocation.split()[0].rstrip(",")
+            entries[option] = text.strip()
+        elif option is not None and line.startswith("    "):
+            entries[option] += " " + line.strip()
+        else:
+            option = None
+    assert len(entries) > 30, entries
+    for option, text in entries.items():
+        if option == "-h":
+            continue
+        assert text, f"{option} has no help"
+        assert "(default: " in " ".join(text.split()), f"{option}: {text}"

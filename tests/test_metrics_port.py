@@ -76,7 +76,7 @@ def test_a_metrics_port_with_workers_is_refused() -> None:
         "serve", "--workers", "2", "--metrics-port", "9101", "--redis-url", "redis://127.0.0.1:1/0"
     )
     assert result.returncode == 2
-    assert "REALTIME_METRICS_PORT needs REALTIME_WORKERS=1" in result.stderr, result.stderr
+    assert "REALTIME_METRICS_PORT: needs REALTIME_WORKERS=1" in result.stderr, result.stderr
 
 
 async def test_the_metrics_port_is_bounded() -> None:
