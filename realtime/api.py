@@ -8,11 +8,10 @@ or the queue did not take.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from typing import Any, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,10 +25,19 @@ from notifications.models import Platform
 from notifications.requests import DeviceRequest, NotificationRequest
 from notifications.service import NotificationService, QueueUnavailable
 from realtime.auth import ApiKeys
-from realtime.broker import BrokerUnavailable
-from realtime.envelope import new_event_id, now_ms, pack_event
+from realtime.envelope import new_event_id, now_ms, pack_event, unpack_entry
+from realtime.history import HistoryUnavailable, Publication, Published
 from realtime.node import Node
-from realtime.protocol import MAX_EVENT_LENGTH, Error, ErrorCode, http_error_body, parse_channel
+from realtime.protocol import (
+    HISTORY_DEFAULT_LIMIT,
+    HISTORY_MAX_LIMIT,
+    MAX_EVENT_LENGTH,
+    Error,
+    ErrorCode,
+    http_error_body,
+    parse_channel,
+    validate_event_name,
+)
 
 log = logging.getLogger("realtime.api")
 
@@ -119,6 +127,14 @@ class PublishItem(BaseModel):
             raise ValueError(parsed.message)
         return value
 
+    @field_validator("event")
+    @classmethod
+    def _event(cls, value: str) -> str:
+        checked = validate_event_name(value)
+        if isinstance(checked, Error):
+            raise ValueError(checked.message)
+        return value
+
 
 class TokenBucket:
     """Per-key request rate (requests per second, burst of one second's worth), per node."""
@@ -156,6 +172,7 @@ class Api:
             Route("/v1/notifications", self.notify, methods=["POST"]),
             Route("/v1/devices", self.register_device, methods=["POST"]),
             Route("/v1/devices/{platform}/{token:path}", self.remove_device, methods=["DELETE"]),
+            Route("/v1/history/{channel}", self.history, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
@@ -184,8 +201,35 @@ class Api:
                     Error(ErrorCode.RATE_LIMITED, "publish rate exceeded", retry_after=wait),
                 )
         body = await read_json(request, self.node.settings.max_body_bytes)
-        ids = await self._publish(self._items(body))
-        return JSONResponse({"ids": ids}, status_code=202)
+        ids, offsets = await self._publish(self._items(body))
+        return JSONResponse({"ids": ids, "offsets": offsets}, status_code=202)
+
+    async def history(self, request: Request) -> Response:
+        """``GET /v1/history/{channel}?limit=&since_offset=&epoch=``: like the history op,
+        unfiltered (section 9)."""
+        self.authorize(request)
+        channel = parse_channel(request.path_params["channel"])
+        if isinstance(channel, Error):
+            raise HttpError(422, channel, fields=[{"loc": "channel", "message": channel.message}])
+        query = request.query_params
+        limit = _int_param(query, "limit", HISTORY_DEFAULT_LIMIT, 1, HISTORY_MAX_LIMIT)
+        assert limit is not None
+        since = _int_param(query, "since_offset", None, 0, 2**63 - 1)
+        epoch = query.get("epoch")
+        try:
+            page = await self.node.history.read(channel.name, since, limit)
+        except HistoryUnavailable:
+            raise unavailable("history unavailable") from None
+        position = page.position
+        entries = page.entries if epoch is None or epoch == position.epoch else []
+        publications = []
+        for entry in entries:
+            delivery = unpack_entry(entry.offset, position.epoch, entry.payload)
+            if delivery is not None:
+                publications.append(delivery.message)
+        return JSONResponse(
+            {"epoch": position.epoch, "offset": position.offset, "publications": publications}
+        )
 
     def _items(self, body: Any) -> list[PublishItem]:
         many = isinstance(body, list)
@@ -210,52 +254,31 @@ class Api:
             raise invalid("invalid fields", errors)
         return items
 
-    async def _publish(self, items: list[PublishItem]) -> list[str]:
+    async def _publish(self, items: list[PublishItem]) -> tuple[list[str], list[int]]:
+        """Publish every item through the history (ids, offsets); 503 naming how many were
+        published when some could not be (a retry with the same ids publishes the rest)."""
         node = self.node
         ids = [item.id or new_event_id() for item in items]
-        keyed = [i for i, item in enumerate(items) if item.id is not None]
-        fresh = [True] * len(items)
-        try:
-            if keyed:
-                claims = await node.idempotency.claim_many(
-                    [f"pub:{ids[i]}" for i in keyed], node.settings.idempotency_window
-                )
-                for i, claimed in zip(keyed, claims, strict=True):
-                    fresh[i] = claimed
-        except BrokerUnavailable:
-            raise unavailable("idempotency store unavailable") from None
         ts = now_ms()
-        todo = [i for i in range(len(items)) if fresh[i]]
-        node.metrics.duplicates.inc(len(items) - len(todo))
-        # All publishes start in order in this tick: a pipelining broker sends them in one write.
-        results = await asyncio.gather(
-            *(
-                node.broker.publish(
-                    items[i].channel,
-                    pack_event(items[i].channel, items[i].event, ids[i], ts, items[i].data),
+        policy = node.policy
+        outcomes = await node.history.publish(
+            [
+                Publication(
+                    item.channel,
+                    pack_event(item.channel, item.event, eid, ts, item.data),
+                    policy.history_of(item.channel.partition(":")[0]),
+                    key=item.id,
                 )
-                for i in todo
-            ),
-            return_exceptions=True,
+                for item, eid in zip(items, ids, strict=True)
+            ]
         )
-        failed = [
-            i for i, result in zip(todo, results, strict=True) if isinstance(result, BaseException)
-        ]
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, BrokerUnavailable):
-                raise result
-        if failed:
-            unsent = [f"pub:{ids[i]}" for i in failed if items[i].id is not None]
-            if unsent:
-                try:
-                    await node.idempotency.release_many(unsent)
-                except BrokerUnavailable:
-                    pass
-            raise unavailable(
-                f"broker unavailable: {len(todo) - len(failed)} of {len(todo)} published"
-            )
-        node.metrics.published.labels("http").inc(len(todo))
-        return ids
+        published = [o for o in outcomes if isinstance(o, Published)]
+        duplicates = sum(1 for o in published if o.duplicate)
+        node.metrics.duplicates.inc(duplicates)
+        node.metrics.published.labels("http").inc(len(published) - duplicates)
+        if len(published) < len(items):
+            raise unavailable(f"history unavailable: {len(published)} of {len(items)} published")
+        return ids, [o.offset for o in published]
 
     async def notify(self, request: Request) -> Response:
         self.authorize(request)
@@ -306,6 +329,23 @@ class Api:
 
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def _int_param(
+    query: Mapping[str, str], name: str, default: int | None, low: int, high: int
+) -> int | None:
+    """An integer query parameter within ``[low, high]``, or 422 naming it."""
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        message = f"{name} must be an integer from {low} to {high}"
+        raise invalid("invalid query", [{"loc": name, "message": message}])
+    return value
 
 
 def _validate(model: type[M], body: Any) -> M:

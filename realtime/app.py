@@ -33,6 +33,7 @@ from realtime.broker import Broker, MemoryBroker
 from realtime.connection import Connection, close_expired, flush_due_batches
 from realtime.envelope import pack_notification
 from realtime.gcfreeze import GcFreezer
+from realtime.history import History, MemoryHistory
 from realtime.hub import Hub
 from realtime.idempotency import IdempotencyStore, MemoryIdempotencyStore
 from realtime.metrics import Metrics
@@ -126,6 +127,17 @@ def _memory_parts() -> tuple[Broker, IdempotencyStore, ConnectionRegistry, RateL
         MemoryConnectionRegistry(),
         MemoryRateLimiter(),
     )
+
+
+def _history(settings: Settings, broker: Broker) -> History:
+    if settings.redis_url:
+        from realtime.redis_broker import CHANNEL_PREFIX, RedisBroker
+        from realtime.redis_history import RedisHistory
+
+        assert isinstance(broker, RedisBroker)
+        return RedisHistory(broker.command, CHANNEL_PREFIX, result_ttl=settings.idempotency_window)
+    assert isinstance(broker, MemoryBroker)
+    return MemoryHistory(broker.deliver, result_ttl=settings.idempotency_window)
 
 
 def _adapters(settings: Settings) -> dict[Platform, PushAdapter]:
@@ -228,11 +240,13 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
     broker, idempotency, presence, limiter = (
         _redis_parts(settings.redis_url, metrics) if settings.redis_url else _memory_parts()
     )
+    history = _history(settings, broker)
     hub = Hub(broker, policy, metrics)
     node = Node(
         node_id=settings.node_id or f"{socket.gethostname()}-{os.getpid()}",
         settings=settings,
         broker=broker,
+        history=history,
         hub=hub,
         auth=auth,
         policy=policy,
@@ -299,7 +313,7 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             # Closed in reverse order, also when a later start fails.
-            for part in (broker, idempotency, presence, limiter, store):
+            for part in (broker, history, idempotency, presence, limiter, store):
                 stack.push_async_callback(part.close)
             for adapter in set(adapters.values()):
                 stack.push_async_callback(adapter.close)

@@ -68,8 +68,12 @@ class MemoryBroker:
     async def publish(self, channel: str, payload: bytes) -> None:
         if self._closed:
             raise BrokerUnavailable("broker closed")
+        self.deliver(channel, payload)
+
+    def deliver(self, channel: str, payload: bytes) -> None:
+        """``publish`` without an await: the handler runs now (the memory history's fan-out)."""
         handler = self._handler
-        if handler is not None and channel in self._channels:
+        if handler is not None and channel in self._channels and not self._closed:
             handler(channel, payload)
 
     async def subscribe(self, channel: str) -> None:

@@ -16,7 +16,8 @@ from realtime import protocol as p
 from realtime.auth import Principal
 from realtime.batching import SpendingBatcher
 from realtime.broker import BrokerUnavailable
-from realtime.envelope import new_event_id, now_ms, pack_event
+from realtime.envelope import Delivery, new_event_id, now_ms, pack_event, unpack_entry
+from realtime.history import Entry, HistoryUnavailable, Page, Publication
 from realtime.protocol import CloseCode, Codec, Error, ErrorCode, Op, ProtocolViolation
 from realtime.tiers import Tier
 from realtime.writer import Writer
@@ -31,6 +32,7 @@ log = logging.getLogger("realtime.connection")
 
 #: Rejected commands within the minute after the first ``rate_limited`` that close with 4029.
 STRIKES_BEFORE_CLOSE = 10
+_HISTORY_DOWN = Error(ErrorCode.UNAVAILABLE, "history unavailable; retry shortly", retry_after=1.0)
 
 
 class Connection:
@@ -230,37 +232,168 @@ class Connection:
                 self.close(CloseCode.TOO_MANY, "too many connections")
                 return False
             await node.presence.set_tier(self.user, tier.name)
-            node.hub.add_user(self)
-            user_channel = f"user:{self.user}"
-            await node.hub.subscribe(self, user_channel)
-            self.subscriptions.add(user_channel)
         except BrokerUnavailable:
-            self._reply_error(
-                command.id,
-                Op.CONNECT,
-                Error(
-                    ErrorCode.UNAVAILABLE,
-                    "the server cannot reach its broker; retry shortly",
-                    retry_after=1.0,
-                ),
-            )
-            self.close(CloseCode.INTERNAL_ERROR, "broker unavailable")
+            self._connect_unavailable(command.id)
             return False
+        node.hub.add_user(self)
         self._apply_tier(tier, initial=True)
+        user_channel = f"user:{self.user}"
+        wanted: dict[str, p.Since | None] = {user_channel: None}
+        refused: dict[str, dict[str, Any]] = {}
+        for entry in command.channels:
+            error = self._refusal(entry.channel, len(wanted))
+            if error is not None:
+                refused[entry.name] = error.to_map()
+            elif entry.name not in wanted or entry.name == user_channel:
+                wanted[entry.name] = entry.since
+        joined = await asyncio.gather(*(self._join(name, since) for name, since in wanted.items()))
+        if isinstance(joined[0], Error):  # the user channel is the connection's own
+            self._connect_unavailable(command.id)
+            return False
+        # From here to the reply, no await: held publications are settled in one block.
+        results: dict[str, dict[str, Any]] = {}
+        late: list[tuple[str, list[Delivery]]] = []
+        for (name, since), page in zip(wanted.items(), joined, strict=True):
+            if isinstance(page, Error):
+                refused[name] = page.to_map()
+                continue
+            results[name], pending = self._settle(name, since, page)
+            late.append((name, pending))
         self._set_expiry(principal.expires_at)
-        self._reply(
-            command.id,
-            Op.CONNECT,
-            {
-                "session": self.conn_id,
-                "user": self.user,
-                "tier": tier.name,
-                "ping_interval": node.settings.ping_interval,
-                "limits": tier.limits(node.settings.max_frame_bytes),
-                "subscriptions": sorted(self.subscriptions),
-            },
-        )
+        result: dict[str, Any] = {
+            "session": self.conn_id,
+            "user": self.user,
+            "tier": tier.name,
+            "ping_interval": node.settings.ping_interval,
+            "limits": tier.limits(node.settings.max_frame_bytes),
+            "subscriptions": sorted(self.subscriptions),
+            "channels": results,
+        }
+        if refused:
+            result["refused"] = refused
+        self._reply(command.id, Op.CONNECT, result)
+        for name, pending in late:
+            self._deliver_late(name, pending)
         return True
+
+    def _connect_unavailable(self, cid: int) -> None:
+        self._reply_error(
+            cid,
+            Op.CONNECT,
+            Error(
+                ErrorCode.UNAVAILABLE,
+                "the server cannot reach its broker; retry shortly",
+                retry_after=1.0,
+            ),
+        )
+        self.close(CloseCode.INTERNAL_ERROR, "broker unavailable")
+
+    # ------------------------------------------------------------------ joining channels
+
+    def _refusal(self, channel: p.Channel | Error, held: int) -> Error | None:
+        """Why this connection may not subscribe to ``channel`` now (None: it may)."""
+        if isinstance(channel, Error):
+            return channel
+        denied = self._may_subscribe(channel)
+        if denied is not None:
+            return denied
+        if channel.name not in self.subscriptions and held >= self.tier.max_subscriptions:
+            return Error(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"at most {self.tier.max_subscriptions} subscriptions per connection on the "
+                f"{self.tier.name} tier",
+            )
+        return None
+
+    async def _join(self, name: str, since: p.Since | None) -> Page | Error:
+        """Subscribe ``name`` (held) and read its position, and with ``since`` its missed
+        publications (one more than the tier recovers, to tell "too many")."""
+        node = self.node
+        self.subscriptions.add(name)
+        try:
+            await node.hub.subscribe(self, name)
+        except BrokerUnavailable:
+            self.subscriptions.discard(name)
+            return Error(
+                ErrorCode.UNAVAILABLE, "broker unavailable; retry shortly", retry_after=1.0
+            )
+        try:
+            if since is None:
+                return await node.history.read(name, None, 0)
+            return await node.history.read(name, since.offset, self.tier.recovery_max + 1)
+        except HistoryUnavailable:
+            self.subscriptions.discard(name)
+            await node.hub.unsubscribe(self, name)
+            return Error(
+                ErrorCode.UNAVAILABLE, "history unavailable; retry shortly", retry_after=1.0
+            )
+
+    def _settle(
+        self, name: str, since: p.Since | None, page: Page
+    ) -> tuple[dict[str, Any], list[Delivery]]:
+        """The channel's entry of a subscribe or connect result, and the held publications
+        newer than it (to send after the reply); the subscription goes live. Synchronous:
+        nothing may reach the channel between the read's result and the reply."""
+        position = page.position
+        held = self.node.hub.take_held(self, name)
+        late: list[Delivery] = []
+        seen = position.offset
+        for delivery in sorted(held, key=lambda d: d.offset):
+            if delivery.offset > seen and delivery.epoch == position.epoch:
+                late.append(delivery)
+                seen = delivery.offset
+        self.node.hub.go_live(self, name, seen)
+        entry: dict[str, Any] = {"epoch": position.epoch, "offset": position.offset}
+        if since is not None:
+            publications = self._recovered(since, page)
+            entry["recovered"] = publications is not None
+            entry["publications"] = publications or []
+        return entry, late
+
+    def _recovered(self, since: p.Since, page: Page) -> list[dict[str, Any]] | None:
+        """The missed publications this tier may see, oldest first; None when they cannot
+        all be recovered (section 9)."""
+        position, entries = page.position, page.entries
+        if since.epoch != position.epoch or since.offset > position.offset:
+            return None
+        if since.offset == position.offset:
+            return []
+        tier = self.tier
+        if (
+            not entries
+            or len(entries) > tier.recovery_max
+            or entries[0].offset != since.offset + 1
+            or entries[-1].offset != position.offset
+        ):
+            return None
+        messages = self._messages(entries, position.epoch)
+        if len(messages) != len(entries):
+            return None  # an entry that cannot be read is a hole
+        oldest = messages[0].get("ts")
+        if not isinstance(oldest, int) or oldest < now_ms() - tier.recovery_window_s * 1000:
+            return None
+        return self._visible(messages)
+
+    @staticmethod
+    def _messages(entries: list[Entry], epoch: str) -> list[dict[str, Any]]:
+        out = []
+        for entry in entries:
+            delivery = unpack_entry(entry.offset, epoch, entry.payload)
+            if delivery is not None:
+                out.append(delivery.message)
+        return out
+
+    def _visible(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``messages`` without the premium-only events this tier does not get."""
+        if self.tier.premium_events:
+            return messages
+        premium = self.node.policy.is_premium_event
+        return [m for m in messages if not premium(str(m.get("event")))]
+
+    def _deliver_late(self, name: str, pending: list[Delivery]) -> None:
+        hub = self.node.hub
+        for delivery in pending:
+            hub.dispatch(name, delivery, (self,))
 
     async def _cleanup(self) -> None:
         node = self.node
@@ -329,6 +462,8 @@ class Connection:
                 self.subscriptions.discard(command.channel.name)
                 await self.node.hub.unsubscribe(self, command.channel.name)
             self._reply(command.id, Op.UNSUBSCRIBE, {})
+        elif isinstance(command, p.History):
+            await self._history(command)
         elif isinstance(command, p.Refresh):
             await self._refresh(command)
         else:
@@ -361,39 +496,58 @@ class Connection:
 
     async def _subscribe(self, command: p.Subscribe) -> None:
         channel = command.channel
-        if channel.name in self.subscriptions:
-            self._reply(command.id, Op.SUBSCRIBE, {})
+        if channel.name in self.subscriptions:  # held already: changes nothing
+            try:
+                page = await self.node.history.read(channel.name, None, 0)
+            except HistoryUnavailable:
+                self._reply_error(command.id, Op.SUBSCRIBE, _HISTORY_DOWN)
+                return
+            position = page.position
+            self._reply(
+                command.id, Op.SUBSCRIBE, {"epoch": position.epoch, "offset": position.offset}
+            )
             return
-        denied = self._may_subscribe(channel)
+        denied = self._refusal(channel, len(self.subscriptions))
         if denied is not None:
             self._reply_error(command.id, Op.SUBSCRIBE, denied)
             return
-        if len(self.subscriptions) >= self.tier.max_subscriptions:
-            self._reply_error(
-                command.id,
-                Op.SUBSCRIBE,
-                Error(
-                    ErrorCode.LIMIT_EXCEEDED,
-                    f"at most {self.tier.max_subscriptions} subscriptions per connection on the "
-                    f"{self.tier.name} tier",
-                ),
-            )
-            return
-        self.subscriptions.add(channel.name)
-        try:
-            await self.node.hub.subscribe(self, channel.name)
-        except BrokerUnavailable:
-            self.subscriptions.discard(channel.name)
-            self._reply_error(
-                command.id,
-                Op.SUBSCRIBE,
-                Error(ErrorCode.UNAVAILABLE, "broker unavailable; retry shortly", retry_after=1.0),
-            )
+        joined = await self._join(channel.name, command.since)
+        if isinstance(joined, Error):
+            self._reply_error(command.id, Op.SUBSCRIBE, joined)
             return
         if self.closed:  # closed while subscribing: cleanup may have run already
+            self.subscriptions.discard(channel.name)
             await self.node.hub.unsubscribe(self, channel.name)
             return
-        self._reply(command.id, Op.SUBSCRIBE, {})
+        result, late = self._settle(channel.name, command.since, joined)
+        self._reply(command.id, Op.SUBSCRIBE, result)
+        self._deliver_late(channel.name, late)
+
+    async def _history(self, command: p.History) -> None:
+        channel = command.channel
+        denied = self._may_subscribe(channel)
+        if denied is not None:
+            self._reply_error(command.id, Op.HISTORY, denied)
+            return
+        since = command.since
+        try:
+            page = await self.node.history.read(
+                channel.name, since.offset if since else None, command.limit
+            )
+        except HistoryUnavailable:
+            self._reply_error(command.id, Op.HISTORY, _HISTORY_DOWN)
+            return
+        position = page.position
+        entries = page.entries if since is None or since.epoch == position.epoch else []
+        self._reply(
+            command.id,
+            Op.HISTORY,
+            {
+                "epoch": position.epoch,
+                "offset": position.offset,
+                "publications": self._visible(self._messages(entries, position.epoch)),
+            },
+        )
 
     def _may_subscribe(self, channel: p.Channel) -> Error | None:
         if channel.namespace == "user" and channel.key != self.user:
@@ -416,17 +570,18 @@ class Connection:
             return
         eid = new_event_id()
         payload = pack_event(channel.name, command.event, eid, now_ms(), command.data)
-        try:
-            await self.node.broker.publish(channel.name, payload)
-        except BrokerUnavailable:
+        node = self.node
+        limits = node.policy.history_of(channel.namespace)
+        (outcome,) = await node.history.publish([Publication(channel.name, payload, limits)])
+        if isinstance(outcome, HistoryUnavailable):
             self._reply_error(
                 command.id,
                 Op.PUBLISH,
                 Error(ErrorCode.UNAVAILABLE, "broker unavailable; not published", retry_after=1.0),
             )
             return
-        self.node.metrics.published.labels("ws").inc()
-        self._reply(command.id, Op.PUBLISH, {"id": eid})
+        node.metrics.published.labels("ws").inc()
+        self._reply(command.id, Op.PUBLISH, {"id": eid, "offset": outcome.offset})
 
     async def _refresh(self, command: p.Refresh) -> None:
         principal = self.node.auth.authenticate(command.token)

@@ -10,7 +10,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import msgpack
 
@@ -22,11 +22,23 @@ KIND_NOTIFICATION = "notification"
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """A decoded payload: ``message`` is the server message (a map) to send."""
+    """A decoded payload: ``message`` is the server message (a map) to send; a channel
+    publication's message carries its ``offset``."""
 
     kind: str
     message: dict[str, Any]
     accepted_at: float  # unix seconds at acceptance, for the latency histogram
+    offset: int = 0  # 0: not a channel publication (a notification)
+    epoch: str = ""
+
+
+#: The epoch field of a frame that is not a channel publication.
+NO_EPOCH: Final = "-"
+
+
+def frame(offset: int, epoch: str, payload: bytes) -> bytes:
+    """What the broker carries: ``b"<offset> <epoch> "`` and the envelope."""
+    return b"%d %s %s" % (offset, epoch.encode(), payload)
 
 
 def now_ms() -> int:
@@ -50,13 +62,16 @@ def pack_event(channel: str, event: str, eid: str, ts: int, data: Any) -> bytes:
 
 
 def pack_notification(message: dict[str, Any]) -> bytes:
-    return msgpack.packb(  # type: ignore[no-any-return]
+    """A notification, framed for the broker (not a channel publication: offset 0)."""
+    packed = msgpack.packb(
         {"k": KIND_NOTIFICATION, "m": message, "a": time.time()}, use_bin_type=True
     )
+    return frame(0, NO_EPOCH, packed)
 
 
-def unpack(payload: bytes) -> Delivery | None:
-    """The payload as a Delivery; None when it is not one of ours (ignored)."""
+def unpack_entry(offset: int, epoch: str, payload: bytes | memoryview) -> Delivery | None:
+    """An envelope as a Delivery (a publication's message gets its ``offset``); None when
+    it is not one of ours."""
     try:
         raw = msgpack.unpackb(payload, raw=False)
         kind, message = raw["k"], raw["m"]
@@ -65,4 +80,20 @@ def unpack(payload: bytes) -> Delivery | None:
         return None
     if not isinstance(message, dict) or kind not in (KIND_EVENT, KIND_NOTIFICATION):
         return None
-    return Delivery(kind, message, accepted)
+    if offset:
+        message["offset"] = offset
+    return Delivery(kind, message, accepted, offset, epoch)
+
+
+def unpack(data: bytes) -> Delivery | None:
+    """A broker frame (``frame``) as a Delivery; None when it is not one of ours."""
+    first = data.find(b" ")
+    second = data.find(b" ", first + 1)
+    if first <= 0 or second < 0:
+        return None
+    try:
+        offset = int(data[:first])
+        epoch = data[first + 1 : second].decode()
+    except ValueError:
+        return None
+    return unpack_entry(offset, epoch, memoryview(data)[second + 1 :])

@@ -5,6 +5,12 @@ decodes it once, encodes it at most once per codec in use, and gives the same
 frame bytes to each subscriber's writer, which writes them or queues them
 (bounded). Nothing here awaits a subscriber. The hub knows a connection only
 as a ``Subscriber``.
+
+A subscription starts *held*: live publications for it are kept aside while
+its connection reads the channel's position (and history) and are handed back
+by ``take_held``; ``go_live`` then makes it live from an offset on, so that a
+subscribe racing publications on other nodes misses nothing and gets nothing
+twice (section 9).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from realtime.broker import Broker, BrokerUnavailable
-from realtime.envelope import KIND_EVENT, unpack
+from realtime.envelope import KIND_EVENT, Delivery, unpack
 from realtime.protocol import CODECS, Codec, is_spending, spending_item
 
 if TYPE_CHECKING:
@@ -54,6 +60,12 @@ class Subscriber(Hashable, Protocol):
     def add_spending(self, channel: str, item: dict[str, Any]) -> None: ...
 
 
+#: A subscription's state in ``Hub.channels``: None live; a list of the publications held
+#: for it while its subscribe reads the channel's position; an int, live for publications
+#: with a higher offset (lower ones reached it through its subscribe reply).
+SubState = None | list[Delivery] | int
+
+
 class Hub:
     """Channel and user registries of one node, and the broker's message handler."""
 
@@ -61,8 +73,12 @@ class Hub:
         self.broker = broker
         self.policy = policy
         self.metrics = metrics
-        #: channel -> its local subscribers, in subscription order
-        self.channels: dict[str, dict[Subscriber, None]] = {}
+        #: channel -> its local subscribers, in subscription order, with their state
+        self.channels: dict[str, dict[Subscriber, SubState]] = {}
+        #: channel -> how many of its subscribers are not plainly live (held or with a floor)
+        self._unsettled: dict[str, int] = {}
+        #: channel -> the offset of the last publication this node received on it
+        self.last_offset: dict[str, int] = {}
         #: user -> that user's subscribers on this node
         self.users: dict[str, set[Subscriber]] = {}
         self._subscribing: dict[str, asyncio.Future[None]] = {}
@@ -83,7 +99,10 @@ class Hub:
                 del self.users[conn.user]
 
     async def subscribe(self, conn: Subscriber, channel: str) -> None:
-        """Add ``conn`` to ``channel``; on the node's first subscriber, subscribe the broker.
+        """Add ``conn`` to ``channel``, held (see the module docstring); on the node's first
+        subscriber, subscribe the broker. Once it returns, every publication the broker
+        receives on the channel reaches ``conn``'s held list; the caller reads the
+        channel's position and calls ``take_held`` and ``go_live`` without an await between.
 
         Raises BrokerUnavailable (and leaves ``conn`` unsubscribed) when the broker
         could not subscribe. Cancelled, it leaves ``conn`` unsubscribed and re-raises
@@ -92,7 +111,7 @@ class Hub:
         """
         subs = self.channels.get(channel)
         if subs is not None:
-            subs[conn] = None
+            self._set(channel, subs, conn, [])
             pending = self._subscribing.get(channel)
             if pending is not None:
                 try:
@@ -101,13 +120,14 @@ class Hub:
                     self._discard(conn, channel)
                     raise
             return
-        self.channels[channel] = {conn: None}
+        self.channels[channel] = {}
+        self._set(channel, self.channels[channel], conn, [])
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._subscribing[channel] = future
         try:
             await self.broker.subscribe(channel)
         except BaseException as exc:
-            self.channels.pop(channel, None)
+            self._drop_channel(channel)
             failure = (
                 exc
                 if isinstance(exc, BrokerUnavailable)
@@ -124,16 +144,63 @@ class Hub:
             if self._subscribing.get(channel) is future:
                 del self._subscribing[channel]
 
+    def _set(
+        self, channel: str, subs: dict[Subscriber, SubState], conn: Subscriber, state: SubState
+    ) -> None:
+        """Set ``conn``'s state, keeping the count of unsettled subscribers true."""
+        old = subs.get(conn)
+        was = conn in subs and old is not None
+        subs[conn] = state
+        now = state is not None
+        if now and not was:
+            self._unsettled[channel] = self._unsettled.get(channel, 0) + 1
+        elif was and not now:
+            self._settled(channel)
+
+    def _settled(self, channel: str) -> None:
+        left = self._unsettled[channel] - 1
+        if left:
+            self._unsettled[channel] = left
+        else:
+            del self._unsettled[channel]
+
+    def _drop_channel(self, channel: str) -> None:
+        self.channels.pop(channel, None)
+        self._unsettled.pop(channel, None)
+        self.last_offset.pop(channel, None)
+
     def _discard(self, conn: Subscriber, channel: str) -> bool:
         """Remove ``conn`` from ``channel``; True when the channel has no local subscriber left."""
         subs = self.channels.get(channel)
         if subs is None or conn not in subs:
             return False
-        del subs[conn]
+        if subs.pop(conn) is not None:
+            self._settled(channel)
         if subs:
             return False
-        del self.channels[channel]
+        self._drop_channel(channel)
         return True
+
+    def take_held(self, conn: Subscriber, channel: str) -> list[Delivery]:
+        """The publications held for ``conn``'s subscription since it began (it stays held
+        until ``go_live``)."""
+        state = self.channels.get(channel, {}).get(conn)
+        if not isinstance(state, list):
+            return []
+        held = state[:]
+        state.clear()
+        return held
+
+    def go_live(self, conn: Subscriber, channel: str, offset: int) -> None:
+        """Make ``conn``'s subscription live for publications with an offset above ``offset``
+        (the ones up to it reached the client in its subscribe reply)."""
+        subs = self.channels.get(channel)
+        if subs is None or conn not in subs:
+            return
+        if self.last_offset.get(channel, 0) >= offset:
+            self._set(channel, subs, conn, None)  # nothing older can still be on its way
+        else:
+            self._set(channel, subs, conn, offset)
 
     async def unsubscribe(self, conn: Subscriber, channel: str) -> None:
         """Remove ``conn``; after the node's last subscriber, unsubscribe the broker."""
@@ -153,27 +220,56 @@ class Hub:
         delivery = unpack(payload)
         if delivery is None:
             return
-        message = delivery.message
-        if delivery.kind != KIND_EVENT:
-            self._fan_out(tuple(subs), message, self._notifications_out)
+        if delivery.offset:
+            self.last_offset[channel] = delivery.offset
+        if channel in self._unsettled:
+            targets = self._settle_targets(channel, subs, delivery)
         else:
-            event = message.get("event")
-            if not isinstance(event, str):
-                return
-            if self.policy.is_premium_event(event):
-                targets = self._premium_targets(subs)
-            else:
-                targets = tuple(subs)
-            if is_spending(event):
-                item = spending_item(message)
-                for conn in targets:
-                    conn.add_spending(channel, item)
-            else:
-                self._fan_out(targets, message, self._events_out)
+            targets = tuple(subs)
+        self.dispatch(channel, delivery, targets)
         if delivery.accepted_at:
             self._latency.observe(max(0.0, time.time() - delivery.accepted_at))
 
-    def _premium_targets(self, subs: dict[Subscriber, None]) -> tuple[Subscriber, ...]:
+    def _settle_targets(
+        self, channel: str, subs: dict[Subscriber, SubState], delivery: Delivery
+    ) -> tuple[Subscriber, ...]:
+        """The subscribers a publication goes to now, when some are held or have a floor."""
+        offset = delivery.offset
+        targets = []
+        for conn, state in list(subs.items()):
+            if state is None:
+                targets.append(conn)
+            elif isinstance(state, list):
+                if offset:
+                    state.append(delivery)  # handed back by take_held
+                else:
+                    targets.append(conn)  # not a publication: no position to keep
+            elif offset > state or not offset:
+                targets.append(conn)
+                if offset:
+                    self._set(channel, subs, conn, None)
+        return tuple(targets)
+
+    def dispatch(self, channel: str, delivery: Delivery, targets: tuple[Subscriber, ...]) -> None:
+        """Send one decoded payload to ``targets``: premium-only events to the tiers that get
+        them, spending items to the batchers, the rest encoded once per codec."""
+        message = delivery.message
+        if delivery.kind != KIND_EVENT:
+            self._fan_out(targets, message, self._notifications_out)
+            return
+        event = message.get("event")
+        if not isinstance(event, str):
+            return
+        if self.policy.is_premium_event(event):
+            targets = self._premium_targets(targets)
+        if is_spending(event):
+            item = spending_item(message)
+            for conn in targets:
+                conn.add_spending(channel, item)
+        else:
+            self._fan_out(targets, message, self._events_out)
+
+    def _premium_targets(self, subs: tuple[Subscriber, ...]) -> tuple[Subscriber, ...]:
         targets = tuple(conn for conn in subs if conn.tier.premium_events)
         if len(targets) < len(subs):
             for conn in subs:

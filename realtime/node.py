@@ -15,6 +15,7 @@ from realtime.ratelimit import Decision
 if TYPE_CHECKING:
     from realtime.auth import Authenticator
     from realtime.connection import Connection
+    from realtime.history import History
     from realtime.hub import Hub
     from realtime.idempotency import IdempotencyStore
     from realtime.metrics import Metrics
@@ -54,6 +55,8 @@ class Node:
     node_id: str
     settings: Settings
     broker: Broker
+    #: offsets, epochs and kept publications of every channel (section 9)
+    history: History
     hub: Hub
     auth: Authenticator
     policy: TierPolicy

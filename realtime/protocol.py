@@ -192,6 +192,34 @@ class Op(StrEnum):
     UNSUBSCRIBE = "unsubscribe"
     PUBLISH = "publish"
     PING = "ping"
+    HISTORY = "history"
+    PRESENCE = "presence"
+
+
+#: Publications ``history`` returns by default, and at most (section 9).
+HISTORY_DEFAULT_LIMIT: Final = 20
+HISTORY_MAX_LIMIT: Final = 100
+#: Entries of ``connect``'s ``channels`` read at most (the tier's max_subscriptions applies too).
+MAX_CONNECT_CHANNELS: Final = 1000
+#: Event names no publish may use: the server's own message types (section 10).
+RESERVED_EVENTS: Final = frozenset({"presence"})
+
+
+@dataclass(frozen=True, slots=True)
+class Since:
+    """A client's position in a channel's history: what it last saw."""
+
+    epoch: str
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelRequest:
+    """One entry of ``connect``'s ``channels``: a channel (or why it is refused) and its since."""
+
+    name: str
+    channel: Channel | Error
+    since: Since | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +227,7 @@ class Connect:
     id: int
     token: str
     client: dict[str, Any] | None = None
+    channels: tuple[ChannelRequest, ...] = ()
     op: ClassVar[Op] = Op.CONNECT
 
 
@@ -213,6 +242,8 @@ class Refresh:
 class Subscribe:
     id: int
     channel: Channel
+    since: Since | None = None
+    presence: bool = False
     op: ClassVar[Op] = Op.SUBSCRIBE
 
 
@@ -238,7 +269,23 @@ class Ping:
     op: ClassVar[Op] = Op.PING
 
 
-Command = Connect | Refresh | Subscribe | Unsubscribe | Publish | Ping
+@dataclass(frozen=True, slots=True)
+class History:
+    id: int
+    channel: Channel
+    limit: int = HISTORY_DEFAULT_LIMIT
+    since: Since | None = None
+    op: ClassVar[Op] = Op.HISTORY
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    id: int
+    channel: Channel
+    op: ClassVar[Op] = Op.PRESENCE
+
+
+Command = Connect | Refresh | Subscribe | Unsubscribe | Publish | Ping | History | Presence
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,7 +327,44 @@ def validate_event_name(value: object) -> str | Error:
         return Error(ErrorCode.BAD_REQUEST, "event must be a non-empty string")
     if len(value) > MAX_EVENT_LENGTH:
         return Error(ErrorCode.BAD_REQUEST, f"event longer than {MAX_EVENT_LENGTH} characters")
+    if value in RESERVED_EVENTS:
+        return Error(ErrorCode.BAD_REQUEST, f"event {value!r} is reserved")
     return value
+
+
+def parse_since(value: object) -> Since | Error | None:
+    """``since`` of subscribe / history / connect entries: absent, or ``{epoch, offset}``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return Error(ErrorCode.BAD_REQUEST, "since must be a map {epoch, offset}")
+    epoch, offset = value.get("epoch"), value.get("offset")
+    if not isinstance(epoch, str) or len(epoch) > 64:
+        return Error(ErrorCode.BAD_REQUEST, "since.epoch must be a string")
+    if type(offset) is not int or offset < 0 or offset >= 2**63:
+        return Error(ErrorCode.BAD_REQUEST, "since.offset must be an integer >= 0")
+    return Since(epoch, offset)
+
+
+def _parse_channels(value: object) -> tuple[ChannelRequest, ...] | Error:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        return Error(ErrorCode.BAD_REQUEST, "channels must be a list")
+    if len(value) > MAX_CONNECT_CHANNELS:
+        return Error(ErrorCode.BAD_REQUEST, f"at most {MAX_CONNECT_CHANNELS} channels")
+    out = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict) or not isinstance(entry.get("channel"), str):
+            return Error(ErrorCode.BAD_REQUEST, f"channels[{i}] must be a map with a channel")
+        name: str = entry["channel"]
+        since = parse_since(entry.get("since"))
+        channel = parse_channel(name)
+        if isinstance(since, Error):
+            out.append(ChannelRequest(name, since))
+        else:
+            out.append(ChannelRequest(name, channel, since))
+    return tuple(out)
 
 
 def validate_data(value: object) -> dict[str, Any] | Error:
@@ -303,14 +387,29 @@ def parse_command(message: Mapping[str, Any]) -> Command | CommandError:
 
     if op == Op.PING:
         return Ping(cid)
-    if op in (Op.SUBSCRIBE, Op.UNSUBSCRIBE, Op.PUBLISH):
+    if op in (Op.SUBSCRIBE, Op.UNSUBSCRIBE, Op.PUBLISH, Op.HISTORY, Op.PRESENCE):
         channel = parse_channel(message.get("channel"))
         if isinstance(channel, Error):
             return bad(channel)
-        if op == Op.SUBSCRIBE:
-            return Subscribe(cid, channel)
         if op == Op.UNSUBSCRIBE:
             return Unsubscribe(cid, channel)
+        if op == Op.PRESENCE:
+            return Presence(cid, channel)
+        if op in (Op.SUBSCRIBE, Op.HISTORY):
+            since = parse_since(message.get("since"))
+            if isinstance(since, Error):
+                return bad(since)
+            if op == Op.HISTORY:
+                limit = message.get("limit", HISTORY_DEFAULT_LIMIT)
+                if type(limit) is not int or not 1 <= limit <= HISTORY_MAX_LIMIT:
+                    return bad(
+                        Error(ErrorCode.BAD_REQUEST, f"limit must be 1 to {HISTORY_MAX_LIMIT}")
+                    )
+                return History(cid, channel, limit, since)
+            presence = message.get("presence", False)
+            if not isinstance(presence, bool):
+                return bad(Error(ErrorCode.BAD_REQUEST, "presence must be true or false"))
+            return Subscribe(cid, channel, since, presence)
         event = validate_event_name(message.get("event"))
         if isinstance(event, Error):
             return bad(event)
@@ -327,7 +426,10 @@ def parse_command(message: Mapping[str, Any]) -> Command | CommandError:
         client = message.get("client")
         if client is not None and not isinstance(client, dict):
             return bad(Error(ErrorCode.BAD_REQUEST, "client must be a map"))
-        return Connect(cid, token, client)
+        channels = _parse_channels(message.get("channels"))
+        if isinstance(channels, Error):
+            return bad(channels)
+        return Connect(cid, token, client, channels)
     return CommandError(cid, op, Error(ErrorCode.NOT_FOUND, f"unknown op {op!r}"))
 
 
@@ -356,13 +458,16 @@ def event_message(channel: str, event: str, eid: str, ts: int, data: Any) -> dic
 
 
 def spending_item(event: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``batch`` item of a spending ``event`` message: its event, id, ts and data."""
-    return {
+    """The ``batch`` item of a spending ``event`` message: its event, id, ts, data and offset."""
+    item = {
         "event": event.get("event"),
         "id": event.get("id"),
         "ts": event.get("ts"),
         "data": event.get("data"),
     }
+    if "offset" in event:
+        item["offset"] = event["offset"]
+    return item
 
 
 def batch_message(channel: str, ts: int, items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -381,6 +486,17 @@ def notification_message(
         "title": title,
         "body": body,
         "data": data,
+        "ts": ts,
+    }
+
+
+def presence_message(channel: str, users: int, connections: int, ts: int) -> dict[str, Any]:
+    """A ``presence`` server message (section 10)."""
+    return {
+        "type": "presence",
+        "channel": channel,
+        "users": users,
+        "connections": connections,
         "ts": ts,
     }
 

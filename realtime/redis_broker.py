@@ -495,22 +495,36 @@ class RedisBroker:
         await self._first_attempt.wait()
 
     async def publish(self, channel: str, payload: bytes) -> None:
+        try:
+            await self.command(b"PUBLISH", CHANNEL_PREFIX + channel.encode(), payload)
+        except RedisReplyError as exc:
+            raise BrokerUnavailable(f"redis PUBLISH failed: {exc}") from exc
+
+    async def command(self, *args: bytes, timeout: float | None = None) -> object:
+        """Run one command on the pipelined publisher connection and return its reply.
+
+        Raises ``BrokerUnavailable`` unless Redis answered within ``timeout`` (default: the
+        broker's); on a time-out the connection is dropped (the next command reconnects).
+        An error reply is raised as ``RedisReplyError``.
+        """
         if self._closed:
             raise BrokerUnavailable("broker closed")
         conn: _RespConnection | None = None
+        limit = self._timeout if timeout is None else timeout
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(limit):
                 async with self._inflight:
                     conn = self._publisher
                     if conn is None or conn.lost.done():
                         conn = await self._publisher_connection()
-                    await conn.command(b"PUBLISH", CHANNEL_PREFIX + channel.encode(), payload)
+                    return await conn.command(*args)
         except TimeoutError as exc:
             if conn is not None:
-                conn.abort()  # Redis does not answer: the next publish reconnects
-            raise BrokerUnavailable(f"redis PUBLISH timed out after {self._timeout} s") from exc
-        except (OSError, _ConnectionLost, RedisReplyError) as exc:
-            raise BrokerUnavailable(f"redis PUBLISH failed: {exc}") from exc
+                conn.abort()  # Redis does not answer: the next command reconnects
+            name = args[0].decode()
+            raise BrokerUnavailable(f"redis {name} timed out after {limit} s") from exc
+        except (OSError, _ConnectionLost) as exc:
+            raise BrokerUnavailable(f"redis {args[0].decode()} failed: {exc}") from exc
 
     async def _publisher_connection(self) -> _RespConnection:
         """The publisher connection; concurrent callers share one connection attempt."""

@@ -16,6 +16,10 @@ validated at start-up; a bad file raises ``PolicyError`` naming the field::
     [tiers.paid]                # a tier that exists: only the fields given change
     batch_window_ms = 100
 
+    [history.artist]            # per channel namespace (user, artist, premium, broadcast)
+    size = 1000                 # publications kept (section 9)
+    ttl_s = 86400               # kept this long after the channel's last publication
+
     [tiers.vip]                 # a new tier: every field, or `extends` a tier
     extends = "paid"            # (of the defaults or of this file) and change some
     commands_per_minute = 1000
@@ -26,7 +30,9 @@ Tier fields: ``commands_per_minute``, ``max_subscriptions``, ``max_connections``
 ``batch_window_ms``, ``batch_max_items`` (integers >= 1), ``premium_channels``
 (may subscribe to ``premium:*``), ``premium_events`` (receives premium-only event
 types) (booleans), ``push_priorities`` (a list of "critical", "high", "normal",
-"low": the notification priorities pushed to the user's devices). Tier names are
+"low": the notification priorities pushed to the user's devices), ``recovery_window_s``
+and ``recovery_max`` (integers >= 1, default 120 and 100: how old and how many missed
+publications a resumed subscription recovers). Tier names are
 1 to 64 of ``[A-Za-z0-9_.-]``.
 """
 
@@ -72,6 +78,10 @@ class Tier:
     premium_channels: bool
     premium_events: bool
     push_priorities: frozenset[PushPriority]
+    #: how old the oldest missed publication may be for a recovery (section 9)
+    recovery_window_s: Positive = 120
+    #: how many missed publications a recovery returns at most (section 9)
+    recovery_max: Positive = 100
 
     @property
     def batch_window(self) -> float:
@@ -87,6 +97,8 @@ class Tier:
             "batch_window_ms": self.batch_window_ms,
             "batch_max_items": self.batch_max_items,
             "max_frame_bytes": max_frame_bytes,
+            "recovery_window_s": self.recovery_window_s,
+            "recovery_max": self.recovery_max,
         }
 
 
@@ -100,6 +112,8 @@ FREE: Final = Tier(
     premium_channels=False,
     premium_events=False,
     push_priorities=frozenset({"critical", "high"}),
+    recovery_window_s=120,
+    recovery_max=100,
 )
 PAID: Final = Tier(
     name="paid",
@@ -111,8 +125,28 @@ PAID: Final = Tier(
     premium_channels=True,
     premium_events=True,
     push_priorities=frozenset({"critical", "high", "normal"}),
+    recovery_window_s=86_400,
+    recovery_max=1000,
 )
 DEFAULT_TIERS: Final[Mapping[str, Tier]] = {FREE.name: FREE, PAID.name: PAID}
+
+
+@pydantic_dataclass(frozen=True, slots=True, config=ConfigDict(strict=True, extra="forbid"))
+class HistoryLimits:
+    """How much of a channel's history is kept (section 9): at most ``size`` publications,
+    all dropped ``ttl_s`` seconds after the channel's last publication."""
+
+    size: Annotated[int, Field(gt=0, le=100_000)]
+    ttl_s: Annotated[int, Field(gt=0, le=30 * 86_400)]
+
+
+#: History kept per channel namespace unless the policy file says otherwise.
+DEFAULT_HISTORY: Final[Mapping[str, HistoryLimits]] = {
+    "user": HistoryLimits(size=200, ttl_s=86_400),
+    "artist": HistoryLimits(size=1000, ttl_s=86_400),
+    "premium": HistoryLimits(size=1000, ttl_s=86_400),
+    "broadcast": HistoryLimits(size=1000, ttl_s=86_400),
+}
 
 
 class TierPolicy:
@@ -131,6 +165,7 @@ class TierPolicy:
         default_tier: str = DEFAULT_TIER,
         premium_event_patterns: Iterable[str] = DEFAULT_PREMIUM_EVENT_PATTERNS,
         cache_size: int = PREMIUM_CACHE_SIZE,
+        history: Mapping[str, HistoryLimits] = DEFAULT_HISTORY,
     ) -> None:
         for key, tier in tiers.items():
             if key != tier.name:
@@ -146,6 +181,11 @@ class TierPolicy:
         self._premium = re.compile(translated) if translated else None
         self._cache: dict[str, bool] = {}
         self._cache_size = cache_size
+        self.history: dict[str, HistoryLimits] = {**DEFAULT_HISTORY, **history}
+
+    def history_of(self, namespace: str) -> HistoryLimits:
+        """The history limits of a channel namespace (``user``, ``artist``, ...)."""
+        return self.history[namespace]
 
     def resolve(self, name: str) -> tuple[Tier, bool]:
         """The tier of that name, and whether the name was known (unknown: the default tier)."""
@@ -199,7 +239,9 @@ def _read(path: Path) -> object:
 def _build(document: object) -> TierPolicy:
     if not isinstance(document, dict):
         raise PolicyError("the top level must be a map")
-    unknown = sorted(set(document) - {"tiers", "premium_event_patterns", "inherit_defaults"})
+    unknown = sorted(
+        set(document) - {"tiers", "premium_event_patterns", "inherit_defaults", "history"}
+    )
     if unknown:
         raise PolicyError(f"{unknown[0]}: unknown field")
     inherit = document.get("inherit_defaults", True)
@@ -218,7 +260,34 @@ def _build(document: object) -> TierPolicy:
     tiers = _Resolver(base, entries).resolve_all()
     if DEFAULT_TIER not in tiers:
         raise PolicyError(f"tiers.{DEFAULT_TIER}: required (the default tier)")
-    return TierPolicy(tiers, premium_event_patterns=patterns)
+    return TierPolicy(tiers, premium_event_patterns=patterns, history=_history(document))
+
+
+def _history(document: dict[str, Any]) -> dict[str, HistoryLimits]:
+    entries = document.get("history", {})
+    if not isinstance(entries, dict):
+        raise PolicyError("history: must be a map of channel namespace to {size, ttl_s}")
+    out: dict[str, HistoryLimits] = {}
+    for namespace, entry in entries.items():
+        where = f"history.{namespace}"
+        if namespace not in DEFAULT_HISTORY:
+            known = ", ".join(DEFAULT_HISTORY)
+            raise PolicyError(f"{where}: unknown namespace (known: {known})")
+        if not isinstance(entry, dict):
+            raise PolicyError(f"{where}: must be a map {{size, ttl_s}}")
+        values = {
+            "size": DEFAULT_HISTORY[namespace].size,
+            "ttl_s": DEFAULT_HISTORY[namespace].ttl_s,
+        }
+        unknown = sorted(set(entry) - set(values))
+        if unknown:
+            raise PolicyError(f"{where}.{unknown[0]}: unknown field")
+        values.update(entry)
+        try:
+            out[namespace] = HistoryLimits(**values)
+        except ValidationError as exc:
+            raise PolicyError(_describe(where, exc.errors(), new_tier=False)) from None
+    return out
 
 
 class _Resolver:

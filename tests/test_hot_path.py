@@ -19,6 +19,7 @@ from starlette.testclient import TestClient
 
 from realtime.app import create_app
 from realtime.broker import BrokerUnavailable, MemoryBroker
+from realtime.envelope import frame as broker_frame
 from realtime.envelope import pack_event, pack_notification
 from realtime.hub import Hub
 from realtime.metrics import Metrics
@@ -231,6 +232,12 @@ def subscriber(
     return FakeSubscriber(user, codec, tier, writer, sock)
 
 
+async def join(hub: Hub, sub: FakeSubscriber, channel: str) -> None:
+    """Subscribe and go live at once (as a subscribe to a channel with no history does)."""
+    await hub.subscribe(sub, channel)
+    hub.go_live(sub, channel, 0)
+
+
 def decoded(sub: FakeSubscriber) -> list[dict[str, Any]]:
     """The messages in the subscriber's writes (frames of at most 125 bytes)."""
     out = []
@@ -248,8 +255,10 @@ async def test_one_encode_per_codec_same_bytes_to_all(
 ) -> None:
     subs = [subscriber(flushes, metrics, f"u{i}", JSON if i % 2 else MSGPACK) for i in range(6)]
     for sub in subs:
-        await hub.subscribe(sub, "artist:x")
-    hub.on_message("artist:x", pack_event("artist:x", "comeback", "e1", 1, {"n": 1}))
+        await join(hub, sub, "artist:x")
+    hub.on_message(
+        "artist:x", broker_frame(1, "ep", pack_event("artist:x", "comeback", "e1", 1, {"n": 1}))
+    )
     pending = [sub.writer.pending[0] for sub in subs]
     json_frames = {id(f) for f, s in zip(pending, subs, strict=True) if s.codec is JSON}
     msgpack_frames = {id(f) for f, s in zip(pending, subs, strict=True) if s.codec is MSGPACK}
@@ -267,9 +276,11 @@ async def test_premium_events_skip_free_subscribers(
     free = subscriber(flushes, metrics, "f", tier=FREE)
     paid = subscriber(flushes, metrics, "p", tier=PAID)
     for sub in (free, paid):
-        await hub.subscribe(sub, "broadcast")
-    hub.on_message("broadcast", pack_event("broadcast", "market.open", "m1", 1, {}))
-    hub.on_message("broadcast", pack_event("broadcast", "news", "n1", 2, {}))
+        await join(hub, sub, "broadcast")
+    hub.on_message(
+        "broadcast", broker_frame(1, "ep", pack_event("broadcast", "market.open", "m1", 1, {}))
+    )
+    hub.on_message("broadcast", broker_frame(2, "ep", pack_event("broadcast", "news", "n1", 2, {})))
     await asyncio.sleep(0)
     assert [m["id"] for m in decoded(paid)] == ["m1", "n1"]
     assert [m["id"] for m in decoded(free)] == ["n1"]
@@ -280,16 +291,59 @@ async def test_spending_goes_to_the_batcher_and_notifications_to_the_writer(
     hub: Hub, flushes: FlushQueue, metrics: Metrics
 ) -> None:
     sub = subscriber(flushes, metrics, "42")
-    await hub.subscribe(sub, "user:42")
-    hub.on_message("user:42", pack_event("user:42", "spending.created", "s1", 7, {"won": 5}))
+    await join(hub, sub, "user:42")
+    spent = pack_event("user:42", "spending.created", "s1", 7, {"won": 5})
+    hub.on_message("user:42", broker_frame(3, "ep", spent))
     assert sub.spending == [
-        ("user:42", {"event": "spending.created", "id": "s1", "ts": 7, "data": {"won": 5}})
+        (
+            "user:42",
+            {"event": "spending.created", "id": "s1", "ts": 7, "data": {"won": 5}, "offset": 3},
+        )
     ]
     note = notification_message("n1", priority="high", title="t", body="b", data={}, ts=1)
     hub.on_message("user:42", pack_notification(note))
     hub.on_message("user:42", b"not ours")  # ignored
     await asyncio.sleep(0)
     assert decoded(sub) == [note]
+
+
+def event_frame(channel: str, offset: int, eid: str) -> bytes:
+    return broker_frame(offset, "ep", pack_event(channel, "e", eid, 1, {}))
+
+
+async def test_a_subscription_is_held_until_it_goes_live(
+    hub: Hub, flushes: FlushQueue, metrics: Metrics
+) -> None:
+    """Publications racing a subscribe are held, handed back, and never sent twice."""
+    live = subscriber(flushes, metrics, "live")
+    await join(hub, live, "artist:x")
+    late = subscriber(flushes, metrics, "late")
+    await hub.subscribe(late, "artist:x")
+    hub.on_message("artist:x", event_frame("artist:x", 1, "a"))
+    hub.on_message("artist:x", event_frame("artist:x", 2, "b"))
+    assert [d.offset for d in hub.take_held(late, "artist:x")] == [1, 2]
+    assert hub.take_held(late, "artist:x") == []  # handed back once
+    # The subscriber's read said offset 3; 3 is still on its way to this node.
+    hub.go_live(late, "artist:x", 3)
+    hub.on_message("artist:x", event_frame("artist:x", 3, "c"))  # it had it in its reply
+    hub.on_message("artist:x", event_frame("artist:x", 4, "d"))
+    await asyncio.sleep(0)
+    assert [m["id"] for m in decoded(live)] == ["a", "b", "c", "d"]
+    assert [(m["id"], m["offset"]) for m in decoded(late)] == [("d", 4)]
+    # Back to the fast path once everyone is live.
+    assert hub._unsettled == {}
+
+
+async def test_notifications_reach_a_held_subscription_at_once(
+    hub: Hub, flushes: FlushQueue, metrics: Metrics
+) -> None:
+    sub = subscriber(flushes, metrics, "42")
+    await hub.subscribe(sub, "user:42")
+    note = notification_message("n1", priority="high", title="t", body="b", data={}, ts=1)
+    hub.on_message("user:42", pack_notification(note))
+    await asyncio.sleep(0)
+    assert decoded(sub) == [note]
+    assert hub.take_held(sub, "user:42") == []
 
 
 class StalledBroker(MemoryBroker):
@@ -355,7 +409,7 @@ def client() -> Iterator[TestClient]:
 def test_publish_reaches_a_subscriber_through_the_memory_broker(client: TestClient) -> None:
     node = client.app.state.node  # type: ignore[attr-defined]
     sub = subscriber(node.flushes, node.metrics, "42")
-    client.portal.call(node.hub.subscribe, sub, "user:42")  # type: ignore[union-attr]
+    client.portal.call(join, node.hub, sub, "user:42")  # type: ignore[union-attr]
     answer = client.post(
         "/v1/publish",
         headers=KEY,
@@ -373,7 +427,7 @@ def test_publish_reaches_a_subscriber_through_the_memory_broker(client: TestClie
     ]
     again = client.post("/v1/publish", headers=KEY, json={"channel": "user:42", "event": "e",
                                                            "id": "a"})  # fmt: skip
-    assert again.status_code == 202 and again.json() == {"ids": ["a"]}
+    assert again.status_code == 202 and again.json() == {"ids": ["a"], "offsets": [1]}
     client.portal.call(asyncio.sleep, 0)  # type: ignore[union-attr]
     assert len(decoded(sub)) == 1  # the duplicate is not delivered
 

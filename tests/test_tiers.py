@@ -64,6 +64,8 @@ def test_limits_is_the_connect_result_map() -> None:
         "batch_window_ms": 250,
         "batch_max_items": 50,
         "max_frame_bytes": 65536,
+        "recovery_window_s": 86_400,
+        "recovery_max": 1000,
     }
     assert FREE.limits(1024)["max_frame_bytes"] == 1024
 

@@ -465,6 +465,8 @@ async def test_tier_policy_file_is_applied(tmp_path: Path) -> None:
                 "batch_window_ms": PAID_WINDOW_MS,
                 "batch_max_items": 50,
                 "max_frame_bytes": 65536,
+                "recovery_window_s": 86_400,
+                "recovery_max": 1000,
             }
         async with ws_client(server) as client:
             reply = await client.command("connect", token=server.token("u-pol-free2"))

@@ -43,6 +43,8 @@ async def test_connect_result_and_user_channel(server: ServerProcess) -> None:
             "batch_window_ms": 2000,
             "batch_max_items": 50,
             "max_frame_bytes": 65536,
+            "recovery_window_s": 120,
+            "recovery_max": 100,
         }
         assert isinstance(result["session"], str) and result["session"]
         # Auto-subscribed: a backend event on the user channel arrives.
@@ -61,11 +63,12 @@ async def test_connect_result_and_user_channel(server: ServerProcess) -> None:
 
 async def test_json_and_msgpack_clients_each_get_their_encoding(server: ServerProcess) -> None:
     async with connected(server, "u-json") as js, connected(server, "u-mp", binary=True) as mp:
+        epochs = set()
         for client in (js, mp):
-            assert (await client.command("subscribe", channel="artist:aespa")) == {
-                "id": 2,
-                "result": {},
-            }
+            reply = await client.command("subscribe", channel="artist:aespa")
+            assert reply["id"] == 2 and reply["result"]["offset"] == 0
+            epochs.add(reply["result"]["epoch"])
+        assert len(epochs) == 1  # one history for both
         response = await server.publish(
             {
                 "channel": "artist:aespa",
@@ -74,7 +77,7 @@ async def test_json_and_msgpack_clients_each_get_their_encoding(server: ServerPr
                 "data": {"album": "Armageddon"},
             }
         )
-        assert response.json() == {"ids": ["evt-1"]}
+        assert response.json() == {"ids": ["evt-1"], "offsets": [1]}
         raw_json = await asyncio.wait_for(js.ws.recv(), 5)
         raw_mp = await asyncio.wait_for(mp.ws.recv(), 5)
         assert isinstance(raw_json, str)
@@ -82,6 +85,7 @@ async def test_json_and_msgpack_clients_each_get_their_encoding(server: ServerPr
         a, b = json.loads(raw_json), msgpack.unpackb(raw_mp)
         assert a == b
         assert a["id"] == "evt-1" and a["data"] == {"album": "Armageddon"}
+        assert a["offset"] == 1
 
 
 async def test_client_publish_reaches_own_devices_and_is_acl_checked(server: ServerProcess) -> None:
@@ -297,7 +301,8 @@ async def test_websocket_on_another_path_is_refused(server: ServerProcess) -> No
                 pass
         assert info.value.response.status_code == 403, path
     async with connected(server, "u-after-403") as client:
-        assert (await client.command("subscribe", channel="artist:ive"))["result"] == {}
+        result = (await client.command("subscribe", channel="artist:ive"))["result"]
+        assert isinstance(result["offset"], int) and isinstance(result["epoch"], str)
 
 
 async def test_connections_per_user_newest_closed_4029(server: ServerProcess) -> None:

@@ -1,0 +1,23 @@
+-- A channel's position and kept publications (realtime/redis_history.py).
+-- KEYS[1] the channel's stream, KEYS[2] its meta hash (e: epoch, s: latest offset).
+-- ARGV: 1 the first offset wanted ('' for the latest entries), 2 limit (0: position only),
+--       3 a fresh epoch (used if the channel has none), 4 meta ttl (s).
+-- Returns {epoch, latest offset, entries}: entries as XRANGE gives them, oldest first for
+-- a first offset, newest first for the latest.
+local epoch = redis.call('HGET', KEYS[2], 'e')
+if not epoch then
+  epoch = ARGV[3]
+  redis.call('HSET', KEYS[2], 'e', epoch)
+end
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+local top = tonumber(redis.call('HGET', KEYS[2], 's') or '0')
+local limit = tonumber(ARGV[2])
+local entries = {}
+if limit > 0 then
+  if ARGV[1] == '' then
+    entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', limit)
+  else
+    entries = redis.call('XRANGE', KEYS[1], ARGV[1] .. '-0', '+', 'COUNT', limit)
+  end
+end
+return {epoch, top, entries}

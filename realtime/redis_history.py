@@ -1,0 +1,196 @@
+"""The history seam (realtime/history.py) on Redis: one Lua script per publication.
+
+Per channel ``<ch>``: a stream ``rt:h:{<ch>}`` whose entry ids are the offsets
+(``<offset>-0``, field ``d`` the envelope), a meta hash ``rt:m:{<ch>}`` (``e`` the
+epoch, ``s`` the latest offset), and per idempotency key a result hash
+``rt:r:{<ch>}:<key>`` (the first publication's epoch and offset). All keys of a
+channel share its hash tag, so a script stays atomic on a cluster too.
+
+``lua/history_publish.lua`` checks the key, takes the next offset, appends
+(exact ``MAXLEN``), refreshes the stream's TTL and PUBLISHes the framed
+envelope, in one atomic step. It refuses to run past a deadline: a script
+that Redis reaches only after the node gave up (a stalled Redis resumed) does
+nothing, so an answer of 503 means "not published". The node waits
+``DEADLINE_MARGIN`` beyond the deadline before it gives up, which assumes the
+node's and Redis's clocks agree within that margin (NTP).
+
+Scripts run by EVALSHA on the broker's pipelined command connection, so
+concurrent publishes share round trips; NOSCRIPT (Redis restarted) falls back
+to EVAL once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Final
+
+from realtime.broker import BrokerUnavailable
+from realtime.history import (
+    DEFAULT_RESULT_TTL,
+    Entry,
+    HistoryUnavailable,
+    Page,
+    Position,
+    Publication,
+    Published,
+    new_epoch,
+)
+
+log = logging.getLogger("realtime.history")
+
+#: Seconds a channel keeps its epoch and offset after its last publication or read: much
+#: longer than any history, so that offsets never restart under a client's position.
+META_TTL: Final = 30 * 86_400
+#: Seconds the node waits beyond a script's deadline before it answers "not published".
+DEADLINE_MARGIN: Final = 0.5
+#: Seconds a publish script may start after it was sent.
+DEFAULT_TIMEOUT: Final = 4.5
+
+_LUA = Path(__file__).parent / "lua"
+_STATUS_DUPLICATE: Final = 1
+_STATUS_LATE: Final = 2
+
+#: ``command(*args, timeout=...)``: one command on a pipelined connection, its reply;
+#: raises BrokerUnavailable (no answer in time) or an error reply.
+Command = Callable[..., Awaitable[object]]
+
+
+class _Script:
+    __slots__ = ("sha", "source")
+
+    def __init__(self, name: str) -> None:
+        self.source = (_LUA / name).read_bytes()
+        self.sha = hashlib.sha1(self.source).hexdigest().encode()
+
+
+_PUBLISH = _Script("history_publish.lua")
+_READ = _Script("history_read.lua")
+
+
+def stream_key(channel: str) -> bytes:
+    return b"rt:h:{%s}" % channel.encode()
+
+
+def meta_key(channel: str) -> bytes:
+    return b"rt:m:{%s}" % channel.encode()
+
+
+def result_key(channel: str, key: str) -> bytes:
+    return b"rt:r:{%s}:%s" % (channel.encode(), key.encode())
+
+
+class RedisHistory:
+    """The History seam over Redis; see the module docstring and ``History``'s contract."""
+
+    def __init__(
+        self,
+        command: Command,
+        channel_prefix: bytes,
+        *,
+        result_ttl: float = DEFAULT_RESULT_TTL,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self._command = command
+        self._prefix = channel_prefix
+        self._result_ttl_ms = b"%d" % int(result_ttl * 1000)
+        self._timeout = timeout
+        self._closed = False
+
+    async def _run(self, script: _Script, keys: Sequence[bytes], args: Sequence[bytes]) -> object:
+        head = (b"%d" % len(keys), *keys, *args)
+        wait = self._timeout + DEADLINE_MARGIN
+        try:
+            return await self._command(b"EVALSHA", script.sha, *head, timeout=wait)
+        except BrokerUnavailable:
+            raise
+        except Exception as exc:  # an error reply
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        return await self._command(b"EVAL", script.source, *head, timeout=wait)
+
+    async def publish(self, items: Sequence[Publication]) -> list[Published | HistoryUnavailable]:
+        if self._closed:
+            return [HistoryUnavailable("history closed") for _ in items]
+        deadline = b"%d" % int((time.time() + self._timeout) * 1000)
+        # Started in list order in one tick: one pipelined write, a channel's items in order.
+        return list(await asyncio.gather(*(self._publish_one(item, deadline) for item in items)))
+
+    async def _publish_one(
+        self, item: Publication, deadline: bytes
+    ) -> Published | HistoryUnavailable:
+        channel = item.channel
+        keys = [stream_key(channel), meta_key(channel)]
+        if item.key is not None:
+            keys.append(result_key(channel, item.key))
+        args = (
+            item.payload,
+            b"%d" % item.limits.size,
+            b"%d" % item.limits.ttl_s,
+            self._prefix + channel.encode(),
+            b"%d" % META_TTL,
+            new_epoch().encode(),
+            self._result_ttl_ms,
+            deadline,
+        )
+        try:
+            reply = await self._run(_PUBLISH, keys, args)
+        except BrokerUnavailable as exc:
+            return HistoryUnavailable(f"not published: {exc}")
+        except Exception as exc:
+            log.error("history publish script failed on %s: %s", channel, exc)
+            return HistoryUnavailable(f"not published: {exc}")
+        offset, epoch, status = _triple(reply)
+        if status == _STATUS_LATE:
+            return HistoryUnavailable("not published: redis did not run it in time")
+        return Published(offset, epoch, duplicate=status == _STATUS_DUPLICATE)
+
+    async def read(self, channel: str, since: int | None, limit: int) -> Page:
+        if self._closed:
+            raise HistoryUnavailable("history closed")
+        first = b"" if since is None else b"%d" % (since + 1)
+        args = (first, b"%d" % max(0, limit), new_epoch().encode(), b"%d" % META_TTL)
+        try:
+            reply = await self._run(_READ, [stream_key(channel), meta_key(channel)], args)
+        except BrokerUnavailable as exc:
+            raise HistoryUnavailable(f"history read failed: {exc}") from exc
+        except Exception as exc:
+            raise HistoryUnavailable(f"history read failed: {exc}") from exc
+        if not isinstance(reply, list) or len(reply) != 3:
+            raise HistoryUnavailable(f"unexpected history reply {reply!r:.100}")
+        epoch, top, raw = reply
+        entries = [_entry(item) for item in raw] if isinstance(raw, list) else []
+        if since is None:
+            entries.reverse()
+        return Page(Position(_text(epoch), int(top)), [e for e in entries if e is not None])
+
+    @property
+    def ready(self) -> bool:
+        return not self._closed
+
+    async def close(self) -> None:
+        self._closed = True
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _triple(reply: object) -> tuple[int, str, int]:
+    if not isinstance(reply, list) or len(reply) != 3:
+        raise HistoryUnavailable(f"unexpected publish reply {reply!r:.100}")
+    return int(reply[0]), _text(reply[1]), int(reply[2])
+
+
+def _entry(item: object) -> Entry | None:
+    """One XRANGE entry ``[b"<offset>-0", [b"d", payload]]`` as an Entry."""
+    if not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], bytes):
+        return None
+    fields = item[1]
+    if not isinstance(fields, list) or len(fields) < 2 or not isinstance(fields[1], bytes):
+        return None
+    return Entry(int(item[0].split(b"-", 1)[0]), fields[1])
