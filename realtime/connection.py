@@ -464,6 +464,12 @@ class Connection:
             self._reply(command.id, Op.UNSUBSCRIBE, {})
         elif isinstance(command, p.History):
             await self._history(command)
+        elif isinstance(command, p.Presence):
+            self._reply_error(
+                command.id,
+                Op.PRESENCE,
+                Error(ErrorCode.NOT_FOUND, "presence is not served by this version yet"),
+            )
         elif isinstance(command, p.Refresh):
             await self._refresh(command)
         else:
