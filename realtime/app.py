@@ -61,8 +61,8 @@ WS_PATH = "/v1/ws"
 #: HTTP requests under this prefix are counted in ``http_requests`` (the backend's API).
 API_PREFIX = "/v1/"
 
-#: Seconds between presence heartbeats (entries of a dead node expire after 3 of them).
-HEARTBEAT_INTERVAL = 30.0
+#: Seconds between presence heartbeats (entries of a dead node expire after about 3 of them).
+HEARTBEAT_INTERVAL = 6.0
 
 
 class WebSocketEndpoint:

@@ -18,6 +18,7 @@ from realtime.batching import SpendingBatcher
 from realtime.broker import BrokerUnavailable
 from realtime.envelope import Delivery, new_event_id, now_ms, pack_event, unpack_entry
 from realtime.history import Entry, HistoryUnavailable, Page, Publication
+from realtime.presence import DEFAULT_TTL as PRESENCE_TTL
 from realtime.protocol import CloseCode, Codec, Error, ErrorCode, Op, ProtocolViolation
 from realtime.tiers import Tier
 from realtime.writer import Writer
@@ -227,7 +228,12 @@ class Connection:
                 self._reply_error(
                     command.id,
                     Op.CONNECT,
-                    Error(ErrorCode.LIMIT_EXCEEDED, f"at most {limit} connections per user"),
+                    Error(
+                        ErrorCode.LIMIT_EXCEEDED,
+                        f"at most {limit} connections per user",
+                        # A crashed node's connections stop counting within this.
+                        retry_after=PRESENCE_TTL,
+                    ),
                 )
                 self.close(CloseCode.TOO_MANY, "too many connections")
                 return False

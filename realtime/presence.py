@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 #: Seconds a connection entry lives without a heartbeat (a dead node's entries expire).
-DEFAULT_TTL = 90.0
+DEFAULT_TTL = 20.0
 #: Seconds a user's last tier is remembered (push rules while the app is closed).
 TIER_TTL = 30 * 86_400.0
 CONNS_PREFIX = "rt:presence:"

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import time
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.server import connected, running_server, ws_client
+from tests.redis_server import RedisServer
+from tests.server import connected, running_server, start_server, ws_client
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -87,3 +90,54 @@ async def test_redis_restart_mid_stream(redis_server: Any, redis_url: str) -> No
                     assert time.monotonic() < deadline
             metrics = (await http.get("/metrics")).text
             assert "piggybong_realtime_broker_reconnects_total 0.0" not in metrics
+
+
+async def test_readyz_answers_within_a_second_while_redis_is_frozen(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    async with running_server({"REALTIME_REDIS_URL": redis_url}) as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=5) as http:
+            assert (await http.get("/readyz")).status_code == 200
+            redis_server.pause()
+            try:
+                for _ in range(3):
+                    started = time.monotonic()
+                    answer = await http.get("/readyz")
+                    took = time.monotonic() - started
+                    assert took < 1.0, took
+                    if answer.status_code == 503:
+                        break
+                    await asyncio.sleep(1.0)
+                assert answer.status_code == 503
+            finally:
+                redis_server.resume()
+            async with asyncio.timeout(30):
+                while (await http.get("/readyz")).status_code != 200:  # noqa: ASYNC110
+                    await asyncio.sleep(0.2)
+
+
+async def test_a_dead_nodes_connections_stop_counting_within_30_s(redis_url: str) -> None:
+    env = {"REALTIME_REDIS_URL": redis_url}
+    async with running_server(env) as survivor:
+        crashed = await start_server(env)
+        try:
+            clients = [ws_client(crashed) for _ in range(2)]
+            opened = [await c.__aenter__() for c in clients]
+            for client in opened:
+                assert "result" in await client.command("connect", token=crashed.token("u-dead"))
+            await crashed.stop(signal.SIGKILL)
+            for cm in clients:
+                with contextlib.suppress(Exception):
+                    await cm.__aexit__(None, None, None)
+        finally:
+            crashed.log_path.unlink(missing_ok=True)
+        started = time.monotonic()
+        async with asyncio.timeout(35):
+            while True:
+                async with ws_client(survivor) as client:
+                    reply = await client.command("connect", token=survivor.token("u-dead"))
+                    if "result" in reply:
+                        break
+                    assert reply["error"]["retry_after"] == 20
+                await asyncio.sleep(1.0)
+        assert time.monotonic() - started < 30

@@ -310,6 +310,7 @@ async def test_connections_per_user_newest_closed_4029(server: ServerProcess) ->
         async with ws_client(server) as third:
             reply = await third.command("connect", token=server.token("u-limit"))
             assert reply["error"]["code"] == "limit_exceeded"
+            assert reply["error"]["retry_after"] == 20  # when a dead node's slots are free
             assert await third.close_code() == 4029
     # The slots are released on close.
     async with connected(server, "u-limit"), connected(server, "u-limit"):
