@@ -34,7 +34,7 @@ from realtime.connection import Connection, close_expired, flush_due_batches
 from realtime.envelope import pack_notification
 from realtime.gcfreeze import GcFreezer
 from realtime.history import History, MemoryHistory
-from realtime.hub import Hub
+from realtime.hub import POSITION_CHECK_INTERVAL, Hub
 from realtime.idempotency import IdempotencyStore, MemoryIdempotencyStore
 from realtime.metrics import Metrics
 from realtime.metricsport import MetricsPort
@@ -241,7 +241,13 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         _redis_parts(settings.redis_url, metrics) if settings.redis_url else _memory_parts()
     )
     history = _history(settings, broker)
-    hub = Hub(broker, policy, metrics)
+    hub = Hub(
+        broker,
+        history,
+        policy,
+        metrics,
+        check_interval=POSITION_CHECK_INTERVAL if settings.redis_url else None,
+    )
     node = Node(
         node_id=settings.node_id or f"{socket.gethostname()}-{os.getpid()}",
         settings=settings,
@@ -325,7 +331,9 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
                 await metrics_port.start()
                 stack.push_async_callback(metrics_port.close)
                 log.info("metrics on %s:%d", settings.host, metrics_port.port)
-            await broker.start(hub.on_message)
+            await broker.start(hub.on_message, hub.on_reconnect)
+            hub.start()
+            stack.push_async_callback(hub.close)
             await router.start()
             housekeeping = asyncio.create_task(_housekeeping(node), name="housekeeping")
             stack.push_async_callback(_cancelled, housekeeping)

@@ -22,7 +22,7 @@ class Broker(Protocol):
 
     Contract (checked by tests/test_broker_contract.py against every implementation):
 
-    - ``start(handler)`` is called once before anything else. From then on the
+    - ``start(handler, on_reconnect)`` is called once before anything else. From then on the
       broker calls ``handler(channel, payload)`` synchronously, on the event loop,
       for every payload published (by any node, this one included) to a channel
       this node is subscribed to. Payloads of one publisher on one channel are
@@ -35,12 +35,15 @@ class Broker(Protocol):
       and after the last leave. Once ``subscribe`` returns, every payload
       published afterwards reaches the handler.
     - The broker survives the loss of its backend: it reconnects with backoff and
-      re-subscribes every channel still wanted, without a restart. ``ready`` is
+      re-subscribes every channel still wanted, without a restart, and then calls
+      ``on_reconnect()`` (payloads may have been lost meanwhile). ``ready`` is
       False while it cannot publish.
     - ``close()`` stops all of its background work and awaits it.
     """
 
-    async def start(self, handler: MessageHandler) -> None: ...
+    async def start(
+        self, handler: MessageHandler, on_reconnect: Callable[[], None] | None = None
+    ) -> None: ...
 
     async def publish(self, channel: str, payload: bytes) -> None: ...
 
@@ -62,8 +65,10 @@ class MemoryBroker:
         self._channels: set[str] = set()
         self._closed = False
 
-    async def start(self, handler: MessageHandler) -> None:
-        self._handler = handler
+    async def start(
+        self, handler: MessageHandler, on_reconnect: Callable[[], None] | None = None
+    ) -> None:
+        self._handler = handler  # one node, nothing to lose: on_reconnect is never called
 
     async def publish(self, channel: str, payload: bytes) -> None:
         if self._closed:

@@ -348,7 +348,7 @@ class Connection:
             if delivery.offset > seen and delivery.epoch == position.epoch:
                 late.append(delivery)
                 seen = delivery.offset
-        self.node.hub.go_live(self, name, seen)
+        self.node.hub.go_live(self, name, seen, position.epoch)
         entry: dict[str, Any] = {"epoch": position.epoch, "offset": position.offset}
         if since is not None:
             publications = self._recovered(since, page)

@@ -11,22 +11,42 @@ its connection reads the channel's position (and history) and are handed back
 by ``take_held``; ``go_live`` then makes it live from an offset on, so that a
 subscribe racing publications on other nodes misses nothing and gets nothing
 twice (section 9).
+
+The node fills its own gaps. It knows, per channel, the epoch and the highest
+offset it delivered or told a subscriber of. A publication further on than
+the next one (the broker lost some: a pub/sub reconnect, a buffer limit), a
+broker reconnect, or a periodic position check that finds the history ahead
+starts a *fill*: live publications of the channel are held at node level
+while the missed ones are read from the history and delivered in order, then
+the held ones. A publication of another epoch, or a gap the history no longer
+holds, means the subscribers' positions are lost: they are closed with 1001,
+and resume (``recovered: false`` tells them to resync).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Hashable
+from collections.abc import Coroutine, Hashable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from realtime.broker import Broker, BrokerUnavailable
-from realtime.envelope import KIND_EVENT, Delivery, unpack
-from realtime.protocol import CODECS, Codec, is_spending, spending_item
+from realtime.envelope import KIND_EVENT, Delivery, unpack, unpack_entry
+from realtime.history import History, HistoryUnavailable
+from realtime.protocol import CODECS, CloseCode, Codec, is_spending, spending_item
 
 if TYPE_CHECKING:
     from realtime.metrics import Metrics
     from realtime.tiers import Tier, TierPolicy
+
+
+#: Publications read per history call while a node fills a gap.
+FILL_PAGE = 1000
+#: Seconds between checks of every local channel's position (a loss followed by silence).
+POSITION_CHECK_INTERVAL = 15.0
+
+log = logging.getLogger("realtime.hub")
 
 
 class FrameSink(Protocol):
@@ -34,6 +54,10 @@ class FrameSink(Protocol):
 
     def write(self, data: bytes, /) -> None:
         """Take one complete frame; never blocks, never raises."""
+        ...
+
+    def close(self, code: CloseCode, reason: str = "", /) -> None:
+        """Close the subscriber's connection after what it was given."""
         ...
 
 
@@ -69,10 +93,29 @@ SubState = None | list[Delivery] | int
 class Hub:
     """Channel and user registries of one node, and the broker's message handler."""
 
-    def __init__(self, broker: Broker, policy: TierPolicy, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        history: History,
+        policy: TierPolicy,
+        metrics: Metrics,
+        *,
+        check_interval: float | None = None,
+    ) -> None:
         self.broker = broker
+        self.history = history
         self.policy = policy
         self.metrics = metrics
+        #: seconds between position checks of every local channel (None: never; one node)
+        self.check_interval = check_interval
+        #: channel -> the epoch of what this node delivered or told of
+        self.epochs: dict[str, str] = {}
+        #: channel -> the highest offset delivered or told in a subscribe reply
+        self._covered: dict[str, int] = {}
+        #: channel -> publications held while the node fills the channel's gap
+        self._filling: dict[str, list[Delivery]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._checker: asyncio.Task[None] | None = None
         #: channel -> its local subscribers, in subscription order, with their state
         self.channels: dict[str, dict[Subscriber, SubState]] = {}
         #: channel -> how many of its subscribers are not plainly live (held or with a floor)
@@ -168,6 +211,8 @@ class Hub:
         self.channels.pop(channel, None)
         self._unsettled.pop(channel, None)
         self.last_offset.pop(channel, None)
+        self.epochs.pop(channel, None)
+        self._covered.pop(channel, None)
 
     def _discard(self, conn: Subscriber, channel: str) -> bool:
         """Remove ``conn`` from ``channel``; True when the channel has no local subscriber left."""
@@ -191,12 +236,14 @@ class Hub:
         state.clear()
         return held
 
-    def go_live(self, conn: Subscriber, channel: str, offset: int) -> None:
+    def go_live(self, conn: Subscriber, channel: str, offset: int, epoch: str) -> None:
         """Make ``conn``'s subscription live for publications with an offset above ``offset``
-        (the ones up to it reached the client in its subscribe reply)."""
+        (the ones up to it reached the client in its subscribe reply, of ``epoch``)."""
         subs = self.channels.get(channel)
         if subs is None or conn not in subs:
             return
+        if self.epochs.setdefault(channel, epoch) == epoch:
+            self._covered[channel] = max(self._covered.get(channel, 0), offset)
         if self.last_offset.get(channel, 0) >= offset:
             self._set(channel, subs, conn, None)  # nothing older can still be on its way
         else:
@@ -220,15 +267,148 @@ class Hub:
         delivery = unpack(payload)
         if delivery is None:
             return
+        if delivery.offset and not self._next_in_order(channel, delivery):
+            return
+        self._route(channel, subs, delivery)
+        if delivery.accepted_at:
+            self._latency.observe(max(0.0, time.time() - delivery.accepted_at))
+
+    def _route(self, channel: str, subs: dict[Subscriber, SubState], delivery: Delivery) -> None:
         if delivery.offset:
             self.last_offset[channel] = delivery.offset
+            self.epochs[channel] = delivery.epoch
         if channel in self._unsettled:
             targets = self._settle_targets(channel, subs, delivery)
         else:
             targets = tuple(subs)
         self.dispatch(channel, delivery, targets)
-        if delivery.accepted_at:
-            self._latency.observe(max(0.0, time.time() - delivery.accepted_at))
+
+    # ------------------------------------------------------------------ gaps
+
+    def _next_in_order(self, channel: str, delivery: Delivery) -> bool:
+        """Whether a live publication goes out now; otherwise it is held (a fill runs or
+        starts), dropped (already delivered) or shows the history was lost."""
+        held = self._filling.get(channel)
+        if held is not None:
+            held.append(delivery)
+            return False
+        epoch = self.epochs.get(channel)
+        if epoch is None:
+            return True
+        if delivery.epoch != epoch:
+            self._history_lost(channel, f"epoch {epoch} became {delivery.epoch}")
+            return False
+        last = self.last_offset.get(channel, 0)
+        if delivery.offset <= last:
+            return False  # delivered already (by a fill)
+        covered = max(last, self._covered.get(channel, 0))
+        if covered and delivery.offset > covered + 1:
+            self._start_fill(channel, [delivery])
+            return False
+        return True
+
+    def _start_fill(self, channel: str, held: list[Delivery]) -> None:
+        epoch = self.epochs.get(channel)
+        if channel in self._filling or epoch is None:
+            return
+        self._filling[channel] = held
+        # From what live subscribers last got (newer subscribers' floors skip the rest).
+        since = self.last_offset.get(channel) or self._covered.get(channel, 0)
+        self._own(self._fill(channel, epoch, since), f"fill {channel}")
+
+    async def _fill(self, channel: str, epoch: str, since: int) -> None:
+        """Deliver the channel's publications after ``since`` from the history, then the
+        ones held meanwhile."""
+        filled = 0
+        try:
+            while True:
+                page = await self.history.read(channel, since, FILL_PAGE)
+                position, entries = page.position, page.entries
+                if position.epoch != epoch or (
+                    since < position.offset and (not entries or entries[0].offset != since + 1)
+                ):
+                    self._history_lost(channel, "the history no longer holds the gap")
+                    return
+                subs = self.channels.get(channel)
+                for entry in entries:
+                    delivery = unpack_entry(entry.offset, epoch, entry.payload)
+                    if subs and delivery is not None:
+                        self._route(channel, subs, delivery)
+                    since = entry.offset
+                    filled += 1
+                if not entries or since >= position.offset:
+                    break
+        except HistoryUnavailable as exc:
+            log.warning("could not fill %s from history (%s): clients see a gap", channel, exc)
+        finally:
+            held = self._filling.pop(channel, [])
+            subs = self.channels.get(channel)
+            last = self.last_offset.get(channel, 0)
+            for delivery in sorted(held, key=lambda d: d.offset):
+                if subs and delivery.offset > last and delivery.epoch == epoch:
+                    self._route(channel, subs, delivery)
+                    last = delivery.offset
+        if filled:
+            self.metrics.gap_fills.inc(filled)
+            log.info("filled %d missed publications of %s from history", filled, channel)
+
+    def _history_lost(self, channel: str, why: str) -> None:
+        """The subscribers' positions in ``channel`` mean nothing any more: close them 1001
+        so they resume and learn ``recovered: false``."""
+        subs = self.channels.get(channel)
+        if not subs:
+            return
+        log.warning("%s: %s; closing its %d subscribers to resync", channel, why, len(subs))
+        self.metrics.history_lost.inc()
+        for conn in list(subs):
+            conn.writer.close(CloseCode.GOING_AWAY, "history lost; resume to resync")
+        self.epochs.pop(channel, None)
+        self._covered.pop(channel, None)
+        self.last_offset.pop(channel, None)
+
+    def on_reconnect(self) -> None:
+        """The broker re-subscribed after a loss: fill every channel's gap at once."""
+        for channel in list(self.channels):
+            self._start_fill(channel, [])
+
+    async def _check_positions(self, interval: float) -> None:
+        """Every ``interval`` s, read every local channel's position and fill the ones that
+        are ahead of what this node delivered (a loss followed by silence)."""
+        while True:
+            await asyncio.sleep(interval)
+            names = [c for c in self.channels if c in self.epochs and c not in self._filling]
+            pages = await asyncio.gather(
+                *(self.history.read(c, None, 0) for c in names), return_exceptions=True
+            )
+            for channel, page in zip(names, pages, strict=True):
+                epoch = self.epochs.get(channel)
+                if isinstance(page, BaseException) or epoch is None:
+                    continue
+                covered = max(self.last_offset.get(channel, 0), self._covered.get(channel, 0))
+                if page.position.epoch != epoch:
+                    self._history_lost(channel, f"epoch {epoch} became {page.position.epoch}")
+                elif page.position.offset > covered:
+                    self._start_fill(channel, [])
+
+    def start(self) -> None:
+        """Start the periodic position check (when the node has one)."""
+        if self.check_interval is not None and self._checker is None:
+            self._checker = asyncio.create_task(
+                self._check_positions(self.check_interval), name="hub position check"
+            )
+
+    def _own(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Cancel and await the position check and every fill."""
+        tasks = [*self._tasks, *([self._checker] if self._checker else [])]
+        self._checker = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _settle_targets(
         self, channel: str, subs: dict[Subscriber, SubState], delivery: Delivery

@@ -115,6 +115,20 @@ class Metrics:
             registry=registry,
             buckets=LATENCY_BUCKETS,
         )
+        self.gap_fills = Counter(
+            "gap_fills",
+            "Publications this node missed live and delivered from history",
+            namespace=NS,
+            subsystem="hub",
+            registry=registry,
+        )
+        self.history_lost = Counter(
+            "history_lost",
+            "Channels whose subscribers were closed (1001) to resync: the history was lost",
+            namespace=NS,
+            subsystem="hub",
+            registry=registry,
+        )
         self.filtered = Counter(
             "filtered_events",
             "Premium-only events withheld from connections, by tier",

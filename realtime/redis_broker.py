@@ -470,6 +470,9 @@ class RedisBroker:
         if password is not None:
             self._auth = (b"AUTH", *((username.encode(),) if username else ()), password.encode())
         self._on_reconnect = on_reconnect
+        self._on_resubscribed: Callable[[], None] | None = None
+        #: set when a command succeeds while pub/sub is down: Redis is back, retry at once
+        self._wake = asyncio.Event()
         self._max_backoff = max_backoff
         self._health_interval = health_check_interval
         self._timeout = timeout
@@ -487,10 +490,13 @@ class RedisBroker:
 
     # -- Broker -------------------------------------------------------------------------
 
-    async def start(self, handler: MessageHandler) -> None:
+    async def start(
+        self, handler: MessageHandler, on_reconnect: Callable[[], None] | None = None
+    ) -> None:
         if self._task is not None:
             raise RuntimeError("RedisBroker.start() called twice")
         self._handler = handler
+        self._on_resubscribed = on_reconnect
         self._task = asyncio.create_task(self._supervise(), name="redis-broker-supervisor")
         await self._first_attempt.wait()
 
@@ -517,7 +523,10 @@ class RedisBroker:
                     conn = self._publisher
                     if conn is None or conn.lost.done():
                         conn = await self._publisher_connection()
-                    return await conn.command(*args)
+                    reply = await conn.command(*args)
+                    if self._conn is None:
+                        self._wake.set()  # Redis answers: the pub/sub reconnects now
+                    return reply
         except TimeoutError as exc:
             if conn is not None:
                 conn.abort()  # Redis does not answer: the next command reconnects
@@ -630,7 +639,10 @@ class RedisBroker:
                     log.warning("redis pub/sub unreachable (%s); retrying", exc)
                 down = True
                 self._first_attempt.set()
-                await asyncio.sleep(backoff_delay(attempt, cap=self._max_backoff))
+                self._wake.clear()
+                with suppress(TimeoutError):
+                    async with asyncio.timeout(backoff_delay(attempt, cap=self._max_backoff)):
+                        await self._wake.wait()
                 attempt += 1
                 continue
             attempt = 0
@@ -639,11 +651,14 @@ class RedisBroker:
             if down:
                 log.info("redis pub/sub reconnected; %d channels re-subscribed", len(self._wanted))
                 down = False
-            if connected_before and self._on_reconnect is not None:
-                try:
-                    self._on_reconnect()
-                except Exception:
-                    log.exception("on_reconnect callback raised")
+            if connected_before:
+                for callback in (self._on_reconnect, self._on_resubscribed):
+                    if callback is None:
+                        continue
+                    try:
+                        callback()
+                    except Exception:
+                        log.exception("on_reconnect callback raised")
             connected_before = True
             try:
                 why = await self._watch(conn)

@@ -7,6 +7,7 @@ bytes out); fake subscribers stand for connections. No server process, no networ
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from realtime.app import create_app
 from realtime.broker import BrokerUnavailable, MemoryBroker
 from realtime.envelope import frame as broker_frame
 from realtime.envelope import pack_event, pack_notification
+from realtime.history import MemoryHistory, Publication
 from realtime.hub import Hub
 from realtime.metrics import Metrics
 from realtime.protocol import JSON, MSGPACK, CloseCode, Codec, notification_message
@@ -222,7 +224,8 @@ def flushes() -> FlushQueue:
 
 @pytest.fixture
 def hub(metrics: Metrics) -> Hub:
-    return Hub(MemoryBroker(), TierPolicy(), metrics)
+    broker = MemoryBroker()
+    return Hub(broker, MemoryHistory(broker.deliver), TierPolicy(), metrics)
 
 
 def subscriber(
@@ -232,10 +235,48 @@ def subscriber(
     return FakeSubscriber(user, codec, tier, writer, sock)
 
 
-async def join(hub: Hub, sub: FakeSubscriber, channel: str) -> None:
-    """Subscribe and go live at once (as a subscribe to a channel with no history does)."""
+async def join(hub: Hub, sub: FakeSubscriber, channel: str, *, read: bool = False) -> None:
+    """Subscribe and go live (as a connection does); ``read``: at the history's position,
+    else at offset 0 of epoch "ep" (the frames these tests hand the hub)."""
     await hub.subscribe(sub, channel)
-    hub.go_live(sub, channel, 0)
+    if read:
+        position = (await hub.history.read(channel, None, 0)).position
+        hub.go_live(sub, channel, position.offset, position.epoch)
+    else:
+        hub.go_live(sub, channel, 0, "ep")
+
+
+async def test_a_gap_is_filled_from_history_and_a_lost_history_closes_1001(
+    flushes: FlushQueue, metrics: Metrics
+) -> None:
+    """The node missed publications (pub/sub dropped them): it fills them from history, in
+    order, before what arrived meanwhile; another epoch closes its subscribers."""
+    broker = MemoryBroker()
+    history = MemoryHistory(lambda channel, payload: None)  # the broker never hears of them
+    hub = Hub(broker, history, TierPolicy(), metrics)
+    sub = subscriber(flushes, metrics, "a")
+    await join(hub, sub, "artist:g", read=True)
+    epoch = (await history.read("artist:g", None, 0)).position.epoch
+    limits = TierPolicy().history_of("artist")
+    for eid in ("one", "two", "three"):
+        payload = pack_event("artist:g", "e", eid, 1, {})
+        await history.publish([Publication("artist:g", payload, limits)])
+    hub.on_message("artist:g", broker_frame(1, epoch, pack_event("artist:g", "e", "one", 1, {})))
+    # Offset 4 arrives live while 2 and 3 never did: held, 2 and 3 read, then 4.
+    hub.on_message("artist:g", broker_frame(4, epoch, pack_event("artist:g", "e", "four", 1, {})))
+    await asyncio.sleep(0.05)
+    assert [(m["id"], m["offset"]) for m in decoded(sub)] == [
+        ("one", 1),
+        ("two", 2),
+        ("three", 3),
+        ("four", 4),
+    ]
+    assert sample(metrics, "hub_gap_fills_total") == 2
+    hub.on_message(
+        "artist:g", broker_frame(1, "new-epoch", pack_event("artist:g", "e", "x", 1, {}))
+    )
+    assert sub.sock.closes == [(1001, "history lost; resume to resync")]
+    await hub.close()
 
 
 def decoded(sub: FakeSubscriber) -> list[dict[str, Any]]:
@@ -324,7 +365,7 @@ async def test_a_subscription_is_held_until_it_goes_live(
     assert [d.offset for d in hub.take_held(late, "artist:x")] == [1, 2]
     assert hub.take_held(late, "artist:x") == []  # handed back once
     # The subscriber's read said offset 3; 3 is still on its way to this node.
-    hub.go_live(late, "artist:x", 3)
+    hub.go_live(late, "artist:x", 3, "ep")
     hub.on_message("artist:x", event_frame("artist:x", 3, "c"))  # it had it in its reply
     hub.on_message("artist:x", event_frame("artist:x", 4, "d"))
     await asyncio.sleep(0)
@@ -365,7 +406,7 @@ async def test_a_cancelled_subscribe_is_a_cancellation(
     flushes: FlushQueue, metrics: Metrics
 ) -> None:
     broker = StalledBroker()
-    hub = Hub(broker, TierPolicy(), metrics)
+    hub = Hub(broker, MemoryHistory(broker.deliver), TierPolicy(), metrics)
     first, second = subscriber(flushes, metrics, "a"), subscriber(flushes, metrics, "b")
     task = asyncio.create_task(hub.subscribe(first, "artist:x"))
     waiter = asyncio.create_task(hub.subscribe(second, "artist:x"))
@@ -388,7 +429,7 @@ async def test_a_failed_subscribe_leaves_nothing_behind(
     broker = StalledBroker()
     broker.fail = True
     broker.release.set()
-    hub = Hub(broker, TierPolicy(), metrics)
+    hub = Hub(broker, MemoryHistory(broker.deliver), TierPolicy(), metrics)
     with pytest.raises(BrokerUnavailable):
         await hub.subscribe(subscriber(flushes, metrics, "a"), "artist:x")
     assert hub.channels == {}
@@ -409,7 +450,7 @@ def client() -> Iterator[TestClient]:
 def test_publish_reaches_a_subscriber_through_the_memory_broker(client: TestClient) -> None:
     node = client.app.state.node  # type: ignore[attr-defined]
     sub = subscriber(node.flushes, node.metrics, "42")
-    client.portal.call(join, node.hub, sub, "user:42")  # type: ignore[union-attr]
+    client.portal.call(functools.partial(join, node.hub, sub, "user:42", read=True))  # type: ignore[union-attr]
     answer = client.post(
         "/v1/publish",
         headers=KEY,
