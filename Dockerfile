@@ -9,7 +9,8 @@ ENV UV_PROJECT_ENVIRONMENT=/app/.venv \
 COPY requirements-uv.txt ./
 RUN pip install --no-cache-dir --require-hashes --no-deps -r requirements-uv.txt
 COPY pyproject.toml uv.lock README.md ./
-RUN uv sync --locked --no-dev --no-install-project
+COPY clients/python ./clients/python
+RUN uv sync --locked --no-dev --no-install-project --no-editable
 COPY realtime ./realtime
 COPY notifications ./notifications
 COPY loadtest ./loadtest

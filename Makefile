@@ -6,7 +6,7 @@ PY    := $(shell command -v python3.11 || command -v python3)
 UV    := UV_PYTHON_DOWNLOADS=never UV_PROJECT_ENVIRONMENT=$(VENV) $(VENV)/bin/uv
 UV_VERSION := $(shell sed -n 's/^uv==\([0-9.]*\).*/\1/p' requirements-uv.txt)
 STAMP := $(VENV)/.synced-$(shell cat uv.lock requirements-uv.txt | cksum | cut -d' ' -f1)
-SOURCES := realtime notifications loadtest bench tests
+SOURCES := realtime notifications loadtest bench tests clients/python
 
 .PHONY: run test lint format bench upgrade clean venv
 

@@ -1,0 +1,5 @@
+"""PiggyBong Realtime's asyncio client: reconnect, refresh, resume, gap fill."""
+
+from piggybong_client.client import Backoff, Client, ClientError, Position, Stats, token_expiry
+
+__all__ = ["Backoff", "Client", "ClientError", "Position", "Stats", "token_expiry"]

@@ -1,0 +1,149 @@
+"""clients/python (piggybong_client) against the real server: reconnect, resume, gap fill,
+resync, refresh."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from piggybong_client import Backoff, Client, Position, token_expiry
+
+from tests.server import ServerProcess, free_port, running_server, start_server
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class App:
+    """What the app sees: events in order, resyncs."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.resyncs: list[str] = []
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def on_resync(self, channel: str) -> None:
+        self.resyncs.append(channel)
+
+    def offsets(self, channel: str) -> list[int]:
+        return [e["offset"] for e in self.events if e.get("channel") == channel]
+
+    async def wait_for(self, channel: str, count: int, timeout: float = 15.0) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.offsets(channel)) < count:  # noqa: ASYNC110 - the client fills it
+                await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def running_client(
+    server: ServerProcess, app: App, user: str, *, tier: str = "paid", ttl: float = 3600
+) -> AsyncIterator[Client]:
+    async def token() -> str:
+        return server.token(user, tier, ttl=ttl)
+
+    client = Client(
+        server.ws_url,
+        token,
+        app.on_event,
+        on_resync=app.on_resync,
+        backoff=Backoff(base=0.05, cap=0.5),
+    )
+    task = asyncio.create_task(client.run())
+    try:
+        async with asyncio.timeout(10):
+            await client.connected.wait()
+        yield client
+    finally:
+        await client.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def publish(server: ServerProcess, channel: str, count: int, start: int = 0) -> None:
+    items = [{"channel": channel, "event": f"e{i}"} for i in range(start, start + count)]
+    response = await server.publish(items)
+    assert response.status_code == 202
+
+
+async def test_reconnects_and_resumes_without_loss_across_a_dropped_socket(
+    redis_url: str,
+) -> None:
+    env = {"REALTIME_REDIS_URL": redis_url}
+    async with running_server(env) as server:
+        app = App()
+        async with running_client(server, app, "u-lib1") as client:
+            await client.subscribe("artist:lib")
+            await publish(server, "artist:lib", 5)
+            await app.wait_for("artist:lib", 5)
+            assert client._ws is not None
+            client._ws.transport.abort()  # the train goes underground
+            await publish(server, "artist:lib", 5, start=5)
+            await app.wait_for("artist:lib", 10)
+            assert client.stats.connects >= 2 and client.stats.recovered >= 1
+        first = app.offsets("artist:lib")[0]
+        assert app.offsets("artist:lib") == list(range(first, first + 10))
+        assert app.resyncs == []
+
+
+async def test_a_server_restart_without_redis_means_resync() -> None:
+    port = free_port()
+    server = await start_server(port=port)
+    app = App()
+    try:
+        async with running_client(server, app, "u-lib2") as client:
+            await client.subscribe("artist:mem")
+            await publish(server, "artist:mem", 3)
+            await app.wait_for("artist:mem", 3)
+            assert await server.stop() == 0
+            server = await start_server(port=port)  # history lost: new epochs
+            async with asyncio.timeout(20):
+                while "artist:mem" not in app.resyncs:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            await publish(server, "artist:mem", 2)
+            await app.wait_for("artist:mem", 5)
+            assert app.offsets("artist:mem")[-2:] == [1, 2]  # the new epoch's offsets
+    finally:
+        await server.stop()
+        server.log_path.unlink(missing_ok=True)
+
+
+async def test_a_gap_in_live_offsets_is_filled_from_history() -> None:
+    async with running_server() as server:
+        app = App()
+        async with running_client(server, app, "u-lib3") as client:
+            await client.subscribe("artist:gap")
+            await publish(server, "artist:gap", 3)
+            await app.wait_for("artist:gap", 3)
+            # The client lost track of two publications (as if they never arrived).
+            position = client.position("artist:gap")
+            assert isinstance(position, Position)
+            position.offset -= 2
+            del app.events[-2:]
+            await publish(server, "artist:gap", 1, start=3)
+            await app.wait_for("artist:gap", 4)
+            assert app.offsets("artist:gap") == [1, 2, 3, 4]
+            assert client.stats.gaps_filled == 2
+
+
+async def test_the_token_is_refreshed_before_it_expires() -> None:
+    async with running_server() as server:
+        app = App()
+        # 62 s of life, refreshed 60 s before exp: at once, then again with each new token.
+        async with running_client(server, app, "u-lib4", ttl=62) as client:
+            async with asyncio.timeout(10):
+                while client.stats.refreshes < 1:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+        assert token_expiry(server.token("u", None, ttl=100)) is not None
+        assert token_expiry("not-a-jwt") is None
+
+
+def test_backoff_is_exponential_with_full_jitter() -> None:
+    backoff = Backoff(base=0.5, cap=30.0, rand=lambda: 1.0)
+    assert [backoff.next_delay() for _ in range(8)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
+    backoff.reset()
+    assert Backoff(rand=lambda: 0.25).next_delay() == 0.125
