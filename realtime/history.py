@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final, Protocol
 
 from realtime.envelope import frame
@@ -124,7 +124,8 @@ class _Channel:
     epoch: str
     expires_at: float
     offset: int = 0
-    entries: deque[Entry] = field(default_factory=deque)
+    #: None until the first publication (a channel only read costs no list)
+    entries: list[Entry] | None = None
 
 
 class MemoryHistory:
@@ -183,9 +184,11 @@ class MemoryHistory:
             channel.offset += 1
             channel.expires_at = now + item.limits.ttl_s
             entries = channel.entries
+            if entries is None:
+                entries = channel.entries = []
             entries.append(Entry(channel.offset, item.payload))
-            while len(entries) > item.limits.size:
-                entries.popleft()
+            if len(entries) > item.limits.size:
+                del entries[: len(entries) - item.limits.size]
             published = Published(channel.offset, channel.epoch)
             if result_key is not None:
                 self._results[result_key] = (now + self._result_ttl, published)
@@ -206,12 +209,15 @@ class MemoryHistory:
         now = self._clock()
         state = self._channel(channel, now, READ_EPOCH_TTL)
         position = Position(state.epoch, state.offset)
-        if limit <= 0:
+        kept = state.entries
+        if limit <= 0 or not kept:
             return Page(position, [])
         if since is None:
-            entries = list(state.entries)[-limit:]
+            entries = kept[-limit:]
         else:
-            entries = [e for e in state.entries if e.offset > since][:limit]
+            first = kept[0].offset  # offsets in the list are consecutive
+            start = max(0, since + 1 - first)
+            entries = kept[start : start + limit]
         return Page(position, entries)
 
     @property
