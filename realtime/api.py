@@ -25,6 +25,7 @@ from notifications.service import NotificationService, QueueUnavailable
 from realtime.auth import ApiKeys
 from realtime.broker import BrokerUnavailable
 from realtime.envelope import new_event_id, now_ms, pack_event
+from realtime.idempotency import IdempotencyUnavailable
 from realtime.node import Node
 from realtime.protocol import MAX_EVENT_LENGTH, Error, ErrorCode, parse_channel
 
@@ -208,7 +209,7 @@ class Api:
                 )
                 for i, claimed in zip(keyed, claims, strict=True):
                     fresh[i] = claimed
-        except BrokerUnavailable:
+        except IdempotencyUnavailable:
             raise HttpError(
                 503, ErrorCode.UNAVAILABLE, "idempotency store unavailable", retry_after=1.0
             ) from None
@@ -237,7 +238,7 @@ class Api:
             if unsent:
                 try:
                     await node.idempotency.release_many(unsent)
-                except BrokerUnavailable:
+                except IdempotencyUnavailable:
                     pass
             raise HttpError(
                 503,

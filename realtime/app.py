@@ -113,10 +113,10 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 def _redis_parts(
     url: str, metrics: Metrics
 ) -> tuple[Broker, IdempotencyStore, ConnectionRegistry, RateLimiter]:
-    from realtime.idempotency import RedisIdempotencyStore
-    from realtime.presence import RedisConnectionRegistry
-    from realtime.ratelimit import RedisRateLimiter
     from realtime.redis_broker import RedisBroker
+    from realtime.redis_idempotency import RedisIdempotencyStore
+    from realtime.redis_presence import RedisConnectionRegistry
+    from realtime.redis_ratelimit import RedisRateLimiter
 
     return (
         RedisBroker(url, on_reconnect=metrics.broker_reconnects.inc),

@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from realtime import protocol as p
 from realtime.auth import Principal
+from realtime.backend import BackendUnavailable
 from realtime.batching import SpendingBatcher
 from realtime.broker import BrokerUnavailable
 from realtime.envelope import new_event_id, now_ms, pack_event
+from realtime.presence import PresenceUnavailable
 from realtime.protocol import CloseCode, Codec, Error, ErrorCode, Op, ProtocolViolation
 from realtime.tiers import Tier
 from realtime.writer import Writer
@@ -235,7 +237,7 @@ class Connection:
             user_channel = f"user:{self.user}"
             await node.hub.subscribe(self, user_channel)
             self.subscriptions.add(user_channel)
-        except BrokerUnavailable:
+        except BackendUnavailable:
             self._reply_error(
                 command.id,
                 Op.CONNECT,
@@ -280,7 +282,7 @@ class Connection:
         if self.registered:
             try:
                 await node.presence.remove(self.user, self.conn_id)
-            except BrokerUnavailable:
+            except PresenceUnavailable:
                 pass  # the entry expires with this node's heartbeat
 
     # ------------------------------------------------------------------ input
@@ -450,7 +452,7 @@ class Connection:
                     await self.node.hub.unsubscribe(self, channel)
             try:
                 await self.node.presence.set_tier(self.user, tier.name)
-            except BrokerUnavailable:
+            except PresenceUnavailable:
                 pass  # push rules use the last tier known; refreshed at the next connect
         self._set_expiry(principal.expires_at)
         self._reply(

@@ -1,4 +1,8 @@
-"""Idempotency keys: a caller-given id is delivered once within a window, across nodes."""
+"""Idempotency keys: a caller-given id is delivered once within a window, across nodes.
+
+The ``IdempotencyStore`` Protocol, its error and ``MemoryIdempotencyStore``; the Redis
+implementation is ``RedisIdempotencyStore`` (redis_idempotency.py).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,13 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from realtime.redis_broker import make_client, redis_errors
+from realtime.backend import BackendUnavailable
 
-__all__ = ["IdempotencyStore", "MemoryIdempotencyStore", "RedisIdempotencyStore"]
+__all__ = ["IdempotencyStore", "IdempotencyUnavailable", "MemoryIdempotencyStore"]
 
-KEY_PREFIX = b"rt:idem:"
+
+class IdempotencyUnavailable(BackendUnavailable):
+    """The idempotency store cannot answer now: nothing is known to be claimed (503)."""
 
 
 class IdempotencyStore(Protocol):
@@ -22,7 +28,7 @@ class IdempotencyStore(Protocol):
       for a key already claimed (a duplicate; also a key repeated within ``keys``).
     - ``release_many(keys)`` undoes claims (the publish they guarded failed), so a
       retry with the same keys is delivered. Unknown keys are ignored.
-    - Both raise ``BrokerUnavailable`` when the store cannot answer; then nothing is
+    - Both raise ``IdempotencyUnavailable`` when the store cannot answer; then nothing is
       known to be claimed and the caller must not deliver.
     - ``close()`` releases connections; the store is not used afterwards.
     """
@@ -102,34 +108,3 @@ class MemoryIdempotencyStore:
         if len(self._heap) > 2 * len(self._expiry) + 64:
             self._heap = [(expiry, key) for key, expiry in self._expiry.items()]
             heapq.heapify(self._heap)
-
-
-class RedisIdempotencyStore:
-    """Claims shared by every node: ``SET rt:idem:<key> 1 NX PX <ttl>``, one pipeline per call.
-
-    ``release_many`` is one ``DEL``; it assumes the claim is still the caller's (a
-    release comes seconds after the claim, far inside the window).
-    """
-
-    def __init__(self, url: str, *, timeout: float = 5.0) -> None:
-        self._client = make_client(url, timeout=timeout)
-
-    async def claim_many(self, keys: list[str], ttl: float) -> list[bool]:
-        if not keys:
-            return []
-        ttl_ms = max(1, round(ttl * 1000))
-        with redis_errors("idempotency claim"):
-            async with self._client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.set(KEY_PREFIX + key.encode(), b"1", nx=True, px=ttl_ms)
-                replies = await pipe.execute()
-        return [bool(reply) for reply in replies]
-
-    async def release_many(self, keys: list[str]) -> None:
-        if not keys:
-            return
-        with redis_errors("idempotency release"):
-            await self._client.delete(*(KEY_PREFIX + key.encode() for key in keys))
-
-    async def close(self) -> None:
-        await self._client.aclose()

@@ -9,8 +9,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from realtime.broker import Broker, BrokerUnavailable
-from realtime.ratelimit import Decision
+from realtime.broker import Broker
+from realtime.ratelimit import Decision, RateLimitUnavailable
 
 if TYPE_CHECKING:
     from realtime.auth import Authenticator
@@ -78,7 +78,7 @@ class Node:
         """The user's command rate decision; allowed (fail open) when the limiter is down."""
         try:
             return await self.limiter.hit(f"cmd:{user}", limit)
-        except BrokerUnavailable:
+        except RateLimitUnavailable:
             return Decision(True, 0.0)
 
     def is_ready(self) -> bool:

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import redis.asyncio as aredis
 
-from realtime.broker import BrokerUnavailable
-from realtime.idempotency import IdempotencyStore, MemoryIdempotencyStore, RedisIdempotencyStore
+from realtime.idempotency import IdempotencyStore, IdempotencyUnavailable, MemoryIdempotencyStore
+from realtime.redis_idempotency import RedisIdempotencyStore
 from tests.redis_server import RedisServer
 
 MakeStore = Callable[[], IdempotencyStore]
@@ -93,9 +93,9 @@ async def test_redis_down_raises_unavailable(redis_url: str, redis_server: Redis
     try:
         assert await store.claim_many(["k"], 60) == [True]
         redis_server.kill()
-        with pytest.raises(BrokerUnavailable):
+        with pytest.raises(IdempotencyUnavailable):
             await store.claim_many(["k2"], 60)
-        with pytest.raises(BrokerUnavailable):
+        with pytest.raises(IdempotencyUnavailable):
             await store.release_many(["k"])
         redis_server.restart()
         assert await store.claim_many(["k2"], 60) == [True]  # recovers without a restart
