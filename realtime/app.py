@@ -24,12 +24,14 @@ from starlette.websockets import WebSocket
 from notifications.apns import ApnsAdapter
 from notifications.breaker import CircuitBreaker
 from notifications.fcm import FcmAdapter
+from notifications.memory_store import MemoryNotificationStore
 from notifications.metrics import NotificationMetrics
 from notifications.models import Notification, Platform, Priority
 from notifications.push import LogAdapter, PushAdapter, WebhookAdapter
+from notifications.redis_store import RedisNotificationStore
 from notifications.router import NotificationRouter
 from notifications.service import NotificationService
-from notifications.store import MemoryNotificationStore, NotificationStore, RedisNotificationStore
+from notifications.store import NotificationStore
 from realtime.api import Api
 from realtime.auth import ApiKeys, Authenticator
 from realtime.broker import Broker, MemoryBroker
