@@ -21,12 +21,14 @@ from starlette.websockets import WebSocket
 from notifications.apns import ApnsAdapter
 from notifications.breaker import BreakerState, CircuitBreaker
 from notifications.fcm import FcmAdapter
+from notifications.memory_store import MemoryNotificationStore
 from notifications.metrics import NotificationMetrics
 from notifications.models import Notification, Platform, Priority
 from notifications.push import LogAdapter, PushAdapter, WebhookAdapter
+from notifications.redis_store import RedisNotificationStore
 from notifications.router import NotificationRouter, log_breaker_transition
 from notifications.service import NotificationService
-from notifications.store import MemoryNotificationStore, NotificationStore, RedisNotificationStore
+from notifications.store import NotificationStore
 from realtime.api import EXCEPTION_HANDLERS, Api
 from realtime.auth import ApiKeys, Authenticator
 from realtime.broker import Broker, MemoryBroker
@@ -35,7 +37,6 @@ from realtime.envelope import pack_notification
 from realtime.gcfreeze import GcFreezer
 from realtime.history import History, MemoryHistory
 from realtime.hub import POSITION_CHECK_INTERVAL, Hub
-from realtime.idempotency import IdempotencyStore, MemoryIdempotencyStore
 from realtime.metrics import Metrics
 from realtime.metricsport import MetricsPort
 from realtime.node import Node, make_log_throttle
@@ -104,26 +105,21 @@ def _error(status: int, code: ErrorCode, message: str) -> JSONResponse:
     return JSONResponse(http_error_body(Error(code, message)), status_code=status)
 
 
-def _redis_parts(
-    url: str, metrics: Metrics
-) -> tuple[Broker, IdempotencyStore, ConnectionRegistry, RateLimiter]:
-    from realtime.idempotency import RedisIdempotencyStore
-    from realtime.presence import RedisConnectionRegistry
-    from realtime.ratelimit import RedisRateLimiter
+def _redis_parts(url: str, metrics: Metrics) -> tuple[Broker, ConnectionRegistry, RateLimiter]:
     from realtime.redis_broker import RedisBroker
+    from realtime.redis_presence import RedisConnectionRegistry
+    from realtime.redis_ratelimit import RedisRateLimiter
 
     return (
         RedisBroker(url, on_reconnect=metrics.broker_reconnects.inc),
-        RedisIdempotencyStore(url),
         RedisConnectionRegistry(url),
         RedisRateLimiter(url),
     )
 
 
-def _memory_parts() -> tuple[Broker, IdempotencyStore, ConnectionRegistry, RateLimiter]:
+def _memory_parts() -> tuple[Broker, ConnectionRegistry, RateLimiter]:
     return (
         MemoryBroker(),
-        MemoryIdempotencyStore(),
         MemoryConnectionRegistry(),
         MemoryRateLimiter(),
     )
@@ -237,7 +233,7 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         leeway=settings.jwt_leeway,
         blocked_users=settings.blocked_users,
     )
-    broker, idempotency, presence, limiter = (
+    broker, presence, limiter = (
         _redis_parts(settings.redis_url, metrics) if settings.redis_url else _memory_parts()
     )
     history = _history(settings, broker)
@@ -258,7 +254,6 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         policy=policy,
         limiter=limiter,
         presence=presence,
-        idempotency=idempotency,
         metrics=metrics,
         flushes=FlushQueue(),
         outbox_limits=OutboxLimits(
@@ -319,7 +314,7 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             # Closed in reverse order, also when a later start fails.
-            for part in (broker, history, idempotency, presence, limiter, store):
+            for part in (broker, history, presence, limiter, store):
                 stack.push_async_callback(part.close)
             for adapter in set(adapters.values()):
                 stack.push_async_callback(adapter.close)

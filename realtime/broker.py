@@ -9,11 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from realtime.backend import BackendUnavailable
+
 #: Called by a broker for each payload on a channel this node is subscribed to.
 MessageHandler = Callable[[str, bytes], None]
 
 
-class BrokerUnavailable(Exception):
+class BrokerUnavailable(BackendUnavailable):
     """The broker cannot take or deliver messages now (answer 503 / ``unavailable``)."""
 
 

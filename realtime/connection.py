@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from realtime import protocol as p
 from realtime.auth import Principal
+from realtime.backend import BackendUnavailable
 from realtime.batching import SpendingBatcher
 from realtime.broker import BrokerUnavailable
 from realtime.envelope import Delivery, new_event_id, now_ms, pack_event, unpack_entry
 from realtime.history import Entry, HistoryUnavailable, Page, Publication
 from realtime.presence import DEFAULT_TTL as PRESENCE_TTL
+from realtime.presence import PresenceUnavailable
 from realtime.protocol import CloseCode, Codec, Error, ErrorCode, Op, ProtocolViolation
 from realtime.tiers import Tier
 from realtime.writer import Writer
@@ -238,7 +240,7 @@ class Connection:
                 self.close(CloseCode.TOO_MANY, "too many connections")
                 return False
             await node.presence.set_tier(self.user, tier.name)
-        except BrokerUnavailable:
+        except BackendUnavailable:
             self._connect_unavailable(command.id)
             return False
         node.hub.add_user(self)
@@ -418,7 +420,7 @@ class Connection:
         if self.registered:
             try:
                 await node.presence.remove(self.user, self.conn_id)
-            except BrokerUnavailable:
+            except PresenceUnavailable:
                 pass  # the entry expires with this node's heartbeat
 
     # ------------------------------------------------------------------ input
@@ -616,7 +618,7 @@ class Connection:
                     await self.node.hub.unsubscribe(self, channel)
             try:
                 await self.node.presence.set_tier(self.user, tier.name)
-            except BrokerUnavailable:
+            except PresenceUnavailable:
                 pass  # push rules use the last tier known; refreshed at the next connect
         self._set_expiry(principal.expires_at)
         self._reply(

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+from realtime.backend import BackendUnavailable
 from realtime.envelope import frame
 from realtime.tiers import HistoryLimits
 
@@ -30,7 +31,7 @@ MEMORY_MAX_CHANNELS: Final = 100_000
 READ_EPOCH_TTL: Final = 86_400.0
 
 
-class HistoryUnavailable(Exception):
+class HistoryUnavailable(BackendUnavailable):
     """The history cannot publish or read now: nothing was published (answer 503)."""
 
 

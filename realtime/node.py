@@ -9,15 +9,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from realtime.broker import Broker, BrokerUnavailable
-from realtime.ratelimit import Decision
+from realtime.broker import Broker
+from realtime.ratelimit import Decision, RateLimitUnavailable
 
 if TYPE_CHECKING:
     from realtime.auth import Authenticator
     from realtime.connection import Connection
     from realtime.history import History
     from realtime.hub import Hub
-    from realtime.idempotency import IdempotencyStore
     from realtime.metrics import Metrics
     from realtime.presence import ConnectionRegistry
     from realtime.ratelimit import RateLimiter
@@ -62,7 +61,6 @@ class Node:
     policy: TierPolicy
     limiter: RateLimiter
     presence: ConnectionRegistry
-    idempotency: IdempotencyStore
     metrics: Metrics
     #: the writers with frames to write, flushed once per loop iteration
     flushes: FlushQueue
@@ -81,7 +79,7 @@ class Node:
         """The user's command rate decision; allowed (fail open) when the limiter is down."""
         try:
             return await self.limiter.hit(f"cmd:{user}", limit)
-        except BrokerUnavailable:
+        except RateLimitUnavailable:
             return Decision(True, 0.0)
 
     def is_ready(self) -> bool:

@@ -3,29 +3,32 @@
 GCRA or a token bucket with a burst of ``limit`` lets nearly twice the limit
 through within one minute; "60 commands per minute" is exact here: the times of
 the counted hits are kept (only the newest ``limit`` of them matter).
+
+The ``RateLimiter`` Protocol, its error, ``Decision``, ``SlidingWindowLog`` and
+``MemoryRateLimiter``; the Redis implementation is ``RedisRateLimiter`` (redis_ratelimit.py).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import count
 from typing import Protocol
 
-from realtime.redis_broker import make_client, redis_errors
+from realtime.backend import BackendUnavailable
 
 __all__ = [
     "Decision",
     "MemoryRateLimiter",
+    "RateLimitUnavailable",
     "RateLimiter",
-    "RedisRateLimiter",
     "SlidingWindowLog",
 ]
 
-KEY_PREFIX = "rt:rl:"
+
+class RateLimitUnavailable(BackendUnavailable):
+    """The rate limiter cannot answer now (callers fail open)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +94,7 @@ class RateLimiter(Protocol):
     seconds; a refused hit is not counted and its ``retry_after`` (seconds) is
     truthful: a hit that long later is allowed (if nothing else hit the key). A
     changed ``limit`` (tier change) applies to the next hit. Raises
-    ``BrokerUnavailable`` when the backend cannot answer. ``close()`` releases it.
+    ``RateLimitUnavailable`` when the backend cannot answer. ``close()`` releases it.
     """
 
     async def hit(self, key: str, limit: int, window: float = 60.0) -> Decision: ...
@@ -136,55 +139,3 @@ class MemoryRateLimiter:
 
     async def close(self) -> None:
         self._logs.clear()
-
-
-# KEYS[1]: the key's log (sorted set: member unique per hit, score = time in µs, Redis clock).
-# ARGV: limit, window µs, unique member. Returns {1, 0} or {0, retry_after µs}.
-_HIT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local limit = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-local n = redis.call('ZCARD', KEYS[1])
-if n > limit then
-  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - limit - 1)
-  n = limit
-end
-if n < limit then
-  redis.call('ZADD', KEYS[1], now, ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000))
-  return {1, 0}
-end
-if limit <= 0 then
-  return {0, window}
-end
-local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return {0, tonumber(first[2]) + window - now}
-"""
-
-
-class RedisRateLimiter:
-    """The limiter shared by every node: one Lua script per hit (atomic, on Redis's clock).
-
-    A ZSET per key (``rt:rl:<key>``) of at most ``limit`` hits, ``PEXPIRE`` = window.
-    Members are unique per limiter instance and hit, so two nodes never collide.
-    """
-
-    def __init__(self, url: str, *, timeout: float = 5.0) -> None:
-        self._client = make_client(url, timeout=timeout)
-        self._script = self._client.register_script(_HIT)
-        self._node = os.urandom(6).hex()
-        self._seq = count()
-
-    async def hit(self, key: str, limit: int, window: float = 60.0) -> Decision:
-        member = f"{self._node}:{next(self._seq)}"
-        args: list[int | str] = [limit, max(1, round(window * 1_000_000)), member]
-        with redis_errors("rate limit"):
-            allowed, retry_us = await self._script(keys=[KEY_PREFIX + key], args=args)
-        if allowed:
-            return Decision(True, 0.0)
-        return Decision(False, max(0.0, int(retry_us) / 1_000_000))
-
-    async def close(self) -> None:
-        await self._client.aclose()

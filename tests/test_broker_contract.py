@@ -20,14 +20,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from realtime.broker import Broker, BrokerUnavailable, MemoryBroker
-from realtime.redis_broker import (
-    RedisBroker,
+from realtime.redis_broker import RedisBroker
+from realtime.redis_client import backoff_delay
+from realtime.resp import (
     RedisProtocolError,
     RedisReplyError,
     RespReader,
-    _make_reader,
-    _pack,
-    backoff_delay,
+    make_reader,
+    pack_command,
 )
 from tests.redis_server import RedisServer
 
@@ -457,12 +457,12 @@ def test_resp_readers_parse_any_split(replies: list[object], simple: bool, data:
     expected = [_norm(r) for r in replies]
     assert _read_all(RespReader(), wire, cuts) == expected
     if HAVE_HIREDIS:
-        assert _read_all(_make_reader("hiredis")(), wire, cuts) == expected
+        assert _read_all(make_reader("hiredis")(), wire, cuts) == expected
 
 
 def test_resp_reader_byte_by_byte_and_large_payload() -> None:
     payload = random.randbytes(200_000)
-    wire = _pack(b"message", b"rt:big", payload) + b"+OK\r\n"
+    wire = pack_command(b"message", b"rt:big", payload) + b"+OK\r\n"
     reader = RespReader()
     replies: list[object] = []
     for i in range(0, len(wire), 997):
@@ -470,7 +470,7 @@ def test_resp_reader_byte_by_byte_and_large_payload() -> None:
         while (reply := reader.gets()) is not False:
             replies.append(reply)
     assert replies == [[b"message", b"rt:big", payload], b"OK"]
-    small = _pack(b"message", b"rt:c", b"xy")
+    small = pack_command(b"message", b"rt:c", b"xy")
     replies = []
     for i in range(len(small)):
         reader.feed(small[i : i + 1])

@@ -16,12 +16,14 @@ import redis
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
+from notifications.memory_store import MemoryNotificationStore
 from notifications.metrics import NotificationMetrics
 from notifications.models import DEFAULT_TTL, Device, Platform, Priority
+from notifications.redis_store import RedisNotificationStore
 from notifications.requests import DeviceRequest, NotificationRequest
 from notifications.router import Backoff, NotificationRouter
 from notifications.service import NotificationService, QueueUnavailable
-from notifications.store import MemoryNotificationStore, NotificationStore, RedisNotificationStore
+from notifications.store import NotificationStore
 from tests.redis_server import find_redis_server
 from tests.test_router import InApp, ScriptedAdapter, push_all, wait_until
 

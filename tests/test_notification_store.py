@@ -17,6 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
+from notifications.memory_store import MemoryNotificationStore
 from notifications.metrics import NotificationMetrics
 from notifications.models import (
     PRIORITIES,
@@ -27,14 +28,13 @@ from notifications.models import (
     Platform,
     Priority,
 )
+from notifications.redis_store import RedisNotificationStore
 from notifications.store import (
     STORE,
     Enqueued,
     Lease,
-    MemoryNotificationStore,
     NotificationStore,
     QueueUnavailable,
-    RedisNotificationStore,
 )
 
 StoreFactory = Callable[..., NotificationStore]

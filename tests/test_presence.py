@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import redis.asyncio as aredis
 
-from realtime.broker import BrokerUnavailable
 from realtime.presence import (
     TIER_TTL,
     ConnectionRegistry,
     MemoryConnectionRegistry,
-    RedisConnectionRegistry,
+    PresenceUnavailable,
 )
+from realtime.redis_presence import RedisConnectionRegistry
 from tests.redis_server import RedisServer
 
 MakeRegistry = Callable[..., ConnectionRegistry]
@@ -146,7 +146,7 @@ async def test_redis_down_raises_unavailable(redis_url: str, redis_server: Redis
             registry.set_tier("u", "paid"),
             registry.tier_of("u"),
         ):
-            with pytest.raises(BrokerUnavailable):
+            with pytest.raises(PresenceUnavailable):
                 await call
         redis_server.restart()
         assert await registry.add("u", "b") == 1  # Redis lost its data; the store recovers
@@ -208,7 +208,7 @@ async def test_redis_calls_beyond_the_bound_are_refused_at_once(redis_url: str) 
         assert sorted(r for r in results if isinstance(r, int)) == list(range(1, 11))
         refused = [r for r in results if not isinstance(r, int)]
         assert len(refused) == 20
-        assert all(isinstance(r, BrokerUnavailable) and "waiting" in str(r) for r in refused)
+        assert all(isinstance(r, PresenceUnavailable) and "waiting" in str(r) for r in refused)
         assert await registry.add("u", "later") == 11
     finally:
         await registry.close()
@@ -232,7 +232,7 @@ async def test_redis_a_stalled_redis_fails_each_caller_within_the_timeout(
                 )
         finally:
             redis_server.resume()
-        assert all(isinstance(r, BrokerUnavailable) for r in results), results
+        assert all(isinstance(r, PresenceUnavailable) for r in results), results
         assert await registry.add("u", "b") >= 2
     finally:
         await registry.close()
@@ -262,7 +262,7 @@ async def test_redis_callers_that_gave_up_do_not_count_against_the_bound(
                 )
         finally:
             redis_server.resume()
-        assert all(isinstance(r, BrokerUnavailable) for r in results), results
+        assert all(isinstance(r, PresenceUnavailable) for r in results), results
         refused = [r for r in results if "already waiting" in str(r)]
         assert [str(r) for r in refused] == [  # "sent" and 9 others waited; the 10th did not
             "redis presence add failed: 10 calls already waiting for Redis"
@@ -280,8 +280,8 @@ async def test_redis_close_answers_every_waiting_caller(redis_url: str) -> None:
     async with asyncio.timeout(1):  # answered by close, not after the 5 s call timeout
         await registry.close()
         results = await asyncio.gather(*calls, return_exceptions=True)
-    closed = [r for r in results if isinstance(r, BrokerUnavailable) and "closed" in str(r)]
+    closed = [r for r in results if isinstance(r, PresenceUnavailable) and "closed" in str(r)]
     assert closed and all(r == 1 or r in closed for r in results), results[:5]
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("presence-")]
-    with pytest.raises(BrokerUnavailable, match="closed"):
+    with pytest.raises(PresenceUnavailable, match="closed"):
         await registry.add("u", "late")

@@ -23,13 +23,15 @@ from prometheus_client import CollectorRegistry
 from notifications.apns import ApnsAdapter, apns_id
 from notifications.breaker import BreakerState, CircuitBreaker
 from notifications.fcm import FcmAdapter
+from notifications.memory_store import MemoryNotificationStore
 from notifications.metrics import NotificationMetrics
 from notifications.models import Device, Notification, Outcome, Platform, Priority, PushResult
 from notifications.push import PushAdapter
+from notifications.redis_store import RedisNotificationStore
 from notifications.requests import NotificationRequest
 from notifications.router import Backoff, NotificationRouter
 from notifications.service import NotificationService
-from notifications.store import MemoryNotificationStore, NotificationStore, RedisNotificationStore
+from notifications.store import NotificationStore
 from tests.fakes import Reply
 from tests.fakes import make_notification as note
 from tests.fakes.apns_server import FakeApns, apns_error

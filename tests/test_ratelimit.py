@@ -12,14 +12,14 @@ import redis.asyncio as aredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from realtime.broker import BrokerUnavailable
 from realtime.ratelimit import (
     Decision,
     MemoryRateLimiter,
     RateLimiter,
-    RedisRateLimiter,
+    RateLimitUnavailable,
     SlidingWindowLog,
 )
+from realtime.redis_ratelimit import RedisRateLimiter
 from tests.redis_server import RedisServer
 
 # --------------------------------------------------------------------------- sans-I/O core
@@ -193,7 +193,7 @@ async def test_redis_down_raises_unavailable(redis_url: str, redis_server: Redis
     try:
         assert (await limiter.hit("k", 3)).allowed
         redis_server.kill()
-        with pytest.raises(BrokerUnavailable):
+        with pytest.raises(RateLimitUnavailable):
             await limiter.hit("k", 3)
         redis_server.restart()  # scripts are gone from the new server: reloaded on demand
         assert (await limiter.hit("k", 3)).allowed

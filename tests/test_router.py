@@ -25,8 +25,9 @@ from notifications.models import (
     Priority,
     PushResult,
 )
+from notifications.redis_store import RedisNotificationStore
 from notifications.router import Backoff, Breaker, DeliveryRound, NotificationRouter, is_expired
-from notifications.store import NotificationStore, RedisNotificationStore
+from notifications.store import NotificationStore
 from tests.redis_server import RedisServer
 
 DELIVERED = PushResult(Outcome.DELIVERED, status=200)
