@@ -17,7 +17,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]  # no stubs installed, as in loadtest/config.py
 from prometheus_client import (
     CollectorRegistry,
     GCCollector,
