@@ -26,6 +26,7 @@ from notifications.models import Platform
 from notifications.requests import DeviceRequest, NotificationRequest
 from notifications.service import NotificationService, QueueUnavailable
 from realtime.auth import ApiKeys
+from realtime.channel_presence import MAX_MEMBERS, ChannelPresenceUnavailable
 from realtime.envelope import new_event_id, now_ms, pack_event, unpack_entry
 from realtime.history import HistoryUnavailable, Publication, Published
 from realtime.node import Node
@@ -174,6 +175,7 @@ class Api:
             Route("/v1/devices", self.register_device, methods=["POST"]),
             Route("/v1/devices/{platform}/{token:path}", self.remove_device, methods=["DELETE"]),
             Route("/v1/history/{channel}", self.history, methods=["GET"]),
+            Route("/v1/presence/{channel}", self.presence, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
@@ -310,6 +312,27 @@ class Api:
             return await call
         except QueueUnavailable as exc:
             raise unavailable(f"notification queue unavailable: {exc}") from None
+
+    async def presence(self, request: Request) -> Response:
+        """``GET /v1/presence/{channel}[?members=1]``: counts across nodes, with
+        ``members=1`` the user ids too (at most MAX_MEMBERS, else 422)."""
+        self.authorize(request)
+        channel = parse_channel(request.path_params["channel"])
+        if isinstance(channel, Error):
+            raise HttpError(422, channel, fields=[{"loc": "channel", "message": channel.message}])
+        presence = self.node.board.presence
+        try:
+            counts = await presence.counts(channel.name)
+            body: dict[str, Any] = {"users": counts.users, "connections": counts.connections}
+            if request.query_params.get("members") in ("1", "true"):
+                members = await presence.members(channel.name, MAX_MEMBERS)
+                if members is None:
+                    message = f"more than {MAX_MEMBERS} members: ask for counts only"
+                    raise invalid(message, [{"loc": "members", "message": message}])
+                body["user_ids"] = members
+        except ChannelPresenceUnavailable:
+            raise unavailable("presence unavailable") from None
+        return JSONResponse(body)
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "node": self.node.node_id})

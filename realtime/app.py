@@ -32,6 +32,7 @@ from notifications.store import NotificationStore
 from realtime.api import EXCEPTION_HANDLERS, Api
 from realtime.auth import ApiKeys, Authenticator
 from realtime.broker import Broker, MemoryBroker
+from realtime.channel_presence import ChannelPresence, MemoryChannelPresence
 from realtime.connection import Connection, close_expired, flush_due_batches
 from realtime.envelope import pack_notification
 from realtime.gcfreeze import GcFreezer
@@ -41,6 +42,7 @@ from realtime.metrics import Metrics
 from realtime.metricsport import MetricsPort
 from realtime.node import Node, make_log_throttle
 from realtime.presence import ConnectionRegistry, MemoryConnectionRegistry
+from realtime.presence_board import PresenceBoard
 from realtime.protocol import (
     Error,
     ErrorCode,
@@ -123,6 +125,14 @@ def _memory_parts() -> tuple[Broker, ConnectionRegistry, RateLimiter]:
         MemoryConnectionRegistry(),
         MemoryRateLimiter(),
     )
+
+
+def _channel_presence(settings: Settings) -> ChannelPresence:
+    if settings.redis_url:
+        from realtime.redis_channel_presence import RedisChannelPresence
+
+        return RedisChannelPresence(settings.redis_url)
+    return MemoryChannelPresence()
 
 
 def _history(settings: Settings, broker: Broker) -> History:
@@ -237,6 +247,7 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         _redis_parts(settings.redis_url, metrics) if settings.redis_url else _memory_parts()
     )
     history = _history(settings, broker)
+    board = PresenceBoard(_channel_presence(settings), broker)
     hub = Hub(
         broker,
         history,
@@ -254,6 +265,7 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         policy=policy,
         limiter=limiter,
         presence=presence,
+        board=board,
         metrics=metrics,
         flushes=FlushQueue(),
         outbox_limits=OutboxLimits(
@@ -314,7 +326,7 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             # Closed in reverse order, also when a later start fails.
-            for part in (broker, history, presence, limiter, store):
+            for part in (broker, history, presence, board.presence, limiter, store):
                 stack.push_async_callback(part.close)
             for adapter in set(adapters.values()):
                 stack.push_async_callback(adapter.close)
@@ -326,9 +338,12 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
                 await metrics_port.start()
                 stack.push_async_callback(metrics_port.close)
                 log.info("metrics on %s:%d", settings.host, metrics_port.port)
+            hub.on_presence_change = board.changed
             await broker.start(hub.on_message, hub.on_reconnect)
             hub.start()
             stack.push_async_callback(hub.close)
+            board.start()
+            stack.push_async_callback(board.close)
             await router.start()
             housekeeping = asyncio.create_task(_housekeeping(node), name="housekeeping")
             stack.push_async_callback(_cancelled, housekeeping)

@@ -17,6 +17,7 @@ from realtime.auth import Principal
 from realtime.backend import BackendUnavailable
 from realtime.batching import SpendingBatcher
 from realtime.broker import BrokerUnavailable
+from realtime.channel_presence import ChannelPresenceUnavailable, Member
 from realtime.envelope import Delivery, new_event_id, now_ms, pack_event, unpack_entry
 from realtime.history import Entry, HistoryUnavailable, Page, Publication
 from realtime.presence import DEFAULT_TTL as PRESENCE_TTL
@@ -46,8 +47,10 @@ class Connection:
         "_strike_until",
         "_strikes",
         "batcher",
+        "client_info",
         "codec",
         "conn_id",
+        "connected_at",
         "expires_at",
         "loop",
         "node",
@@ -75,6 +78,9 @@ class Connection:
         self.expires_at = 0.0
         self.subscriptions: set[str] = set()
         self.registered = False
+        #: the connect's ``client`` map and when it connected (ms): its presence session info
+        self.client_info: dict[str, Any] | None = None
+        self.connected_at = 0
         self.batcher: SpendingBatcher[dict[str, Any]] | None = None
         self._strikes = 0
         self._strike_until = 0.0
@@ -221,6 +227,8 @@ class Connection:
             self.close(code, principal.message)
             return False
         self.user = principal.user
+        self.client_info = command.client
+        self.connected_at = now_ms()
         tier = self._resolve_tier(principal)
         try:
             count = await node.presence.add(self.user, self.conn_id)
@@ -282,7 +290,29 @@ class Connection:
         self._reply(command.id, Op.CONNECT, result)
         for name, pending in late:
             self._deliver_late(name, pending)
+        for name in results:
+            await node.board.join(self._member(name))
         return True
+
+    def _member(self, channel: str) -> Member:
+        """This connection in ``channel``'s presence (its session info on its user channel)."""
+        info = None
+        if channel == f"user:{self.user}":
+            info = {
+                "session": self.conn_id,
+                "tier": self.tier.name,
+                "client": self.client_info,
+                "connected_at": self.connected_at,
+            }
+        return Member(channel, self.user, self.conn_id, info)
+
+    async def _leave(self, channel: str) -> None:
+        """Unsubscribe ``channel``: the hub, its presence, its pushes."""
+        self.subscriptions.discard(channel)
+        node = self.node
+        node.board.unwatch(self, channel)
+        await node.hub.unsubscribe(self, channel)
+        await node.board.leave(self._member(channel))
 
     def _connect_unavailable(self, cid: int) -> None:
         self._reply_error(
@@ -415,7 +445,7 @@ class Connection:
             node.metrics.connections.labels(self.tier.name).dec()
         node.hub.remove_user(self)
         for channel in list(self.subscriptions):
-            await node.hub.unsubscribe(self, channel)
+            await self._leave(channel)
         self.subscriptions.clear()
         if self.registered:
             try:
@@ -467,17 +497,12 @@ class Connection:
             await self._subscribe(command)
         elif isinstance(command, p.Unsubscribe):
             if command.channel.name in self.subscriptions:
-                self.subscriptions.discard(command.channel.name)
-                await self.node.hub.unsubscribe(self, command.channel.name)
+                await self._leave(command.channel.name)
             self._reply(command.id, Op.UNSUBSCRIBE, {})
         elif isinstance(command, p.History):
             await self._history(command)
         elif isinstance(command, p.Presence):
-            self._reply_error(
-                command.id,
-                Op.PRESENCE,
-                Error(ErrorCode.NOT_FOUND, "presence is not served by this version yet"),
-            )
+            await self._presence(command)
         elif isinstance(command, p.Refresh):
             await self._refresh(command)
         else:
@@ -536,6 +561,32 @@ class Connection:
         result, late = self._settle(channel.name, command.since, joined)
         self._reply(command.id, Op.SUBSCRIBE, result)
         self._deliver_late(channel.name, late)
+        await self.node.board.join(self._member(channel.name))
+        if command.presence:
+            await self.node.board.watch(self, channel.name)
+
+    async def _presence(self, command: p.Presence) -> None:
+        channel = command.channel
+        denied = self._may_subscribe(channel)
+        if denied is not None:
+            self._reply_error(command.id, Op.PRESENCE, denied)
+            return
+        presence = self.node.board.presence
+        try:
+            counts = await presence.counts(channel.name)
+            result: dict[str, Any] = {"users": counts.users, "connections": counts.connections}
+            if channel.name == f"user:{self.user}":
+                result["sessions"] = await presence.sessions(channel.name)
+        except ChannelPresenceUnavailable:
+            self._reply_error(
+                command.id,
+                Op.PRESENCE,
+                Error(
+                    ErrorCode.UNAVAILABLE, "presence unavailable; retry shortly", retry_after=1.0
+                ),
+            )
+            return
+        self._reply(command.id, Op.PRESENCE, result)
 
     async def _history(self, command: p.History) -> None:
         channel = command.channel
@@ -614,8 +665,7 @@ class Connection:
             self._apply_tier(tier)
             if not tier.premium_channels:  # a downgrade: premium channels are paid tiers' only
                 for channel in [c for c in self.subscriptions if c.startswith("premium:")]:
-                    self.subscriptions.discard(channel)
-                    await self.node.hub.unsubscribe(self, channel)
+                    await self._leave(channel)
             try:
                 await self.node.presence.set_tier(self.user, tier.name)
             except PresenceUnavailable:

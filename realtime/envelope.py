@@ -18,6 +18,8 @@ from realtime.protocol import event_message
 
 KIND_EVENT = "event"
 KIND_NOTIFICATION = "notification"
+#: A control frame: the channel's presence counts changed on some node (no message).
+KIND_PRESENCE = "presence"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,11 @@ def pack_notification(message: dict[str, Any]) -> bytes:
     return frame(0, NO_EPOCH, packed)
 
 
+def pack_presence_change() -> bytes:
+    """The control frame a node publishes when a join or leave changed a channel's counts."""
+    return frame(0, NO_EPOCH, msgpack.packb({"k": KIND_PRESENCE, "m": {}}, use_bin_type=True))
+
+
 def unpack_entry(offset: int, epoch: str, payload: bytes | memoryview) -> Delivery | None:
     """An envelope as a Delivery (a publication's message gets its ``offset``); None when
     it is not one of ours."""
@@ -78,7 +85,7 @@ def unpack_entry(offset: int, epoch: str, payload: bytes | memoryview) -> Delive
         accepted = float(raw.get("a", 0.0))
     except Exception:
         return None
-    if not isinstance(message, dict) or kind not in (KIND_EVENT, KIND_NOTIFICATION):
+    if not isinstance(message, dict) or kind not in (KIND_EVENT, KIND_NOTIFICATION, KIND_PRESENCE):
         return None
     if offset:
         message["offset"] = offset

@@ -28,11 +28,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Hashable
+from collections.abc import Callable, Coroutine, Hashable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from realtime.broker import Broker, BrokerUnavailable
-from realtime.envelope import KIND_EVENT, Delivery, unpack, unpack_entry
+from realtime.envelope import KIND_EVENT, KIND_PRESENCE, Delivery, unpack, unpack_entry
 from realtime.history import History, HistoryUnavailable
 from realtime.protocol import CODECS, CloseCode, Codec, is_spending, spending_item
 
@@ -108,6 +108,8 @@ class Hub:
         self.metrics = metrics
         #: seconds between position checks of every local channel (None: never; one node)
         self.check_interval = check_interval
+        #: called with the channel when a node says its presence counts changed
+        self.on_presence_change: Callable[[str], None] | None = None
         #: channel -> the epoch of what this node delivered or told of
         self.epochs: dict[str, str] = {}
         #: channel -> the highest offset delivered or told in a subscribe reply
@@ -266,6 +268,10 @@ class Hub:
             return
         delivery = unpack(payload)
         if delivery is None:
+            return
+        if delivery.kind == KIND_PRESENCE:
+            if self.on_presence_change is not None:
+                self.on_presence_change(channel)
             return
         if delivery.offset and not self._next_in_order(channel, delivery):
             return

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from realtime.hub import Hub
     from realtime.metrics import Metrics
     from realtime.presence import ConnectionRegistry
+    from realtime.presence_board import PresenceBoard
     from realtime.ratelimit import RateLimiter
     from realtime.settings import Settings
     from realtime.tiers import TierPolicy
@@ -61,6 +62,8 @@ class Node:
     policy: TierPolicy
     limiter: RateLimiter
     presence: ConnectionRegistry
+    #: channel presence: memberships, heartbeat and pushes (section 10)
+    board: PresenceBoard
     metrics: Metrics
     #: the writers with frames to write, flushed once per loop iteration
     flushes: FlushQueue
