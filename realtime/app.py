@@ -247,7 +247,12 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         _redis_parts(settings.redis_url, metrics) if settings.redis_url else _memory_parts()
     )
     history = _history(settings, broker)
-    board = PresenceBoard(_channel_presence(settings), broker)
+    connections: set[Connection] = set()
+    board = PresenceBoard(
+        _channel_presence(settings),
+        broker,
+        lambda: [m for conn in connections if not conn.closed for m in conn.members()],
+    )
     hub = Hub(
         broker,
         history,
@@ -274,6 +279,7 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         batch_timers=Timers(flush_due_batches),
         expiry_timers=Timers(close_expired, clock=time.time),
         log_throttle=make_log_throttle(settings.log_interval),
+        connections=connections,
     )
     store = _notification_store(settings, notification_metrics)
     service = NotificationService(

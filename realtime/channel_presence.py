@@ -31,14 +31,32 @@ class ChannelPresenceUnavailable(BackendUnavailable):
 
 
 @dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """What ``sessions`` lists of one of a user's connections."""
+
+    session: str
+    tier: str
+    client: dict[str, Any] | None
+    connected_at: int
+
+    def as_map(self) -> dict[str, Any]:
+        return {
+            "session": self.session,
+            "tier": self.tier,
+            "client": self.client,
+            "connected_at": self.connected_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Member:
     """One connection in a channel."""
 
     channel: str
     user: str
     session: str
-    #: kept on ``user:`` channels only: what ``sessions`` lists (tier, client, connected_at)
-    info: dict[str, Any] | None = None
+    #: kept on ``user:`` channels only: what ``sessions`` lists
+    info: SessionInfo | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,51 +96,85 @@ class ChannelPresence(Protocol):
     async def close(self) -> None: ...
 
 
+class _Held:
+    """One member in the memory presence."""
+
+    __slots__ = ("expires", "info", "session", "user")
+
+    def __init__(self, member: Member, expires: float) -> None:
+        self.session = member.session
+        self.user = member.user
+        self.info = member.info
+        self.expires = expires
+
+
 class MemoryChannelPresence:
     """In-process presence (one node). Bounded by the live members: expired ones are
-    dropped whenever their channel is read or written, and by ``refresh``."""
+    dropped whenever their channel is read or written, and by ``refresh``. A channel
+    with one member (every connection's user channel) holds it without a map."""
 
     def __init__(
         self, *, ttl: float = PRESENCE_TTL, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.ttl = ttl
         self._clock = clock
-        #: channel -> session -> (user, expires at, info)
-        self._channels: dict[str, dict[str, tuple[str, float, dict[str, Any] | None]]] = {}
+        #: channel -> its one member, or session -> member
+        self._channels: dict[str, _Held | dict[str, _Held]] = {}
 
-    def _live(self, channel: str) -> dict[str, tuple[str, float, dict[str, Any] | None]]:
-        members = self._channels.get(channel)
-        if members is None:
-            return {}
+    def _live(self, channel: str) -> list[_Held]:
+        held = self._channels.get(channel)
+        if held is None:
+            return []
         now = self._clock()
-        expired = [s for s, (_, expires, _) in members.items() if expires <= now]
-        for session in expired:
-            del members[session]
-        if not members:
+        if isinstance(held, _Held):
+            if held.expires > now:
+                return [held]
             del self._channels[channel]
-            return {}
-        return members
+            return []
+        for session in [s for s, h in held.items() if h.expires <= now]:
+            del held[session]
+        if len(held) > 1:
+            return list(held.values())
+        if held:
+            (self._channels[channel],) = held.values()  # back to one member, no map
+            return list(held.values())
+        del self._channels[channel]
+        return []
 
     def _counts(self, channel: str) -> Counts:
         members = self._live(channel)
-        return Counts(len({user for user, _, _ in members.values()}), len(members))
+        return Counts(len({h.user for h in members}), len(members))
+
+    def _put(self, member: Member, expires: float) -> None:
+        channel = member.channel
+        held = self._channels.get(channel)
+        if held is None or (isinstance(held, _Held) and held.session == member.session):
+            self._channels[channel] = _Held(member, expires)
+        elif isinstance(held, _Held):
+            self._channels[channel] = {held.session: held, member.session: _Held(member, expires)}
+        else:
+            held[member.session] = _Held(member, expires)
 
     async def join(self, member: Member) -> bool:
         before = self._counts(member.channel)
-        members = self._channels.setdefault(member.channel, {})
-        members[member.session] = (member.user, self._clock() + self.ttl, member.info)
+        self._put(member, self._clock() + self.ttl)
         return self._counts(member.channel) != before
 
     async def leave(self, member: Member) -> bool:
         before = self._counts(member.channel)
-        self._live(member.channel).pop(member.session, None)
+        held = self._channels.get(member.channel)
+        if isinstance(held, _Held):
+            if held.session == member.session:
+                del self._channels[member.channel]
+        elif held is not None:
+            held.pop(member.session, None)
+            self._live(member.channel)
         return self._counts(member.channel) != before
 
     async def refresh(self, members: list[Member]) -> None:
         expires = self._clock() + self.ttl
         for member in members:
-            entries = self._channels.setdefault(member.channel, {})
-            entries[member.session] = (member.user, expires, member.info)
+            self._put(member, expires)
         for channel in list(self._channels):
             self._live(channel)
 
@@ -130,10 +182,10 @@ class MemoryChannelPresence:
         return self._counts(channel)
 
     async def sessions(self, channel: str) -> list[dict[str, Any]]:
-        return [info for _, _, info in self._live(channel).values() if info is not None]
+        return [h.info.as_map() for h in self._live(channel) if h.info is not None]
 
     async def members(self, channel: str, limit: int) -> list[str] | None:
-        users = sorted({user for user, _, _ in self._live(channel).values()})
+        users = sorted({h.user for h in self._live(channel)})
         return None if len(users) > limit else users
 
     async def close(self) -> None:

@@ -17,7 +17,7 @@ from realtime.auth import Principal
 from realtime.backend import BackendUnavailable
 from realtime.batching import SpendingBatcher
 from realtime.broker import BrokerUnavailable
-from realtime.channel_presence import ChannelPresenceUnavailable, Member
+from realtime.channel_presence import ChannelPresenceUnavailable, Member, SessionInfo
 from realtime.envelope import Delivery, new_event_id, now_ms, pack_event, unpack_entry
 from realtime.history import Entry, HistoryUnavailable, Page, Publication
 from realtime.presence import DEFAULT_TTL as PRESENCE_TTL
@@ -298,13 +298,12 @@ class Connection:
         """This connection in ``channel``'s presence (its session info on its user channel)."""
         info = None
         if channel == f"user:{self.user}":
-            info = {
-                "session": self.conn_id,
-                "tier": self.tier.name,
-                "client": self.client_info,
-                "connected_at": self.connected_at,
-            }
+            info = SessionInfo(self.conn_id, self.tier.name, self.client_info, self.connected_at)
         return Member(channel, self.user, self.conn_id, info)
+
+    def members(self) -> list[Member]:
+        """This connection in each of its channels' presence (the node's heartbeat)."""
+        return [self._member(channel) for channel in self.subscriptions]
 
     async def _leave(self, channel: str) -> None:
         """Unsubscribe ``channel``: the hub, its presence, its pushes."""

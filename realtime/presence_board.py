@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Final, Protocol
 
 from realtime.channel_presence import (
@@ -55,11 +55,13 @@ class Watcher(Hashable, Protocol):
 class PresenceBoard:
     """See the module docstring. ``start()`` runs its one task; ``close()`` ends it."""
 
-    def __init__(self, presence: ChannelPresence, broker: Broker) -> None:
+    def __init__(
+        self, presence: ChannelPresence, broker: Broker, members: Callable[[], list[Member]]
+    ) -> None:
         self.presence = presence
         self.broker = broker
-        #: this node's live memberships, refreshed by the heartbeat
-        self.members: dict[tuple[str, str], Member] = {}
+        #: this node's live memberships (derived from its connections when needed)
+        self.members = members
         self.watchers: dict[str, set[Watcher]] = {}
         self._last: dict[str, Counts] = {}
         self._dirty: set[str] = set()
@@ -68,7 +70,6 @@ class PresenceBoard:
     async def join(self, member: Member) -> None:
         """Add ``member``; tell the other nodes if the counts changed. Never raises: a
         member the backend did not take is added by the next heartbeat."""
-        self.members[(member.channel, member.session)] = member
         try:
             changed = await self.presence.join(member)
         except ChannelPresenceUnavailable as exc:
@@ -79,7 +80,6 @@ class PresenceBoard:
 
     async def leave(self, member: Member) -> None:
         """Remove ``member`` (it expires by itself if the backend is down)."""
-        self.members.pop((member.channel, member.session), None)
         try:
             changed = await self.presence.leave(member)
         except ChannelPresenceUnavailable as exc:
@@ -156,9 +156,10 @@ class PresenceBoard:
             if ticks % recount_every == 0:
                 dirty |= set(self.watchers)
             await self._recount(dirty)
-            if ticks % refresh_every == 0 and self.members:
+            members = self.members() if ticks % refresh_every == 0 else []
+            if members:
                 try:
-                    await self.presence.refresh(list(self.members.values()))
+                    await self.presence.refresh(members)
                 except ChannelPresenceUnavailable as exc:
                     log.warning("presence refresh failed: %s", exc)
 

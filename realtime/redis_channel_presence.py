@@ -31,7 +31,9 @@ def _keys(channel: str) -> list[str]:
 
 
 def _info(member: Member) -> str:
-    return json.dumps(member.info, separators=(",", ":")) if member.info is not None else ""
+    if member.info is None:
+        return ""
+    return json.dumps(member.info.as_map(), separators=(",", ":"))
 
 
 class RedisChannelPresence:

@@ -13,6 +13,7 @@ from realtime.channel_presence import (
     Counts,
     Member,
     MemoryChannelPresence,
+    SessionInfo,
 )
 from realtime.redis_channel_presence import RedisChannelPresence
 from tests.redis_server import RedisServer
@@ -33,8 +34,9 @@ async def presence(
     await made.close()
 
 
-def m(user: str, session: str, channel: str = "artist:x", **info: str) -> Member:
-    return Member(channel, user, session, dict(info) or None)
+def m(user: str, session: str, channel: str = "artist:x", app: str | None = None) -> Member:
+    info = SessionInfo(session, "paid", {"app": app}, 1) if app is not None else None
+    return Member(channel, user, session, info)
 
 
 async def test_counts_users_and_connections(presence: ChannelPresence) -> None:
@@ -55,10 +57,14 @@ async def test_counts_users_and_connections(presence: ChannelPresence) -> None:
 
 
 async def test_sessions_are_listed_with_their_info(presence: ChannelPresence) -> None:
-    await presence.join(m("42", "a", "user:42", tier="paid", client="ios"))
-    await presence.join(m("42", "b", "user:42", tier="paid", client="ipad"))
+    await presence.join(m("42", "a", "user:42", app="ios"))
+    await presence.join(m("42", "b", "user:42", app="ipad"))
     sessions = await presence.sessions("user:42")
-    assert sorted(s["client"] for s in sessions) == ["ios", "ipad"]
+    assert sorted((s["session"], s["client"]["app"]) for s in sessions) == [
+        ("a", "ios"),
+        ("b", "ipad"),
+    ]
+    assert {(s["tier"], s["connected_at"]) for s in sessions} == {("paid", 1)}
 
 
 async def test_unrefreshed_members_expire_and_refreshed_ones_stay(
