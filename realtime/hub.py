@@ -465,12 +465,26 @@ class Hub:
 
     @staticmethod
     def _fan_out(targets: tuple[Subscriber, ...], message: dict[str, Any], counter: Any) -> None:
-        """Encode ``message`` at most once per codec and give the frame to every target."""
-        frames: list[bytes | None] = [None, None]
-        for conn in targets:
-            index = conn.codec.index
-            data = frames[index]
-            if data is None:
-                data = frames[index] = CODECS[index].encode(message)
-            conn.writer.write(data)
+        write_to_all(targets, message)
         counter.inc(len(targets))
+
+
+class Recipient(Protocol):
+    """What ``write_to_all`` needs of a connection."""
+
+    @property
+    def codec(self) -> Codec: ...
+
+    @property
+    def writer(self) -> FrameSink: ...
+
+
+def write_to_all(targets: tuple[Recipient, ...], message: dict[str, Any]) -> None:
+    """Encode ``message`` at most once per codec and give the same frame to every target."""
+    frames: list[bytes | None] = [None, None]
+    for conn in targets:
+        index = conn.codec.index
+        data = frames[index]
+        if data is None:
+            data = frames[index] = CODECS[index].encode(message)
+        conn.writer.write(data)

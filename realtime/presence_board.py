@@ -28,11 +28,11 @@ from realtime.channel_presence import (
     Member,
 )
 from realtime.envelope import pack_presence_change
-from realtime.protocol import CODECS, Codec, presence_message
+from realtime.hub import Recipient, write_to_all
+from realtime.protocol import presence_message
 
 if TYPE_CHECKING:
     from realtime.broker import Broker
-    from realtime.hub import FrameSink
 
 log = logging.getLogger("realtime.presence")
 
@@ -42,14 +42,8 @@ PUSH_INTERVAL: Final = 1.0
 RECOUNT_INTERVAL: Final = 5.0
 
 
-class Watcher(Hashable, Protocol):
+class Watcher(Recipient, Hashable, Protocol):
     """A connection that asked for presence pushes."""
-
-    @property
-    def codec(self) -> Codec: ...
-
-    @property
-    def writer(self) -> FrameSink: ...
 
 
 class PresenceBoard:
@@ -120,16 +114,8 @@ class PresenceBoard:
 
     @staticmethod
     def _push(targets: tuple[Watcher, ...], channel: str, counts: Counts) -> None:
-        message = presence_message(
-            channel, counts.users, counts.connections, int(time.time() * 1000)
-        )
-        frames: list[bytes | None] = [None, None]
-        for conn in targets:
-            index = conn.codec.index
-            data = frames[index]
-            if data is None:
-                data = frames[index] = CODECS[index].encode(message)
-            conn.writer.write(data)
+        now = int(time.time() * 1000)
+        write_to_all(targets, presence_message(channel, counts.users, counts.connections, now))
 
     async def _recount(self, channels: set[str]) -> None:
         for channel in channels:
