@@ -105,10 +105,19 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok", "node": "baseline"})
 
 
+async def bare_publish(request: Request) -> Response:
+    """The bare HTTP baseline: a bearer check, a JSON parse, 202. Nothing is published."""
+    if request.headers.get("authorization") != "Bearer dev-api-key":
+        return JSONResponse({"error": "unauthorized"}, status_code=401)
+    body = json.loads(await request.body())
+    return JSONResponse({"ids": [body.get("id")]}, status_code=202)
+
+
 def create_app() -> Starlette:
     app = Starlette(
         routes=[
             Route("/v1/publish", publish, methods=["POST"]),
+            Route("/bare/publish", bare_publish, methods=["POST"]),
             Route("/healthz", healthz),
             WebSocketRoute("/v1/ws", ws_endpoint),
         ]

@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -662,9 +663,17 @@ async def publish(
 
 
 class _Blast(asyncio.Protocol):
-    """Keeps ``depth`` pipelined requests in flight; counts status lines."""
+    """Keeps ``depth`` pipelined requests in flight; counts status lines. With
+    ``make_request`` every request is made anew (a publish id of its own)."""
 
-    def __init__(self, request: bytes, depth: int, stats: dict[str, int]) -> None:
+    def __init__(
+        self,
+        request: bytes,
+        depth: int,
+        stats: dict[str, int],
+        make_request: Callable[[], bytes] | None = None,
+    ) -> None:
+        self.make_request = make_request
         self.request = request
         self.depth = depth
         self.stats = stats
@@ -674,7 +683,13 @@ class _Blast(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
-        transport.write(self.request * self.depth)
+        transport.write(self._requests(self.depth))
+
+    def _requests(self, count: int) -> bytes:
+        make = self.make_request
+        if make is None:
+            return self.request * count
+        return b"".join(make() for _ in range(count))
 
     def data_received(self, data: bytes) -> None:
         chunk = self.tail + data
@@ -687,7 +702,7 @@ class _Blast(asyncio.Protocol):
         self.stats["answers"] += answers
         self.stats["accepted"] += accepted
         if answers and not self.stopped and self.transport is not None:
-            self.transport.write(self.request * answers)
+            self.transport.write(self._requests(answers))
 
 
 async def blast(
@@ -698,16 +713,27 @@ async def blast(
     duration: float,
     channel: str,
     api_key: str = DEV_API_KEY,
+    ids: bool = False,
+    path: str = "/v1/publish",
 ) -> dict[str, Any]:
-    """Pipelined ``POST /v1/publish`` for ``duration`` s; answers per second."""
+    """Pipelined ``POST /v1/publish`` (or ``path``) for ``duration`` s; answers per second.
+    ``ids``: every publish carries an id of its own (idempotent publishes)."""
     loop = asyncio.get_running_loop()
     stats = {"answers": 0, "accepted": 0}
     protocols: list[_Blast] = []
     body = json.dumps({"channel": channel, "event": "bench", "data": {"n": 1}}).encode()
+    counter = itertools.count()
     for i in range(connections):
         host, port = targets[i % len(targets)]
-        request = http_request(host, port, "/v1/publish", body, api_key)
-        proto = _Blast(request, depth, stats)
+        request = http_request(host, port, path, body, api_key)
+        make = None
+        if ids:
+
+            def make(host: str = host, port: int = port) -> bytes:
+                with_id = b'%s,"id":"b%d"}' % (body[:-1], next(counter))
+                return http_request(host, port, path, with_id, api_key)
+
+        proto = _Blast(request, depth, stats, make)
         await loop.create_connection(lambda p=proto: p, host, port)  # type: ignore[misc]
         protocols.append(proto)
     await asyncio.sleep(1.0)  # warm-up
@@ -724,6 +750,7 @@ async def blast(
         "accepted_per_s": round((last["accepted"] - first["accepted"]) / span),
         "connections": connections,
         "depth": depth,
+        "ids": ids,
         "seconds": round(span, 2),
     }
 

@@ -510,6 +510,43 @@ async def http_publish(mode: Mode, log: Any) -> dict[str, Any]:
     return result
 
 
+async def http_ids(mode: Mode, log: Any) -> dict[str, Any]:
+    """One server process on CPU 0, the load on CPU 1: idempotent publishes (an id each,
+    history on) on Redis and in-process, against a bare Starlette POST endpoint (bearer
+    check, JSON parse, 202) on the same core."""
+    log("== HTTP publish with ids: one process, pinned; ratios to a bare Starlette endpoint")
+    out: dict[str, Any] = {}
+    redis_proc, url = start_redis("1")
+    try:
+        for name, kind, redis_url, path in (
+            ("bare", "baseline", None, "/bare/publish"),
+            ("memory", "realtime", None, "/v1/publish"),
+            ("redis", "realtime", url, "/v1/publish"),
+        ):
+            servers = start_servers(kind, redis_url=redis_url)
+            try:
+                result = await blast(
+                    [(HOST, servers.port)],
+                    connections=32,
+                    depth=1,
+                    duration=mode.blast_s,
+                    channel="artist:blast",
+                    ids=True,
+                    path=path,
+                )
+            finally:
+                servers.stop()
+            out[name] = result
+            log(f"  {name}: {result['accepted_per_s']:,} accepted publishes/s")
+    finally:
+        redis_proc.terminate()
+        redis_proc.wait()
+    bare = out["bare"]["accepted_per_s"] or 1
+    out["ratios"] = {k: round(out[k]["accepted_per_s"] / bare, 2) for k in ("memory", "redis")}
+    log(f"  ratios to bare: {out['ratios']}")
+    return out
+
+
 async def held(mode: Mode, log: Any) -> dict[str, Any]:
     """``mode.held`` connections across ``mode.held_procs`` processes; one broadcast."""
     log(f"== held: {mode.held:,} connections, {mode.held_procs} processes on Redis")
@@ -816,6 +853,8 @@ async def main_async(mode: Mode, only: list[str] | None, log: Any) -> dict[str, 
         results["http"] = await http_publish(mode, log)
     if not only or "held" in only:
         results["held"] = await held(mode, log)
+    if not only or "http-ids" in only:
+        results["http_ids"] = await http_ids(mode, log)
     results["seconds"] = round(time.time() - started)
     return results
 
@@ -826,7 +865,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         action="append",
-        help="memory, redis, redis2, baseline, node-ws, scaling, http, held (repeat)",
+        help="memory, redis, redis2, baseline, node-ws, scaling, http, held, http-ids (repeat)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument(
