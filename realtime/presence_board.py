@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import TYPE_CHECKING, Final, Protocol
 
 from realtime.channel_presence import (
@@ -64,20 +64,17 @@ class PresenceBoard:
     async def join(self, member: Member) -> None:
         """Add ``member``; tell the other nodes if the counts changed. Never raises: a
         member the backend did not take is added by the next heartbeat."""
-        try:
-            changed = await self.presence.join(member)
-        except ChannelPresenceUnavailable as exc:
-            log.debug("presence join deferred to the heartbeat: %s", exc)
-            return
-        if changed:
-            await self._announce(member.channel)
+        await self._change(self.presence.join, member)
 
     async def leave(self, member: Member) -> None:
-        """Remove ``member`` (it expires by itself if the backend is down)."""
+        """Remove ``member`` (it expires by itself if the backend is down). Never raises."""
+        await self._change(self.presence.leave, member)
+
+    async def _change(self, change: Callable[[Member], Awaitable[bool]], member: Member) -> None:
         try:
-            changed = await self.presence.leave(member)
+            changed = await change(member)
         except ChannelPresenceUnavailable as exc:
-            log.debug("presence leave left to expiry: %s", exc)
+            log.debug("presence change left to the heartbeat or expiry: %s", exc)
             return
         if changed:
             await self._announce(member.channel)

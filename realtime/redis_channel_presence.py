@@ -20,9 +20,11 @@ from realtime.channel_presence import (
 )
 from realtime.redis_client import lua_script, make_client, redis_errors
 
-_JOIN = lua_script("channel_presence_join.lua")
+# Join and read start by removing expired members (one prune, written once).
+_PRUNE = lua_script("channel_presence_prune.lua")
+_JOIN = _PRUNE + lua_script("channel_presence_join.lua")
 _LEAVE = lua_script("channel_presence_leave.lua")
-_READ = lua_script("channel_presence_read.lua")
+_READ = _PRUNE + lua_script("channel_presence_read.lua")
 
 
 def _keys(channel: str) -> list[str]:
