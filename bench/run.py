@@ -201,6 +201,12 @@ def start_servers(
                 "warning",
                 "--outbox-max-messages",
                 "1000",
+                # Every load connection comes from 127.0.0.1: the door's per-address limits
+                # (section 11) are for the internet, not for one load generator.
+                "--max-connections-per-ip",
+                "10000000",
+                "--connect-rate-per-ip",
+                "10000000",
             ]
             if redis_url:
                 cmd += ["--redis-url", redis_url, "--node-id", f"bench-{port}-{i}"]

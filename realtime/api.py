@@ -38,6 +38,7 @@ from realtime.protocol import (
     ErrorCode,
     http_error_body,
     parse_channel,
+    unsendable,
     validate_event_name,
 )
 
@@ -102,9 +103,13 @@ async def read_json(request: Request, limit: int) -> Any:
             raise _too_large(limit)
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError) as exc:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise HttpError(400, Error(ErrorCode.BAD_REQUEST, f"body is not JSON: {exc}")) from None
+    why = unsendable(body)
+    if why is not None:  # refused at entry (section 11): never acknowledged, then dropped
+        raise invalid(f"the body holds {why}", [{"loc": "", "message": f"{why}: not sendable"}])
+    return body
 
 
 def _too_large(limit: int) -> HttpError:
@@ -182,12 +187,11 @@ class Api:
         ]
 
     def authorize(self, request: Request) -> str:
-        """The presented key (for per-key limits), or 401."""
-        header = request.headers.get("authorization")
-        if not self.api_keys.check(header):
+        """The presented key's name (``key<index>``, for per-key limits), or 401."""
+        index = self.api_keys.match(request.headers.get("authorization"))
+        if index is None:
             raise HttpError(401, Error(ErrorCode.UNAUTHORIZED, "missing or invalid API key"))
-        assert header is not None
-        return header
+        return f"key{index}"
 
     def refuse_when_draining(self) -> None:
         if self.node.draining:

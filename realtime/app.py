@@ -34,6 +34,7 @@ from realtime.auth import ApiKeys, Authenticator
 from realtime.broker import Broker, MemoryBroker
 from realtime.channel_presence import ChannelPresence, MemoryChannelPresence
 from realtime.connection import Connection, close_expired, flush_due_batches
+from realtime.door import DOOR_STATE, Door, Why
 from realtime.envelope import pack_notification
 from realtime.gcfreeze import GcFreezer
 from realtime.history import History, MemoryHistory
@@ -97,10 +98,17 @@ class WebSocketEndpoint:
                 _error(503, ErrorCode.UNAVAILABLE, "server draining")
             )
             return
+        client = str((scope.get("client") or ("?", 0))[0])
+        door = node.door
+        if door is not None and not door.origin_allowed(websocket.headers.get("origin")):
+            door.count(Why.ORIGIN, "ws", client)
+            await websocket.send_denial_response(
+                _error(403, ErrorCode.FORBIDDEN, "origin not allowed")
+            )
+            return
         codec, accepted = choice
         await websocket.accept(subprotocol=accepted)
-        client = scope.get("client") or ("?", 0)
-        await Connection(node, wire, receive, codec, str(client[0])).run()
+        await Connection(node, wire, receive, codec, client).run()
 
 
 def _error(status: int, code: ErrorCode, message: str) -> JSONResponse:
@@ -280,6 +288,7 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         expiry_timers=Timers(close_expired, clock=time.time),
         log_throttle=make_log_throttle(settings.log_interval),
         connections=connections,
+        door=Door.from_settings(settings, metrics),
     )
     store = _notification_store(settings, notification_metrics)
     service = NotificationService(
@@ -329,7 +338,7 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
     metrics.queued_bytes.set_function(lambda: sum(c.writer.outbox_bytes for c in node.connections))
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         async with contextlib.AsyncExitStack() as stack:
             # Closed in reverse order, also when a later start fails.
             for part in (broker, history, presence, board.presence, limiter, store):
@@ -363,7 +372,8 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
                 settings.port,
                 _kind(settings),
             )
-            yield
+            # uvicorn hands the lifespan state to its protocols: the door at the socket.
+            yield {DOOR_STATE: node.door}
 
     app = RealtimeApp(
         routes=api.routes(),

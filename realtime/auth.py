@@ -74,8 +74,17 @@ def _public_key_algorithm(pem: bytes) -> tuple[str, Any]:
     raise ValueError("the JWT public key must be an RSA (RS256) or P-256 EC (ES256) key")
 
 
+#: The latest ``exp`` honoured (9999-12-31T23:59:59Z); a later one counts as this.
+MAX_EXP = 253_402_300_799
+
+
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite number (an int of any size counts; it is never turned into a float)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def _tier_claim(claims: Mapping[str, Any]) -> str:
@@ -177,10 +186,13 @@ class Authenticator:
             return _unauthorized("token has no exp claim")
         if not _is_number(exp):
             return _unauthorized("token exp claim must be a number")
+        # An absurd exp (1e308, 10**400) would overflow the float sums, the timers and the
+        # msgpack reply: the latest honoured is MAX_EXP.
+        exp = min(exp, MAX_EXP)
         if now >= exp + self.leeway:
             return _unauthorized("token expired")
         nbf = claims.get("nbf")
-        if nbf is not None and (not _is_number(nbf) or now < nbf - self.leeway):
+        if nbf is not None and (not _is_number(nbf) or now < min(nbf, MAX_EXP) - self.leeway):
             return _unauthorized("token not yet valid (nbf)")
         if "aud" in claims:
             audience = self._check_audience(claims["aud"])
@@ -237,14 +249,22 @@ class ApiKeys:
 
     def check(self, authorization_header: str | None) -> bool:
         """True when the header is ``Bearer <key>`` with a configured key."""
+        return self.match(authorization_header) is not None
+
+    def match(self, authorization_header: str | None) -> int | None:
+        """The index of the configured key the header presents (``Bearer <key>``), or None.
+
+        The index, not the header, names the caller for per-key limits: variants of one
+        header (case, spaces) are one key, and nothing unbounded is kept per header."""
         if not authorization_header:
-            return False
+            return None
         scheme, _, presented = authorization_header.strip().partition(" ")
         presented = presented.strip()
         if scheme.lower() != "bearer" or not presented:
-            return False
-        digest = hashlib.sha256(presented.encode()).digest()
-        match = False
-        for known in self._digests:
-            match |= hmac.compare_digest(digest, known)
-        return match
+            return None
+        digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
+        found: int | None = None
+        for index, known in enumerate(self._digests):
+            if hmac.compare_digest(digest, known):
+                found = index
+        return found

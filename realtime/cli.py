@@ -227,7 +227,10 @@ def uvicorn_config(settings: Settings, **overrides: Any) -> uvicorn.Config:
         backlog=LISTEN_BACKLOG,
         access_log=settings.log_level == "debug",
         server_header=False,
-        h11_max_incomplete_event_size=settings.max_body_bytes,
+        h11_max_incomplete_event_size=settings.max_head_bytes,
+        timeout_keep_alive=settings.keepalive_timeout,
+        # The client address is the door's (REALTIME_TRUSTED_PROXIES), not uvicorn's.
+        proxy_headers=False,
     )
     options.update(overrides)
     return RealtimeConfig("realtime.app:create_app", **options)

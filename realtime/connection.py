@@ -18,6 +18,7 @@ from realtime.backend import BackendUnavailable
 from realtime.batching import SpendingBatcher
 from realtime.broker import BrokerUnavailable
 from realtime.channel_presence import ChannelPresenceUnavailable, Member, SessionInfo
+from realtime.door import Why
 from realtime.envelope import Delivery, new_event_id, now_ms, pack_event, unpack_entry
 from realtime.history import Entry, HistoryUnavailable, Page, Publication
 from realtime.presence import DEFAULT_TTL as PRESENCE_TTL
@@ -36,6 +37,11 @@ log = logging.getLogger("realtime.connection")
 
 #: Rejected commands within the minute after the first ``rate_limited`` that close with 4029.
 STRIKES_BEFORE_CLOSE = 10
+#: Error replies a connection gets before its connect succeeds; the next error closes it 4000.
+ERRORS_BEFORE_LOGIN = 3
+#: What ``_decode`` returns for a message it answered itself (refused data): read the next.
+SKIP: dict[str, Any] = {}
+_OPS = frozenset(op.value for op in Op)
 _HISTORY_DOWN = Error(ErrorCode.UNAVAILABLE, "history unavailable; retry shortly", retry_after=1.0)
 
 
@@ -43,6 +49,7 @@ class Connection:
     """A client connection from its accepted handshake to its cleanup."""
 
     __slots__ = (
+        "_errors_before_login",
         "_receive",
         "_strike_until",
         "_strikes",
@@ -84,6 +91,7 @@ class Connection:
         self.batcher: SpendingBatcher[dict[str, Any]] | None = None
         self._strikes = 0
         self._strike_until = 0.0
+        self._errors_before_login = 0
         self.writer = Writer(
             wire.transport.write,
             wire,
@@ -124,6 +132,26 @@ class Connection:
 
     def on_lost(self) -> None:
         self.writer.stop()
+
+    def on_control(self, data: bytes) -> None:
+        """A pong: written in order with everything else, within the outbox bound."""
+        self.writer.write(data)
+
+    def fail(self, exc: BaseException, where: str) -> None:
+        """The fault boundary: an unexpected error in an action on this connection taken by
+        shared machinery (batch timers, expiry, flushes, fan-out) closes this connection
+        with 1011 and nothing else; logged once per interval per cause, counted."""
+        node = self.node
+        cause = f"{where}:{type(exc).__name__}"
+        node.log_throttle.exception(
+            cause, exc, "closing connection %s (1011): %s failed", self.conn_id, where
+        )
+        if node.door is not None:
+            node.door.count(Why.CONNECTION_FAULT, "ws", self.peer, where, log=False)
+        try:
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
+        except Exception:  # the socket is beyond use: no more writes
+            self.writer.stop()
 
     # ------------------------------------------------------------------ batching
 
@@ -174,14 +202,15 @@ class Connection:
                     decoded = self._decode(message)
                     if decoded is None:
                         break
+                    if decoded is SKIP:
+                        continue
                     # Not kept alive in this frame while the next receive waits (per-connection
                     # memory of an idle connection).
                     del message
                     await self._command(decoded)
                     del decoded
-        except Exception:
-            log.exception("connection %s failed", self.conn_id)
-            self.close(CloseCode.INTERNAL_ERROR, "internal error")
+        except Exception as exc:
+            self.fail(exc, "command")
         finally:
             await self._cleanup()
 
@@ -201,9 +230,13 @@ class Connection:
             decoded = self._decode(message)
             if decoded is None:
                 return False
+            if decoded is SKIP:
+                continue
             command = p.parse_command(decoded)
             if isinstance(command, p.CommandError):
                 if command.known_op is Op.CONNECT:
+                    if self._error_before_login():
+                        return False
                     self._reply_error(command.id, Op.CONNECT, command.error)
                     continue
                 self._violation("connect must be the first message")
@@ -213,6 +246,18 @@ class Connection:
                 return False
             return await self._connect(command)
         return False
+
+    def _error_before_login(self) -> bool:
+        """Count an error before connect succeeded; True (closed 4000) past the allowance."""
+        self._errors_before_login += 1
+        if self._errors_before_login <= ERRORS_BEFORE_LOGIN:
+            return False
+        door = self.node.door
+        if door is not None:
+            door.count(Why.ERRORS_BEFORE_LOGIN, "ws", self.peer)
+        self.node.metrics.bad_frames.inc()
+        self.close(CloseCode.BAD_REQUEST, "too many errors before connect")
+        return True
 
     async def _connect(self, command: p.Connect) -> bool:
         node = self.node
@@ -463,11 +508,26 @@ class Connection:
             binary = message.get("text") is None
         try:
             decoded = self.codec.decode(data, binary=binary)
-            p.message_id(decoded)
+            cid = p.message_id(decoded)
         except ProtocolViolation as exc:
             self._violation(str(exc))
             return None
-        return decoded
+        why = p.unsendable(decoded)
+        if why is None:
+            return decoded
+        # Readable, with an id, but holding what could not be sent on: refused at entry.
+        door = self.node.door
+        if door is not None:
+            door.count(Why.UNSENDABLE_DATA, "ws", self.peer, why)
+        if self.batcher is None and self._error_before_login():
+            return None
+        op = decoded.get("op")
+        self._reply_error(
+            cid,
+            op if isinstance(op, str) and op in _OPS else "unknown",
+            Error(ErrorCode.BAD_REQUEST, f"the message holds {why}: it cannot be sent on"),
+        )
+        return SKIP
 
     def _violation(self, reason: str) -> None:
         self.node.metrics.bad_frames.inc()
@@ -721,12 +781,19 @@ class Connection:
 
 
 def flush_due_batches(conns: list[Connection]) -> None:
-    """The batch timers' callback: send the connections' due batches."""
+    """The batch timers' callback: send the connections' due batches; one connection's
+    failure closes that connection (1011), the others are flushed all the same."""
     for conn in conns:
-        conn.flush_batches()
+        try:
+            conn.flush_batches()
+        except Exception as exc:
+            conn.fail(exc, "batch flush")
 
 
 def close_expired(conns: list[Connection]) -> None:
     """The expiry timers' callback: close the connections whose token expired (4001)."""
     for conn in conns:
-        conn.expired()
+        try:
+            conn.expired()
+        except Exception as exc:
+            conn.fail(exc, "expiry")

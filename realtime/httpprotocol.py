@@ -1,21 +1,260 @@
-"""uvicorn's httptools HTTP protocol, releasing itself when a request upgrades to WebSocket.
+"""uvicorn's httptools HTTP protocol with the door (protocol-v1, section 11) and a clean
+hand-over to WebSocket.
+
+The door, when the app's lifespan state holds one (``DOOR_STATE``):
+
+- a new connection is admitted by its peer address (``Door.admit``: open connections and
+  new ones per second); over either its first bytes are answered 429 with ``Retry-After``,
+  then it is closed. Behind a trusted proxy the client is the first untrusted hop of
+  ``X-Forwarded-For``: a WebSocket handshake is admitted by that address once its head is
+  read, and the scope's ``client`` names it.
+- a request head (request line and headers) is at most ``max_head_bytes``: 431 beyond,
+  then close, counted as the bytes arrive (httptools itself has no limit);
+- a head must arrive whole within ``head_timeout`` of its first byte, else the connection
+  is closed (slowloris);
+- a connection idle before its first byte or between requests is closed after
+  ``keepalive_timeout``.
 
 After an upgrade the transport belongs to the WebSocket protocol and the HTTP protocol is
 garbage, but in a reference cycle (its ``HttpRequestParser`` holds its bound callbacks).
 The node freezes long-lived objects (``realtime/gcfreeze.py``); a cycle frozen while it
 was still reachable is never collected. Dropping the parser at the upgrade lets
-reference counting free the protocol at once.
+reference counting free the protocol at once. The connection's door ticket goes with
+the transport to the WebSocket protocol, which releases it when the socket is lost.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import math
+from http import HTTPStatus
+from typing import Any, Final
+
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from realtime.door import DOOR_STATE, Door, Refusal, Ticket, Why
+
+#: Request line bytes beyond the URL, and per header beyond its name and value (": ", CRLF).
+_LINE_OVERHEAD: Final = 16
+_HEADER_OVERHEAD: Final = 4
+
+
+class _Answered(Exception):
+    """Raised from a parser callback once the door has answered: stops the parse."""
+
+
+def _answer(status: int, code: str, message: str, retry_after: float | None = None) -> bytes:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    head = [
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+        "content-type: application/json",
+        f"content-length: {len(body)}",
+        "connection: close",
+    ]
+    if retry_after is not None:
+        head.append(f"retry-after: {max(1, math.ceil(retry_after))}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
 class RealtimeHttpToolsProtocol(HttpToolsProtocol):
-    """``HttpToolsProtocol`` that breaks its parser cycle once it hands over to WebSocket."""
+    """``HttpToolsProtocol`` with the door; see the module docstring."""
+
+    door: Door | None = None
+    #: this connection's place in its address's count (handed to WebSocket on upgrade)
+    ticket: Ticket | None = None
+    #: set when the door refused the connection: its first bytes are answered 429
+    refusal: Refusal | None = None
+    #: a door answer was written: nothing more is read
+    answered: bool = False
+    #: between a request's first byte and its complete head
+    in_head: bool = False
+    head_bytes: int = 0
+    head_timer: asyncio.TimerHandle | None = None
+    #: no byte has arrived yet (an idle close then counts as idle_timeout)
+    fresh: bool = True
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        door = self.app_state.get(DOOR_STATE)
+        if not isinstance(door, Door):
+            return
+        self.door = door
+        self.timeout_keep_alive = door.keepalive_timeout  # type: ignore[assignment]
+        peer = self._peer()
+        if not door.trusts(peer):
+            admitted = door.admit(peer)
+            if isinstance(admitted, Refusal):
+                self.refusal = admitted
+            else:
+                self.ticket = admitted
+        # A connection that never sends a byte is idle from the start.
+        self.timeout_keep_alive_task = self.loop.call_later(
+            door.keepalive_timeout, self.timeout_keep_alive_handler
+        )
+
+    def _peer(self) -> str:
+        return self.client[0] if self.client else ""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        ticket, self.ticket = self.ticket, None
+        if ticket is not None:
+            ticket.release()
+        super().connection_lost(exc)
+
+    def timeout_keep_alive_handler(self) -> None:
+        if self.fresh and self.door is not None and not self.transport.is_closing():
+            self.door.count(Why.IDLE_TIMEOUT, "http", self._peer(), "no byte sent")
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    # ------------------------------------------------------------------ input
+
+    def data_received(self, data: bytes) -> None:
+        door = self.door
+        if door is None:
+            super().data_received(data)
+            return
+        if self.answered:
+            return
+        self.fresh = False
+        if self.refusal is not None:
+            refusal = self.refusal
+            message = "too many connections from this address"
+            if refusal.why is Why.CONNECT_RATE_PER_IP:
+                message = "too many new connections from this address"
+            self._answer_and_close(
+                _answer(429, "rate_limited", message, retry_after=refusal.retry_after)
+            )
+            return
+        self._unset_keepalive_if_required()
+        if self.head_timer is None and not self.in_head and self._idle():
+            # A byte between requests starts a head: it must be whole within head_timeout.
+            self.head_timer = self.loop.call_later(door.head_timeout, self._head_timed_out)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self.answered:
+                return
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        except httptools.HttpParserError:
+            if self.answered:
+                return
+            self.logger.debug("Invalid HTTP request received.")
+            self._stop_head_timer()
+            self.send_400_response("Invalid HTTP request received.")
+            return
+        if self.in_head:
+            self.head_bytes += len(data)
+            if self.head_bytes > door.max_head_bytes:
+                self._head_too_large(door)
+
+    def _idle(self) -> bool:
+        cycle = self.cycle
+        return cycle is None or cycle.response_complete
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.in_head = True
+        self.head_bytes = 0
+
+    def on_headers_complete(self) -> None:
+        door = self.door
+        if door is None:
+            super().on_headers_complete()
+            return
+        self.in_head = False
+        self._stop_head_timer()
+        size = len(self.url) + _LINE_OVERHEAD
+        for name, value in self.headers:
+            size += len(name) + len(value) + _HEADER_OVERHEAD
+        if size > door.max_head_bytes:
+            self._head_too_large(door)
+            raise _Answered
+        peer = self._peer()
+        if door.trusts(peer):
+            forwarded = [v.decode("latin-1") for n, v in self.headers if n == b"x-forwarded-for"]
+            address = door.client_address(peer, forwarded)
+            self.scope["client"] = (address, 0)
+            if self.parser.should_upgrade() and self._should_upgrade():
+                # A WebSocket through the proxy is this address's connection.
+                admitted = door.admit(address)
+                if isinstance(admitted, Refusal):
+                    self._answer_and_close(
+                        _answer(
+                            429,
+                            "rate_limited",
+                            "too many connections from this address",
+                            retry_after=admitted.retry_after,
+                        )
+                    )
+                    raise _Answered
+                if self.ticket is not None:
+                    self.ticket.release()
+                self.ticket = admitted
+        super().on_headers_complete()
+
+    def _head_too_large(self, door: Door) -> None:
+        door.count(Why.HEAD_TOO_LARGE, "http", self._peer())
+        self._answer_and_close(
+            _answer(
+                431,
+                "limit_exceeded",
+                f"request head larger than {door.max_head_bytes} bytes",
+            )
+        )
+
+    def _head_timed_out(self) -> None:
+        self.head_timer = None
+        if self.answered or self.transport.is_closing():
+            return
+        if self.door is not None:
+            self.door.count(Why.HEAD_TIMEOUT, "http", self._peer())
+        self.answered = True
+        self.transport.close()
+
+    def _stop_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def _answer_and_close(self, response: bytes) -> None:
+        self.answered = True
+        self._stop_head_timer()
+        self._unset_keepalive_if_required()
+        if not self.transport.is_closing():
+            self.transport.write(response)
+            self.transport.close()
+
+    # ------------------------------------------------------------------ upgrade
 
     def handle_websocket_upgrade(self) -> None:
-        super().handle_websocket_upgrade()
+        """uvicorn's hand-over, with the client address and the door ticket passed on."""
+        self._stop_head_timer()
+        self._unset_keepalive_if_required()
+        self.connections.discard(self)
+        method = self.scope["method"].encode()
+        output = [method, b" ", self.url, b" HTTP/1.1\r\n"]
+        for name, value in self.scope["headers"]:
+            output += [name, b": ", value, b"\r\n"]
+        output.append(b"\r\n")
+        protocol: Any = self.ws_protocol_class(  # type: ignore[call-arg, misc]
+            config=self.config,
+            server_state=self.server_state,
+            app_state=self.app_state,
+        )
+        protocol.connection_made(self.transport)
+        client = self.scope.get("client")
+        if client is not None:
+            protocol.client = client
+        protocol.ticket, self.ticket = self.ticket, None
+        self.transport.set_protocol(protocol)
+        protocol.data_received(b"".join(output))
         # Nothing reads the parser again: the transport now calls the WebSocket protocol.
         del self.parser

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from realtime.broker import Broker, BrokerUnavailable
 from realtime.envelope import KIND_EVENT, KIND_PRESENCE, Delivery, unpack, unpack_entry
 from realtime.history import History, HistoryUnavailable
+from realtime.node import LogThrottle
 from realtime.protocol import CODECS, CloseCode, Codec, is_spending, spending_item
 
 if TYPE_CHECKING:
@@ -82,6 +83,10 @@ class Subscriber(Hashable, Protocol):
     def writer(self) -> FrameSink: ...
 
     def add_spending(self, channel: str, item: dict[str, Any]) -> None: ...
+
+    def fail(self, exc: BaseException, where: str, /) -> None:
+        """The fault boundary: ``exc`` escaped an action on this subscriber; close it (1011)."""
+        ...
 
 
 #: A subscription's state in ``Hub.channels``: None live; a list of the publications held
@@ -451,7 +456,10 @@ class Hub:
         if is_spending(event):
             item = spending_item(message)
             for conn in targets:
-                conn.add_spending(channel, item)
+                try:
+                    conn.add_spending(channel, item)
+                except Exception as exc:  # one connection's failure is its own
+                    conn.fail(exc, "fan-out")
         else:
             self._fan_out(targets, message, self._events_out)
 
@@ -478,13 +486,37 @@ class Recipient(Protocol):
     @property
     def writer(self) -> FrameSink: ...
 
+    def fail(self, exc: BaseException, where: str, /) -> None: ...
+
 
 def write_to_all(targets: tuple[Recipient, ...], message: dict[str, Any]) -> None:
-    """Encode ``message`` at most once per codec and give the same frame to every target."""
+    """Encode ``message`` at most once per codec and give the same frame to every target.
+
+    A message one codec cannot encode (refused at entry; only a bug lets one through) goes
+    to the other codec's targets and is logged; a target whose write raises is failed
+    (closed 1011), the others get the frame all the same."""
     frames: list[bytes | None] = [None, None]
     for conn in targets:
         index = conn.codec.index
         data = frames[index]
         if data is None:
-            data = frames[index] = CODECS[index].encode(message)
-        conn.writer.write(data)
+            data = frames[index] = _encode(index, message)
+        if data:
+            try:
+                conn.writer.write(data)
+            except Exception as exc:
+                conn.fail(exc, "fan-out")
+
+
+def _encode(index: int, message: dict[str, Any]) -> bytes:
+    codec = CODECS[index]
+    try:
+        return codec.encode(message)
+    except Exception as exc:
+        _unencodable.exception(
+            codec.name, exc, "a message could not be encoded for %s; not sent", codec.name
+        )
+        return b""
+
+
+_unencodable = LogThrottle(log, 10.0)

@@ -175,3 +175,11 @@ class Metrics:
             subsystem="http",
             registry=registry,
         )
+        self.door_refusals = Counter(
+            "refusals",
+            "What the door refused or closed (what: http, ws) and why (section 11)",
+            ["what", "why"],
+            namespace=NS,
+            subsystem="door",
+            registry=registry,
+        )

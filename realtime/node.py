@@ -15,6 +15,7 @@ from realtime.ratelimit import Decision, RateLimitUnavailable
 if TYPE_CHECKING:
     from realtime.auth import Authenticator
     from realtime.connection import Connection
+    from realtime.door import Door
     from realtime.history import History
     from realtime.hub import Hub
     from realtime.metrics import Metrics
@@ -37,15 +38,24 @@ class LogThrottle:
         self._last: OrderedDict[str, float] = OrderedDict()
 
     def warning(self, key: str, msg: str, *args: Any) -> None:
+        if self._due(key):
+            self.logger.warning(msg, *args)
+
+    def exception(self, key: str, exc: BaseException, msg: str, *args: Any) -> None:
+        """An error with its traceback, at most once per ``key`` (a cause) per interval."""
+        if self._due(key):
+            self.logger.error(msg, *args, exc_info=exc)
+
+    def _due(self, key: str) -> bool:
         now = time.monotonic()
         last = self._last.get(key)
         if last is not None and now - last < self.interval:
-            return
+            return False
         self._last[key] = now
         self._last.move_to_end(key)
         while len(self._last) > self.max_keys:
             self._last.popitem(last=False)
-        self.logger.warning(msg, *args)
+        return True
 
 
 @dataclass(eq=False)
@@ -77,6 +87,8 @@ class Node:
     #: name -> check for /readyz; a check returns a map whose "ok" (default True) gates readiness
     readiness: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = field(default_factory=dict)
     draining: bool = False
+    #: the door (section 11): per-address limits, refusals counted and logged
+    door: Door | None = None
 
     async def limiter_hit(self, user: str, limit: int) -> Decision:
         """The user's command rate decision; allowed (fail open) when the limiter is down."""

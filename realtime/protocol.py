@@ -8,6 +8,7 @@ frames, so the same bytes can be written to every subscriber.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from collections.abc import Mapping
@@ -84,7 +85,11 @@ def frame(opcode: int, payload: bytes) -> bytes:
     return struct.pack("!BBQ", 0x80 | opcode, 127, n) + payload
 
 
-_json_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False)
+#: allow_nan=False: a non-finite float raises instead of becoming invalid JSON (refused at
+#: entry, section 11, so only a bug reaches it).
+_json_encoder = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), check_circular=False, allow_nan=False
+)
 
 
 class Codec:
@@ -305,12 +310,56 @@ class CommandError:
             return None
 
 
+#: The integers both encodings carry: msgpack's int64 and uint64 (JSON has no limit).
+INT_MIN: Final = -(2**63)
+INT_MAX: Final = 2**64 - 1
+
+
 def message_id(message: Mapping[str, Any]) -> int:
-    """The message's ``id``, or ProtocolViolation (close 4000) when it has no valid one."""
+    """The message's ``id``, or ProtocolViolation (close 4000) when it has no valid one
+    (an integer from 1 to 2**63 - 1: echoed in the reply, it must encode in both codecs)."""
     value = message.get("id")
-    if type(value) is not int or value < 1:
-        raise ProtocolViolation("a message needs an integer id >= 1")
+    if type(value) is not int or not 1 <= value < 2**63:
+        raise ProtocolViolation("a message needs an integer id from 1 to 2**63 - 1")
     return value
+
+
+def unsendable(value: object) -> str | None:
+    """Why ``value`` could not be sent on in both encodings (section 11), or None.
+
+    Refused: a float that is not finite, an integer outside INT_MIN..INT_MAX, a string
+    with a lone surrogate, bytes or msgpack ext values, a map key that is not a string,
+    anything not JSON-like. Iterative (a deeply nested value cannot exhaust the stack).
+    """
+    stack: list[object] = [value]
+    pop, push, extend = stack.pop, stack.append, stack.extend
+    while stack:
+        item = pop()
+        kind = type(item)
+        if kind is str:
+            try:
+                item.encode()  # type: ignore[attr-defined]
+            except UnicodeEncodeError:
+                return "a string with a lone surrogate"
+        elif kind is dict:
+            for key, sub in item.items():  # type: ignore[attr-defined]
+                if type(key) is not str:
+                    return "a map key that is not a string"
+                push(key)
+                push(sub)
+        elif kind is list or kind is tuple:
+            extend(item)  # type: ignore[arg-type]
+        elif kind is int:
+            if not INT_MIN <= item <= INT_MAX:  # type: ignore[operator]
+                return "an integer outside the 64-bit range"
+        elif kind is float:
+            if not math.isfinite(item):  # type: ignore[arg-type]
+                return "a float that is not finite"
+        elif item is None or kind is bool:
+            pass
+        else:
+            return f"a value of type {kind.__name__} (binary or extension data)"
+    return None
 
 
 def _str_field(message: Mapping[str, Any], name: str, *, max_len: int = 8192) -> str | Error:

@@ -167,6 +167,32 @@ class Settings(BaseSettings):
     log_interval: float = Field(
         10.0, gt=0, description="seconds between log lines about one bad client"
     )
+    # The door (section 11): what a client may hold before it is refused.
+    max_head_bytes: int = Field(
+        16 * 1024, ge=1024, description="largest HTTP request head (431 beyond, then close)"
+    )
+    head_timeout: float = Field(
+        10.0, gt=0, description="seconds for a request head to arrive whole after its first byte"
+    )
+    keepalive_timeout: float = Field(
+        5.0, gt=0, description="seconds an idle HTTP connection (keep-alive or new) is kept"
+    )
+    max_connections_per_ip: int = Field(
+        1000, ge=1, description="open connections per client address (429 beyond)"
+    )
+    connect_rate_per_ip: float = Field(
+        100.0, gt=0, description="new connections per second per client address, burst 10x"
+    )
+    trusted_proxies: CsvList = Field(
+        [],
+        description="addresses or CIDRs of proxies whose X-Forwarded-For names the client, "
+        "comma-separated; unset: the peer address is the client",
+    )
+    allowed_origins: CsvList = Field(
+        [],
+        description="Origin values a handshake may carry (* wildcards), comma-separated; "
+        "unset: any",
+    )
 
     @field_validator(
         "jwt_secret",
@@ -199,10 +225,27 @@ class Settings(BaseSettings):
             ) from None
         return value
 
-    @field_validator("jwt_audiences", "api_keys", "blocked_users", mode="before")
+    @field_validator(
+        "jwt_audiences",
+        "api_keys",
+        "blocked_users",
+        "trusted_proxies",
+        "allowed_origins",
+        mode="before",
+    )
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"not an address or CIDR: {entry!r}") from None
+        return value
 
     @model_validator(mode="after")
     def _dev_mode_on_loopback_only(self) -> Settings:

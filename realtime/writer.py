@@ -17,11 +17,13 @@ a fake.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
+from realtime.node import LogThrottle
 from realtime.protocol import CloseCode
 
 if TYPE_CHECKING:
@@ -102,7 +104,11 @@ class FlushQueue:
         popleft = pending.popleft
         try:
             for _ in range(count):
-                popleft().flush()
+                writer = popleft()
+                try:
+                    writer.flush()
+                except Exception as exc:  # the fault boundary: this writer's alone
+                    writer.fail(exc)
         finally:
             if pending and not self._scheduled:  # a flush raised: the rest still go
                 self._schedule()
@@ -261,3 +267,15 @@ class Writer:
     def stop(self) -> None:
         """Write nothing more (the socket is gone, or the connection is cleaning up)."""
         self._finish()
+
+    def fail(self, exc: BaseException) -> None:
+        """An unexpected error while writing: close with 1011 (or just stop), logged once per
+        interval per cause."""
+        _faults.exception(type(exc).__name__, exc, "closing a connection (1011): write failed")
+        try:
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
+        except Exception:
+            self._finish()
+
+
+_faults = LogThrottle(logging.getLogger("realtime.writer"), 10.0)

@@ -22,8 +22,17 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.protocol import Protocol as SansIOProtocol
 from websockets.protocol import State
 
+from realtime.door import DOOR_STATE, Door, Ticket, Why
+
 #: Key in the ASGI scope's ``extensions`` under which the protocol object is found.
 EXTENSION = "piggybong.wire"
+#: Pings of one connection answered per second (section 11); the rest are ignored.
+PINGS_PER_SECOND = 10
+#: Bytes a connection without a session yet (mid-handshake) may have waiting in its socket's
+#: buffer when a pong is due; beyond, the socket is aborted.
+CONTROL_BUFFER_BYTES = 64 * 1024
+#: Longest close reason in bytes (RFC 6455: a control frame's payload is at most 125).
+MAX_CLOSE_REASON_BYTES = 123
 #: Per-connection lines (accepted, open, closed) go here; the app sets it to WARNING
 #: unless the log level is debug, so 100,000 connections do not mean 200,000 log lines.
 WS_LOG = logging.getLogger("realtime.ws")
@@ -39,6 +48,10 @@ class WireListener(Protocol):
     def on_shutdown(self) -> None: ...
 
     def on_lost(self) -> None: ...
+
+    def on_control(self, data: bytes) -> None:
+        """A control frame of ours (a pong) to write like any other frame (bounded)."""
+        ...
 
 
 class Inbox:
@@ -140,6 +153,12 @@ class PingWheel:
             proto.send_keepalive_ping()
 
 
+def close_reason(reason: str) -> str:
+    """``reason`` cut to ``MAX_CLOSE_REASON_BYTES`` of UTF-8, never inside a character."""
+    encoded = reason.encode("utf-8", "replace")  # a lone surrogate becomes "?"
+    return encoded[:MAX_CLOSE_REASON_BYTES].decode("utf-8", "ignore")
+
+
 def _finished_parser() -> Generator[None, None, None]:
     """A parser with nothing more to parse (it holds no protocol)."""
     yield from ()
@@ -164,6 +183,11 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
     closing: bool = False
     #: The PingWheel bucket this connection's next ping waits in.
     ping_bucket: int | None = None
+    #: This connection's place in its address's count (realtime/door.py), from the HTTP side.
+    ticket: Ticket | None = None
+    #: Client pings in the current one-second window, and when it ends.
+    pings: int = 0
+    ping_window_end: float = 0.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -225,6 +249,33 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
             self.read_paused = True
             self.transport.pause_reading()
 
+    def handle_ping(self) -> None:
+        """Answer at most ``PINGS_PER_SECOND`` pings a second; a pong goes through the
+        connection's writer (bounded: 4008), or, before there is one, is written unless the
+        socket already holds ``CONTROL_BUFFER_BYTES`` (then it is aborted)."""
+        data = b"".join(self.conn.data_to_send())
+        now = self.loop.time()
+        if now >= self.ping_window_end:
+            self.ping_window_end = now + 1.0
+            self.pings = 0
+        self.pings += 1
+        if self.pings > PINGS_PER_SECOND:
+            if self.pings == PINGS_PER_SECOND + 1:
+                door = self.app_state.get(DOOR_STATE)
+                if isinstance(door, Door):
+                    client = self.client[0] if self.client else ""
+                    door.count(Why.PING_FLOOD, "ws", client)
+            return
+        if not data:
+            return
+        listener = self.listener
+        if listener is not None:
+            listener.on_control(data)
+        elif self.transport.get_write_buffer_size() > CONTROL_BUFFER_BYTES:
+            self.transport.abort()
+        else:
+            self.transport.write(data)
+
     # ------------------------------------------------------------------ outbound
 
     def pause_writing(self) -> None:
@@ -244,6 +295,7 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
         if self.close_sent or self.transport.is_closing():
             return
         self.stop_keepalive()
+        reason = close_reason(reason)
         self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
         try:
             self.conn.send_close(code, reason)
@@ -270,6 +322,9 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         listener = self.listener
         self.listener = None
+        ticket, self.ticket = self.ticket, None
+        if ticket is not None:
+            ticket.release()
         super().connection_lost(exc)
         if listener is not None:
             listener.on_lost()

@@ -213,6 +213,9 @@ class FakeSubscriber:
     def add_spending(self, channel: str, item: dict[str, Any]) -> None:
         self.spending.append((channel, item))
 
+    def fail(self, exc: BaseException, where: str, /) -> None:
+        self.writer.close(CloseCode.INTERNAL_ERROR, where)
+
     def __hash__(self) -> int:
         return id(self)
 
