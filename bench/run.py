@@ -69,6 +69,16 @@ PASS_P99_MS = 250.0
 PASS_DELIVERED = 0.99
 
 
+#: Every load connection comes from 127.0.0.1: the door's per-address limits (section 11)
+#: are for the internet, not for one load generator.
+LOAD_DOOR = ("--max-connections-per-ip", "10000000", "--connect-rate-per-ip", "10000000")
+#: The hostile mix: the door's defaults, except room for the 1,000 subscribers and the
+#: publisher that all come from 127.0.0.1 (the attackers come from 127.0.0.2 and .3).
+HOSTILE_DOOR = ("--max-connections-per-ip", "1100", "--connect-rate-per-ip", "200")
+#: Memory the node may grow by under the hostile mix, over the same run without attackers.
+HOSTILE_RSS_BOUND_MIB = 64
+
+
 @dataclass(frozen=True)
 class Mode:
     name: str
@@ -80,6 +90,7 @@ class Mode:
     held: int
     held_procs: int
     blast_s: float
+    hostile_s: float = 10
     targets: tuple[str, ...] = ("memory", "redis", "redis2", "baseline", "node-ws")
 
 
@@ -93,6 +104,7 @@ FULL = Mode(
     held=100_000,
     held_procs=7,
     blast_s=8,
+    hostile_s=30,
 )
 QUICK = Mode(
     "quick",
@@ -177,7 +189,12 @@ def start_redis(cpu: str | None) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def start_servers(
-    kind: str, *, procs: int = 1, redis_url: str | None = None, cpus: Sequence[str | None] = ("0",)
+    kind: str,
+    *,
+    procs: int = 1,
+    redis_url: str | None = None,
+    cpus: Sequence[str | None] = ("0",),
+    door_limits: Sequence[str] = LOAD_DOOR,
 ) -> Servers:
     """``procs`` server processes of ``kind`` ("realtime", "baseline", "node-ws") on one port."""
     port = free_port()
@@ -201,12 +218,7 @@ def start_servers(
                 "warning",
                 "--outbox-max-messages",
                 "1000",
-                # Every load connection comes from 127.0.0.1: the door's per-address limits
-                # (section 11) are for the internet, not for one load generator.
-                "--max-connections-per-ip",
-                "10000000",
-                "--connect-rate-per-ip",
-                "10000000",
+                *door_limits,
             ]
             if redis_url:
                 cmd += ["--redis-url", redis_url, "--node-id", f"bench-{port}-{i}"]
@@ -832,6 +844,78 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def start_attackers(port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    """bench/hostile.py against ``port``, unpinned, its lines to ``log_path``."""
+    with log_path.open("wb") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "bench.hostile", "--port", str(port)],
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def sample_rss(pids: list[int], into: list[int]) -> None:
+    """Append the processes' RSS to ``into`` every half second, until cancelled."""
+    while True:
+        await asyncio.sleep(0.5)
+        into.append(proc_rss_bytes(pids))
+
+
+async def hostile(mode: Mode, log: Any) -> dict[str, Any]:
+    """1,000 subscribers of one channel, 20 events/s from the HTTP API, p99 and memory: once
+    quiet, once while bench/hostile.py holds 1,000 slow heads and 10 ping floods."""
+    log("== hostile")
+    out: dict[str, Any] = {"rss_bound_mib": HOSTILE_RSS_BOUND_MIB}
+    for name in ("quiet", "attacked"):
+        servers = start_servers("realtime", door_limits=HOSTILE_DOOR)
+        attackers: subprocess.Popen[bytes] | None = None
+        attack_log = LOGS / f"hostile-{servers.port}.log"
+        try:
+            fleets = await connect([plan(servers.port, 1000, "artist:bench")])
+            await asyncio.sleep(1.0)
+            rss0 = proc_rss_bytes(servers.pids)
+            if name == "attacked":
+                attackers = start_attackers(servers.port, attack_log)
+                await asyncio.sleep(12.0)  # past one head timeout: the slow heads reconnect
+            peak = [proc_rss_bytes(servers.pids)]
+            sampler = asyncio.create_task(sample_rss(servers.pids, peak))
+            try:
+                result = await step(fleets, servers, 20, mode.hostile_s)
+            finally:
+                sampler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampler
+            result["rss_start_mib"] = round(rss0 / 2**20, 1)
+            result["rss_peak_mib"] = round(max(peak) / 2**20, 1)
+            if attackers is not None:
+                lines = attack_log.read_text(errors="replace").strip().splitlines()
+                result["attackers"] = json.loads(lines[-1]) if lines else None
+            out[name] = result
+            lat = result["latency_ms"]
+            log(
+                f"  {name}: {result['delivered']:,} of {result['owed']:,} delivered, "
+                f"p50 {lat['p50']} p99 {lat['p99']} ms, RSS {result['rss_start_mib']} -> "
+                f"peak {result['rss_peak_mib']} MiB"
+                + (f", attackers {result['attackers']}" if attackers is not None else "")
+            )
+            await close_all(fleets)
+        finally:
+            if attackers is not None:
+                attackers.kill()
+                attackers.wait()
+            servers.stop()
+    quiet, attacked = out["quiet"], out["attacked"]
+    out["p99_ratio"] = _div(attacked["latency_ms"]["p99"], quiet["latency_ms"]["p99"])
+    out["rss_growth_mib"] = round(attacked["rss_peak_mib"] - quiet["rss_peak_mib"], 1)
+    log(
+        f"  p99 attacked/quiet: {out['p99_ratio']:.2f} (target <= 1.5); peak RSS "
+        f"{out['rss_growth_mib']:+} MiB over quiet (bound {HOSTILE_RSS_BOUND_MIB} MiB)"
+    )
+    return out
+
+
 async def main_async(mode: Mode, only: list[str] | None, log: Any) -> dict[str, Any]:
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -861,6 +945,8 @@ async def main_async(mode: Mode, only: list[str] | None, log: Any) -> dict[str, 
         results["held"] = await held(mode, log)
     if not only or "http-ids" in only:
         results["http_ids"] = await http_ids(mode, log)
+    if not only or "hostile" in only:
+        results["hostile"] = await hostile(mode, log)
     results["seconds"] = round(time.time() - started)
     return results
 
@@ -871,7 +957,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         action="append",
-        help="memory, redis, redis2, baseline, node-ws, scaling, http, held, http-ids (repeat)",
+        help="memory, redis, redis2, baseline, node-ws, scaling, http, held, http-ids, hostile "
+        "(repeat)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument(

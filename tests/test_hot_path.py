@@ -525,3 +525,89 @@ def test_api_requests_are_counted_by_route_and_status(client: TestClient) -> Non
     ]:
         line = f'piggybong_realtime_http_requests_total{{route="{route}",status="{status}"}} 1.0'
         assert line in text
+
+
+# ------------------------------------------------------------------------------ fault boundary
+
+
+class Exploding(FakeSubscriber):
+    """A subscriber whose batching raises (a bug, or an item it cannot encode)."""
+
+    def add_spending(self, channel: str, item: dict[str, Any]) -> None:
+        raise TypeError("Object of type bytes is not JSON serializable")
+
+
+async def test_one_subscribers_failure_in_the_fan_out_closes_it_alone(
+    hub: Hub, flushes: FlushQueue, metrics: Metrics
+) -> None:
+    bad = Exploding("bad", JSON, PAID, *make_writer(flushes, metrics))
+    good = [subscriber(flushes, metrics, f"g{i}") for i in range(2)]
+    for sub in (good[0], bad, good[1]):
+        await join(hub, sub, "artist:f")
+    hub.on_message(
+        "artist:f", broker_frame(1, "ep", pack_event("artist:f", "spending.x", "s", 1, {}))
+    )
+    assert [len(sub.spending) for sub in good] == [1, 1]
+    assert bad.sock.closes == [(1011, "fan-out")]
+    assert good[0].sock.closes == good[1].sock.closes == []
+
+
+async def test_a_writer_that_raises_is_failed_and_the_others_still_get_the_frame(
+    hub: Hub, flushes: FlushQueue, metrics: Metrics
+) -> None:
+    subs = [subscriber(flushes, metrics, f"w{i}") for i in range(3)]
+    for sub in subs:
+        await join(hub, sub, "artist:w")
+
+    def broken(data: bytes) -> None:
+        raise ValueError("a transport bug")
+
+    subs[0].writer._write = broken
+    hub.on_message("artist:w", broker_frame(1, "ep", pack_event("artist:w", "e", "x", 1, {})))
+    await asyncio.sleep(0)
+    assert subs[0].sock.closes == [(1011, "internal error")]
+    assert [len(decoded(sub)) for sub in subs[1:]] == [1, 1]
+
+
+def test_a_batch_flush_that_raises_closes_that_connection_and_flushes_the_others() -> None:
+    from typing import cast
+
+    from realtime.connection import Connection, close_expired, flush_due_batches
+
+    @dataclass
+    class Conn:
+        raises: bool
+        flushed: int = 0
+        expired_: int = 0
+        failed: list[str] = field(default_factory=list)
+
+        def flush_batches(self) -> None:
+            if self.raises:
+                raise TypeError("cannot encode")
+            self.flushed += 1
+
+        def expired(self) -> None:
+            if self.raises:
+                raise OverflowError("absurd")
+            self.expired_ += 1
+
+        def fail(self, exc: BaseException, where: str) -> None:
+            self.failed.append(where)
+
+    conns = [Conn(False), Conn(True), Conn(False)]
+    flush_due_batches(cast(list[Connection], conns))
+    close_expired(cast(list[Connection], conns))
+    assert [c.flushed for c in conns] == [1, 0, 1]
+    assert [c.expired_ for c in conns] == [1, 0, 1]
+    assert conns[1].failed == ["batch flush", "expiry"]
+
+
+async def test_an_encode_failure_skips_that_codec_only(
+    flushes: FlushQueue, metrics: Metrics
+) -> None:
+    from realtime.hub import write_to_all
+
+    subs = [subscriber(flushes, metrics, "j", JSON), subscriber(flushes, metrics, "m", MSGPACK)]
+    write_to_all(tuple(subs), {"type": "event", "data": {"b": b"\x00"}})  # JSON cannot
+    assert subs[0].writer.pending == []
+    assert len(subs[1].writer.pending) == 1
