@@ -8,7 +8,7 @@ UV_VERSION := $(shell sed -n 's/^uv==\([0-9.]*\).*/\1/p' requirements-uv.txt)
 STAMP := $(VENV)/.synced-$(shell cat uv.lock requirements-uv.txt | cksum | cut -d' ' -f1)
 SOURCES := realtime notifications loadtest bench tests clients/python
 
-.PHONY: run test lint format bench upgrade clean venv
+.PHONY: run test fuzz lint format bench upgrade clean venv
 
 venv: $(STAMP)
 
@@ -45,6 +45,12 @@ lint: venv
 format: venv
 	$(VENV)/bin/ruff format $(SOURCES)
 	$(VENV)/bin/ruff check --fix $(SOURCES)
+
+# The property-based fuzzing of tests/test_fuzz.py at length (CI nights; `make test` runs 40
+# examples per property). FUZZ_EXAMPLES=N to change.
+FUZZ_EXAMPLES ?= 2000
+fuzz: venv
+	REALTIME_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) REALTIME_FUZZ_SEED=random $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_fuzz.py
 
 bench: venv
 	$(VENV)/bin/python -m bench.run $(BENCH_ARGS)

@@ -248,10 +248,11 @@ async def prelogin_log(src: Path, count: int = 100) -> dict[str, Any]:
         for _ in range(count):
             async with connect(srv.ws_url) as ws:
                 await ws.send(json.dumps({"id": 1, "op": "connect", "token": bad}))
+                reply: Any = None
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(ws.recv(), 5)
-                    await asyncio.wait_for(ws.recv(), 5)
-                code = str(ws.close_code)
+                    reply = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                    await asyncio.wait_for(ws.recv(), 0.2)
+                code = "connected" if reply and "result" in reply else str(ws.close_code)
                 codes[code] = codes.get(code, 0) + 1
         return {"connects": count, "close_codes": codes, "log_bytes": srv.log_bytes() - before}
 

@@ -41,6 +41,11 @@ _LINE_OVERHEAD: Final = 16
 _HEADER_OVERHEAD: Final = 4
 
 
+#: Seconds a connection the door answered (429, 431) is read, and its bytes dropped, before
+#: it is closed.
+LINGER: Final = 1.0
+
+
 class _Answered(Exception):
     """Raised from a parser callback once the door has answered: stops the parse."""
 
@@ -225,12 +230,21 @@ class RealtimeHttpToolsProtocol(HttpToolsProtocol):
             self.head_timer = None
 
     def _answer_and_close(self, response: bytes) -> None:
+        """Write ``response``, then close: after a lingering ``LINGER`` seconds in which what
+        the client still sends is read and dropped (closing with unread bytes would reset
+        the connection, and the client could lose the answer)."""
         self.answered = True
         self._stop_head_timer()
         self._unset_keepalive_if_required()
-        if not self.transport.is_closing():
-            self.transport.write(response)
-            self.transport.close()
+        transport = self.transport
+        if transport.is_closing():
+            return
+        transport.write(response)
+        if transport.can_write_eof():
+            transport.write_eof()
+            self.loop.call_later(LINGER, transport.close)
+        else:
+            transport.close()
 
     # ------------------------------------------------------------------ upgrade
 
