@@ -848,7 +848,15 @@ def start_attackers(port: int, log_path: Path) -> subprocess.Popen[bytes]:
     """bench/hostile.py against ``port``, unpinned, its lines to ``log_path``."""
     with log_path.open("wb") as sink:
         return subprocess.Popen(
-            [sys.executable, "-m", "bench.hostile", "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "bench.hostile",
+                "--port",
+                str(port),
+                # e.g. "--ping-floods 0" to see one attack alone
+                *os.environ.get("BENCH_HOSTILE_ARGS", "").split(),
+            ],
             cwd=ROOT,
             env=dict(os.environ, PYTHONPATH=str(ROOT)),
             stdout=sink,

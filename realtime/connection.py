@@ -39,9 +39,14 @@ log = logging.getLogger("realtime.connection")
 STRIKES_BEFORE_CLOSE = 10
 #: Error replies a connection gets before its connect succeeds; the next error closes it 4000.
 ERRORS_BEFORE_LOGIN = 3
-#: What ``_decode`` returns for a message it answered itself (refused data): read the next.
-SKIP: dict[str, Any] = {}
 _OPS = frozenset(op.value for op in Op)
+
+
+def _op_label(message: dict[str, Any]) -> str:
+    op = message.get("op")
+    return op if isinstance(op, str) and op in _OPS else "unknown"
+
+
 _HISTORY_DOWN = Error(ErrorCode.UNAVAILABLE, "history unavailable; retry shortly", retry_after=1.0)
 
 
@@ -202,8 +207,6 @@ class Connection:
                     decoded = self._decode(message)
                     if decoded is None:
                         break
-                    if decoded is SKIP:
-                        continue
                     # Not kept alive in this frame while the next receive waits (per-connection
                     # memory of an idle connection).
                     del message
@@ -230,7 +233,10 @@ class Connection:
             decoded = self._decode(message)
             if decoded is None:
                 return False
-            if decoded is SKIP:
+            if p.unsendable(decoded) is not None:
+                if self._error_before_login():
+                    return False
+                self._unsendable(decoded, p.message_id(decoded), _op_label(decoded))
                 continue
             command = p.parse_command(decoded)
             if isinstance(command, p.CommandError):
@@ -508,26 +514,25 @@ class Connection:
             binary = message.get("text") is None
         try:
             decoded = self.codec.decode(data, binary=binary)
-            cid = p.message_id(decoded)
+            p.message_id(decoded)
         except ProtocolViolation as exc:
             self._violation(str(exc))
             return None
-        why = p.unsendable(decoded)
+        return decoded
+
+    def _unsendable(self, message: dict[str, Any], cid: int, op: str) -> bool:
+        """Refuse (bad_request) a message holding what could not be sent on in both
+        encodings (section 11); whether it was refused."""
+        why = p.unsendable(message)
         if why is None:
-            return decoded
-        # Readable, with an id, but holding what could not be sent on: refused at entry.
+            return False
         door = self.node.door
         if door is not None:
             door.count(Why.UNSENDABLE_DATA, "ws", self.peer, why)
-        if self.batcher is None and self._error_before_login():
-            return None
-        op = decoded.get("op")
         self._reply_error(
-            cid,
-            op if isinstance(op, str) and op in _OPS else "unknown",
-            Error(ErrorCode.BAD_REQUEST, f"the message holds {why}: it cannot be sent on"),
+            cid, op, Error(ErrorCode.BAD_REQUEST, f"the message holds {why}: it cannot be sent on")
         )
-        return SKIP
+        return True
 
     def _violation(self, reason: str) -> None:
         self.node.metrics.bad_frames.inc()
@@ -544,6 +549,8 @@ class Connection:
         decision = await self.node.limiter_hit(self.user, self.tier.commands_per_minute)
         if not decision.allowed:
             self._rate_limited(command.id, op_label, decision.retry_after)
+            return
+        if self._unsendable(message, command.id, op_label):
             return
         if isinstance(command, p.CommandError):
             self._reply_error(command.id, op_label, command.error)

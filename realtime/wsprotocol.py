@@ -28,6 +28,11 @@ from realtime.door import DOOR_STATE, Door, Ticket, Why
 EXTENSION = "piggybong.wire"
 #: Pings of one connection answered per second (section 11); the rest are ignored.
 PINGS_PER_SECOND = 10
+#: Longest pause of reading (seconds beyond the current one) for a connection that keeps
+#: sending more pings than are answered: 0 the first time, then 1, 3, 7, 15, 16, 16, ...
+FLOOD_PAUSE_MAX = 16.0
+#: Bytes of one read fed to the parser at a time once the connection is open.
+FEED_SLICE = 8 * 1024
 #: Bytes a connection without a session yet (mid-handshake) may have waiting in its socket's
 #: buffer when a pong is due; beyond, the socket is aborted.
 CONTROL_BUFFER_BYTES = 64 * 1024
@@ -188,6 +193,11 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
     #: Client pings in the current one-second window, and when it ends.
     pings: int = 0
     ping_window_end: float = 0.0
+    #: reading paused until the ping window ends (over PINGS_PER_SECOND), and how often
+    flood_paused: bool = False
+    floods: int = 0
+    #: the unparsed rest of a read that crossed the ping limit (see ``data_received``)
+    stash: bytes | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -233,6 +243,27 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
 
     # ------------------------------------------------------------------ inbound
 
+    def data_received(self, data: bytes) -> None:
+        """Feed the parser at most ``FEED_SLICE`` bytes at a time once open: a ping flood
+        pauses reading after the slice that crossed the limit, and the rest of the read
+        waits unparsed (``stash``, at most one read) until the pause is over."""
+        if self.stash is not None:
+            self.stash += data
+            return
+        if len(data) <= FEED_SLICE or not self.handshake_complete:
+            super().data_received(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(data), FEED_SLICE):
+            super().data_received(bytes(view[start : start + FEED_SLICE]))
+            if self.transport.is_closing():
+                return
+            if self.flood_paused:
+                rest = view[start + FEED_SLICE :]
+                if rest:
+                    self.stash = bytes(rest)
+                return
+
     def send_receive_event_to_app(self) -> None:
         data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
         self.frames = []
@@ -265,6 +296,18 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
                 if isinstance(door, Door):
                     client = self.client[0] if self.client else ""
                     door.count(Why.PING_FLOOD, "ws", client)
+                if not self.flood_paused and not self.transport.is_closing():
+                    # The rest of the flood is not even read: the socket waits (parsing a
+                    # flood of frames would cost the node its CPU), to the end of this
+                    # second the first time, twice as long each time after (at most
+                    # FLOOD_PAUSE_MAX s; a pause past the next keepalive ping ends in the
+                    # close of a connection that did not answer it).
+                    self.flood_paused = True
+                    self.transport.pause_reading()
+                    pause = min(2.0**self.floods - 1.0, FLOOD_PAUSE_MAX)
+                    self.floods += 1
+                    self.ping_window_end += pause
+                    self.loop.call_at(self.ping_window_end, self._flood_over)
             return
         if not data:
             return
@@ -275,6 +318,17 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
             self.transport.abort()
         else:
             self.transport.write(data)
+
+    def _flood_over(self) -> None:
+        self.flood_paused = False
+        if self.transport.is_closing():
+            self.stash = None
+            return
+        stash, self.stash = self.stash, None
+        if stash:
+            self.data_received(stash)  # may pause again (and stash the rest again)
+        if not self.flood_paused and not self.read_paused and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     # ------------------------------------------------------------------ outbound
 
@@ -291,7 +345,8 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
             self.listener.on_resume()
 
     def close_with(self, code: int, reason: str, timeout: float) -> None:
-        """Send a close frame after what is already written; abort if no answer in ``timeout``."""
+        """Send a close frame after what is already written; abort if no answer in ``timeout``
+        (a connection that flooded pings is closed at once, without reading its answer)."""
         if self.close_sent or self.transport.is_closing():
             return
         self.stop_keepalive()
@@ -305,6 +360,11 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
         self.transport.write(b"".join(self.conn.data_to_send()))
         self.close_sent = True
         self.closing = True
+        if self.floods:
+            # A ping flooder's close reply would come after megabytes of unread pings:
+            # closed without waiting for it (a reset if it sends on).
+            self.transport.close()
+            return
         if self.read_paused:
             self.read_paused = False
             self.transport.resume_reading()
