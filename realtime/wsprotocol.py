@@ -375,7 +375,11 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
     def shutdown(self) -> None:
         listener = self.listener
         if listener is not None and not self.close_sent and self.handshake_complete:
-            listener.on_shutdown()
+            try:
+                listener.on_shutdown()
+            except Exception:  # uvicorn calls every connection in one loop: this one only
+                WS_LOG.exception("drain of a connection failed; dropping it")
+                self.transport.abort()
             return
         super().shutdown()
 
