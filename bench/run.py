@@ -525,6 +525,7 @@ async def http_ids(mode: Mode, log: Any) -> dict[str, Any]:
         ):
             servers = start_servers(kind, redis_url=redis_url)
             try:
+                cpu0 = proc_cpu_seconds(servers.pids)
                 result = await blast(
                     [(HOST, servers.port)],
                     connections=32,
@@ -534,16 +535,28 @@ async def http_ids(mode: Mode, log: Any) -> dict[str, Any]:
                     ids=True,
                     path=path,
                 )
+                cpu = proc_cpu_seconds(servers.pids) - cpu0  # warm-up included
             finally:
                 servers.stop()
+            answered = result["accepted_per_s"] * (result["seconds"] + 1.0)
+            result["server_cpu_us_per_publish"] = round(1e6 * cpu / max(1.0, answered), 1)
             out[name] = result
-            log(f"  {name}: {result['accepted_per_s']:,} accepted publishes/s")
+            log(
+                f"  {name}: {result['accepted_per_s']:,} accepted publishes/s, "
+                f"{result['server_cpu_us_per_publish']} server CPU-µs each"
+            )
     finally:
         redis_proc.terminate()
         redis_proc.wait()
     bare = out["bare"]["accepted_per_s"] or 1
     out["ratios"] = {k: round(out[k]["accepted_per_s"] / bare, 2) for k in ("memory", "redis")}
-    log(f"  ratios to bare: {out['ratios']}")
+    # The same ratio by server CPU per publish: not bounded by the load generator's core.
+    cost = out["bare"]["server_cpu_us_per_publish"] or 1.0
+    out["cpu_ratios"] = {
+        k: round(cost / (out[k]["server_cpu_us_per_publish"] or cost), 2)
+        for k in ("memory", "redis")
+    }
+    log(f"  ratios to bare: {out['ratios']}, by CPU per publish: {out['cpu_ratios']}")
     return out
 
 

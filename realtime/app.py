@@ -9,12 +9,14 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
@@ -29,7 +31,7 @@ from notifications.redis_store import RedisNotificationStore
 from notifications.router import NotificationRouter, log_breaker_transition
 from notifications.service import NotificationService
 from notifications.store import NotificationStore
-from realtime.api import EXCEPTION_HANDLERS, Api
+from realtime.api import EXCEPTION_HANDLERS, Api, HttpError, render_internal_error
 from realtime.auth import ApiKeys, Authenticator
 from realtime.broker import Broker, MemoryBroker
 from realtime.channel_presence import ChannelPresence, MemoryChannelPresence
@@ -61,6 +63,7 @@ log = logging.getLogger("realtime")
 
 #: The WebSocket endpoint's path (protocol-v1).
 WS_PATH = "/v1/ws"
+Endpoint = Callable[[Request], Awaitable[Response]]
 #: HTTP requests under this prefix are counted in ``http_requests`` (the backend's API).
 API_PREFIX = "/v1/"
 
@@ -370,6 +373,8 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
     )
+    app.direct = {("POST", "/v1/publish"): api.publish}
+    app._answers = {}
     app.state.node = node
     app.state.api = api
     return app
@@ -386,26 +391,60 @@ async def _cancelled(task: asyncio.Task[None]) -> None:
 
 
 class RealtimeApp(Starlette):
-    """The Starlette app, with ``/v1/ws`` sessions handed straight to their endpoint.
+    """The Starlette app, with ``/v1/ws`` sessions and ``POST /v1/publish`` handed straight
+    to their endpoints.
 
     A WebSocket session lasts as long as the connection, and every ASGI layer it
     passes through (error and exception middleware, router, route) keeps a
     coroutine frame alive for it: about 2 KB per idle connection. Those layers do
     nothing for this route (the endpoint answers its own errors and never raises
-    ``WebSocketException``), so ``/v1/ws`` skips them; every other request, and a
-    WebSocket to any other path, goes through Starlette unchanged.
+    ``WebSocketException``), so ``/v1/ws`` skips them. ``POST /v1/publish`` is the
+    backend's hot path: it skips them too, answering errors through the same
+    exception handlers (``direct``); every other request, and a WebSocket to any
+    other path, goes through Starlette unchanged.
     """
 
     ws_endpoint = WebSocketEndpoint()
+    #: (method, path) -> endpoint, served without Starlette's middleware and router.
+    direct: Mapping[tuple[str, str], Endpoint] = MappingProxyType({})
+    #: (path, status) -> its ``http_requests`` child, for the direct routes
+    _answers: dict[tuple[str, int], Any]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket" and scope["path"] == WS_PATH:
+        kind = scope["type"]
+        if kind == "http":
+            endpoint = self.direct.get((scope["method"], scope["path"]))
+            if endpoint is not None:
+                await self._direct(endpoint, scope, receive, send)
+            elif scope["path"].startswith(API_PREFIX):
+                await super().__call__(scope, receive, self._counting(scope, send))
+            else:
+                await super().__call__(scope, receive, send)
+        elif kind == "websocket" and scope["path"] == WS_PATH:
             scope["app"] = self
             await self.ws_endpoint(scope, receive, send)
-        elif scope["type"] == "http" and scope["path"].startswith(API_PREFIX):
-            await super().__call__(scope, receive, self._counting(scope, send))
         else:
             await super().__call__(scope, receive, send)
+
+    async def _direct(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
+        """``endpoint``'s answer, or its error rendered as Starlette would, counted."""
+        scope["app"] = self
+        request = Request(scope, receive)
+        try:
+            response = await endpoint(request)
+        except ClientDisconnect:
+            return  # nobody to answer
+        except HttpError as exc:
+            response = exc.response()
+        except Exception as exc:
+            response = await render_internal_error(request, exc)
+        key = (scope["path"], response.status_code)
+        counter = self._answers.get(key)
+        if counter is None:
+            counter = self.state.node.metrics.http_requests.labels(key[0], str(key[1]))
+            self._answers[key] = counter
+        counter.inc()
+        await response(scope, receive, send)
 
     def _counting(self, scope: Scope, send: Send) -> Send:
         """``send`` counting the answer in ``http_requests`` by route template and status."""
