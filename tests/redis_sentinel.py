@@ -235,3 +235,21 @@ def sentinel_set() -> Iterator[SentinelSet]:
 def sentinel_target(sentinel_set: SentinelSet) -> RedisTarget:
     sentinel_set.flush()
     return sentinel_set.target
+
+
+def redis_where(kind: str, request: pytest.FixtureRequest) -> str | RedisTarget:
+    """Where a Redis part of a contract suite connects: ``sentinel`` (the shared set, flushed)
+    or any other Redis kind (a flushed DB of the session's Redis)."""
+    if kind == "sentinel":
+        target: RedisTarget = request.getfixturevalue("sentinel_target")
+        return target
+    url: str = request.getfixturevalue("redis_url")
+    return url
+
+
+def data_url(where: str | RedisTarget, request: pytest.FixtureRequest) -> str:
+    """A URL of the Redis holding ``where``'s data (under Sentinel: the master, DB 0)."""
+    if isinstance(where, str):
+        return where
+    sset: SentinelSet = request.getfixturevalue("sentinel_set")
+    return f"redis://127.0.0.1:{sset.master_port()}/0"

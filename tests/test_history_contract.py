@@ -23,13 +23,15 @@ from realtime.history import (
     Published,
 )
 from realtime.redis_broker import CHANNEL_PREFIX, RedisBroker
+from realtime.redis_client import RedisTarget
 from realtime.redis_history import RedisHistory
 from realtime.tiers import HistoryLimits
+from tests.redis_sentinel import redis_where
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(30)
 
-KINDS = ["memory", "redis"]
+KINDS = ["memory", "redis", "sentinel"]
 LIMITS = HistoryLimits(size=5, ttl_s=3600)
 
 
@@ -88,8 +90,8 @@ def kind(request: pytest.FixtureRequest, redis_server: RedisServer) -> str:
 
 
 @pytest.fixture
-def url(kind: str, redis_url: str) -> str | None:
-    return redis_url if kind == "redis" else None
+def url(kind: str, request: pytest.FixtureRequest) -> str | RedisTarget | None:
+    return None if kind == "memory" else redis_where(kind, request)
 
 
 async def test_offsets_grow_by_one_and_are_delivered_framed(kind: str, url: str | None) -> None:
