@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
@@ -53,6 +54,7 @@ CHANNEL_PREFIX: Final = b"rt:"
 _SUBSCRIBE_CHUNK: Final = 1000  # channels per SUBSCRIBE command when re-subscribing
 #: Error replies of a server that is no longer (or not yet) a usable master.
 _NOT_MASTER: Final = ("READONLY", "MASTERDOWN", "LOADING")
+_REPLID: Final = re.compile(rb"master_replid:(\w+)")
 
 
 class _KeyedLock:
@@ -120,6 +122,7 @@ class RedisBroker:
         self._host = str(options.get("host", "localhost"))
         self._port = int(options.get("port", 6379))
         self._path = options.get("path")
+        self._db = int(options.get("db") or 0)  # the history scripts' keys live there
         tls = bool(target.url and target.url.startswith("rediss://"))
         self._ssl = ssl.create_default_context() if tls else None
         username = options.get("username")
@@ -166,8 +169,13 @@ class RedisBroker:
         except RedisReplyError as exc:
             raise BrokerUnavailable(f"redis PUBLISH failed: {exc}") from exc
 
-    async def command(self, *args: bytes, timeout: float | None = None) -> object:
+    async def command(
+        self, *args: bytes, timeout: float | None = None, replid_at: int | None = None
+    ) -> object:
         """Run one command on the pipelined publisher connection and return its reply.
+
+        ``replid_at``: the index of an argument replaced by the replication id of the
+        server the command goes to (as read when its connection opened; b"" if unknown).
 
         Raises ``BrokerUnavailable`` unless Redis answered within ``timeout`` (default: the
         broker's); on a time-out the connection is dropped (the next command reconnects).
@@ -183,6 +191,8 @@ class RedisBroker:
                     conn = self._publisher
                     if conn is None or conn.lost.done():
                         conn = await self._publisher_connection()
+                    if replid_at is not None:
+                        args = (*args[:replid_at], conn.replid, *args[replid_at + 1 :])
                     reply = await conn.command(*args)
                     if self._conn is None:
                         self._wake.set()  # Redis answers: the pub/sub reconnects now
@@ -205,7 +215,7 @@ class RedisBroker:
         """The publisher connection; concurrent callers share one connection attempt."""
         attempt = self._publisher_attempt
         if attempt is None:
-            attempt = asyncio.ensure_future(self._open({}, _ignore_message))
+            attempt = asyncio.ensure_future(self._open({}, _ignore_message, replid=True))
             self._publisher_attempt = attempt
             attempt.add_done_callback(self._publisher_opened)
         return await asyncio.shield(attempt)
@@ -345,10 +355,13 @@ class RedisBroker:
             raise ConnectionLost(str(exc)) from exc
         return str(host), int(port)
 
-    async def _open(self, wanted: dict[bytes, str], handler: MessageHandler) -> RespConnection:
+    async def _open(
+        self, wanted: dict[bytes, str], handler: MessageHandler, *, replid: bool = False
+    ) -> RespConnection:
         """A new authenticated connection (raises OSError, TimeoutError, ConnectionLost...).
 
         Under Sentinel: to the master the sentinels name, refused unless ROLE says master.
+        ``replid``: read the server's replication id into ``conn.replid``.
         """
         loop = asyncio.get_running_loop()
         reader = self._make_reader()
@@ -370,6 +383,12 @@ class RedisBroker:
                     role = await conn.command(b"ROLE")
                     if not isinstance(role, list) or not role or role[0] != b"master":
                         raise ConnectionLost(f"{conn.address} is not a master (yet)")
+                if self._db:
+                    await conn.command(b"SELECT", b"%d" % self._db)
+                if replid:
+                    info = await conn.command(b"INFO", b"replication")
+                    found = _REPLID.search(info if isinstance(info, bytes) else b"")
+                    conn.replid = found.group(1) if found else b""
             except BaseException:
                 conn.abort()
                 raise

@@ -64,8 +64,8 @@ class Persistence:
                 f"{_LOSES} changed since the last snapshot"
             )
         if self.save is None:
-            return f"Redis has no AOF (snapshot rules unknown): a crash may lose every {_LOSES}"
-        return f"Redis keeps nothing across a crash (no AOF, no RDB): a crash loses every {_LOSES}"
+            return f"Redis has no AOF (snapshot rules unknown): a crash may lose all {_LOSES}"
+        return f"Redis keeps nothing across a crash (no AOF, no RDB): a crash loses all {_LOSES}"
 
     def as_dict(self) -> dict[str, Any]:
         """The /readyz field: ``ok`` is always true (information, not a failure)."""

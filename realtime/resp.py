@@ -260,6 +260,8 @@ class RespConnection(asyncio.Protocol):
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         #: the server's host and port (None on a Unix socket)
         self.address: tuple[str, int] | None = None
+        #: the server's replication id when the connection opened (b"": not asked)
+        self.replid = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)

@@ -111,7 +111,7 @@ class SentinelSet:
             "REALTIME_REDIS_SENTINEL_MASTER": MASTER_NAME,
         }
 
-    def _ask(self, command: str, *args: str) -> object:
+    def ask(self, command: str, *args: str) -> object:
         """A sentinel command, from the first sentinel that answers."""
         for sentinel in self.sentinels:
             client = sentinel.client()
@@ -125,7 +125,7 @@ class SentinelSet:
 
     def master_port(self) -> int:
         """The master's port, as the sentinels name it."""
-        reply = self._ask("SENTINEL", "get-master-addr-by-name", MASTER_NAME)
+        reply = self.ask("SENTINEL", "get-master-addr-by-name", MASTER_NAME)
         assert isinstance(reply, list | tuple)
         return int(reply[1])
 

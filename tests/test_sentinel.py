@@ -145,7 +145,10 @@ async def test_wait_answers_unavailable_when_no_replica_confirms(own_set: Sentin
         await store.close()
 
 
-async def test_a_broker_follows_a_failover(own_set: SentinelSet) -> None:
+@pytest.mark.parametrize("how", ["kill", "coordinated"])
+async def test_a_broker_follows_a_failover(own_set: SentinelSet, how: str) -> None:
+    """Killed, the master's connections drop; demoted by ``SENTINEL FAILOVER`` it lives on
+    as a replica, and the broker must leave it for the new master all the same."""
     received: list[tuple[str, bytes]] = []
     broker = RedisBroker(own_set.target, max_backoff=0.5, health_check_interval=0.5)
     await broker.start(lambda channel, payload: received.append((channel, payload)))
@@ -153,7 +156,13 @@ async def test_a_broker_follows_a_failover(own_set: SentinelSet) -> None:
         await broker.subscribe("c")
         await broker.publish("c", b"before")
         await _eventually(lambda: _has(received, b"before"), timeout=5)
-        await _failover(own_set)
+        if how == "kill":
+            await _failover(own_set)
+        else:
+            old = own_set.master_port()
+            own_set.ask("SENTINEL", "FAILOVER", MASTER_NAME)
+            new = await asyncio.to_thread(own_set.wait_failover, old)
+            _wait_replicated(new)  # the old master follows the new one
 
         async def delivered() -> None:  # pub/sub is at most once: until re-subscribed
             await broker.publish("c", b"after")
@@ -162,6 +171,7 @@ async def test_a_broker_follows_a_failover(own_set: SentinelSet) -> None:
 
         await _eventually(delivered)
         assert broker.ready and broker.channels == {"c"}
+        assert broker._master is not None and broker._master[1] == own_set.master_port()
     finally:
         await broker.close()
 

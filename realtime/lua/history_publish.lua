@@ -4,7 +4,8 @@
 -- KEYS[3] (optional) the result hash of the caller's idempotency key.
 -- ARGV: 1 payload, 2 history size, 3 history ttl (s), 4 pub/sub channel, 5 meta ttl (s),
 --       6 a fresh epoch (used if the channel has none), 7 result ttl (ms),
---       8 deadline (unix ms; 0 none): past it, nothing is done.
+--       8 deadline (unix ms; 0 none): past it, nothing is done,
+--       9 the server's replication id as the caller's connection read it ('' : ask INFO).
 -- Returns {offset, epoch, status}: status 0 published, 1 a duplicate (its first offset and
 -- epoch), 2 not done (the deadline had passed).
 local deadline = tonumber(ARGV[8])
@@ -22,7 +23,10 @@ if #KEYS == 3 then
 end
 -- The epoch changes when the meta is new or was written under another replication id
 -- (a failover or a restart: the top offset may have lost publications clients saw).
-local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
+local replid = ARGV[9]
+if replid == '' then
+  replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
+end
 local meta = redis.call('HMGET', KEYS[2], 'e', 'r')
 local epoch = meta[1]
 if not epoch or meta[2] ~= replid then
