@@ -36,7 +36,9 @@ _READY_TIMEOUT = 30.0
 class _Sentinel:
     """One ``redis-server --sentinel`` process with a config file of its own."""
 
-    def __init__(self, binary: str, master_port: int, directory: Path) -> None:
+    def __init__(
+        self, binary: str, master_port: int, directory: Path, password: str | None
+    ) -> None:
         self.port = _free_port()
         self.dir = directory / f"sentinel-{self.port}"
         self.dir.mkdir()
@@ -50,6 +52,7 @@ class _Sentinel:
             f"sentinel down-after-milliseconds {MASTER_NAME} 1000\n"
             f"sentinel failover-timeout {MASTER_NAME} 5000\n"
             f"sentinel parallel-syncs {MASTER_NAME} 1\n"
+            + (f"sentinel auth-pass {MASTER_NAME} {password}\n" if password else "")
         )
         self.proc = subprocess.Popen(
             [binary, str(config), "--sentinel"],
@@ -74,24 +77,27 @@ class _Sentinel:
 class SentinelSet:
     """A master, one replica and three sentinels; ``target`` / ``env`` point a node at it."""
 
-    def __init__(self, binary: str) -> None:
+    def __init__(self, binary: str, password: str | None = None) -> None:
         self.binary = binary
+        self.password = password
         self.dir = Path(tempfile.mkdtemp(prefix="realtime-test-sentinel-"))
         self.servers: list[RedisServer] = []
         self.sentinels: list[_Sentinel] = []
 
     @classmethod
-    def start(cls) -> SentinelSet:
+    def start(cls, password: str | None = None) -> SentinelSet:
+        """Master, replica and sentinels; ``password``: the servers' ``requirepass``."""
         binary = find_redis_server()
         if binary is None:
             pytest.fail("redis-server not found: the Sentinel tests need it", pytrace=False)
-        sset = cls(binary)
+        sset = cls(binary, password)
         try:
-            master = RedisServer.start_own(binary)
+            master = RedisServer.start_own(binary, password=password)
             sset.servers.append(master)
-            replica = RedisServer.start_own(binary, ["--replicaof", "127.0.0.1", str(master.port)])
+            follow = ["--replicaof", "127.0.0.1", str(master.port)]
+            replica = RedisServer.start_own(binary, follow, password=password)
             sset.servers.append(replica)
-            sset.sentinels = [_Sentinel(binary, master.port, sset.dir) for _ in range(3)]
+            sset.sentinels = [_Sentinel(binary, master.port, sset.dir, password) for _ in range(3)]
             sset.wait_ready()
         except BaseException:
             sset.stop()
@@ -101,7 +107,9 @@ class SentinelSet:
     @property
     def target(self) -> RedisTarget:
         return RedisTarget(
-            sentinels=tuple(("127.0.0.1", s.port) for s in self.sentinels), master=MASTER_NAME
+            sentinels=tuple(("127.0.0.1", s.port) for s in self.sentinels),
+            master=MASTER_NAME,
+            password=self.password,
         )
 
     def env(self) -> dict[str, str]:
@@ -128,6 +136,15 @@ class SentinelSet:
         reply = self.ask("SENTINEL", "get-master-addr-by-name", MASTER_NAME)
         assert isinstance(reply, list | tuple)
         return int(reply[1])
+
+    def client(self, port: int, *, decode_responses: bool = False) -> redis.Redis:
+        """A client of the Redis server on ``port`` (with the set's password)."""
+        return redis.Redis(
+            port=port,
+            password=self.password,
+            socket_timeout=5.0,
+            decode_responses=decode_responses,
+        )
 
     def server(self, port: int) -> RedisServer:
         return next(s for s in self.servers if s.port == port)
@@ -162,7 +179,7 @@ class SentinelSet:
 
     def _replica_synced(self) -> bool:
         master = self.master()
-        client = redis.Redis(port=master.port, socket_timeout=2.0, decode_responses=True)
+        client = self.client(master.port, decode_responses=True)
         try:
             info = client.info("replication")
             return int(info.get("connected_slaves", 0)) >= 1 and "online" in str(info["slave0"])
@@ -189,7 +206,7 @@ class SentinelSet:
             except AssertionError:
                 port = old_port
             if port != old_port:
-                client = redis.Redis(port=port, socket_timeout=2.0)
+                client = self.client(port)
                 try:
                     if client.execute_command("ROLE")[0] == b"master":  # type: ignore[no-untyped-call]
                         return port
@@ -201,7 +218,7 @@ class SentinelSet:
         raise AssertionError(f"no failover from port {old_port} within {timeout} s")
 
     def flush(self) -> None:
-        client = redis.Redis(port=self.master_port(), socket_timeout=5.0)
+        client = self.client(self.master_port())
         try:
             client.flushall()
         finally:
@@ -216,9 +233,9 @@ class SentinelSet:
 
 
 @contextmanager
-def running_set() -> Iterator[SentinelSet]:
+def running_set(password: str | None = None) -> Iterator[SentinelSet]:
     """A Sentinel set for the block, stopped after it."""
-    sset = SentinelSet.start()
+    sset = SentinelSet.start(password)
     try:
         yield sset
     finally:

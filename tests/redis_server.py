@@ -93,12 +93,19 @@ class RedisServer:
         self._next_db = 0
 
     @classmethod
-    def start_own(cls, binary: str, extra: Sequence[str] = ()) -> RedisServer:
-        """A server of our own; ``extra`` arguments follow (and override) the defaults."""
+    def start_own(
+        cls, binary: str, extra: Sequence[str] = (), password: str | None = None
+    ) -> RedisServer:
+        """A server of our own; ``extra`` arguments follow (and override) the defaults.
+
+        ``password``: ``requirepass`` (and ``masterauth``), and in ``url``."""
         last_error = ""
+        if password is not None:
+            extra = [*extra, "--requirepass", password, "--masterauth", password]
+        auth = "" if password is None else f":{password}@"
         for _ in range(5):  # a free port can be taken between probe and bind: retry
             port = _free_port()
-            url = f"redis://127.0.0.1:{port}/0"
+            url = f"redis://{auth}127.0.0.1:{port}/0"
             server = cls(binary, port, url, external=False, extra=extra)
             try:
                 server._spawn()

@@ -4,6 +4,7 @@ three sentinels, tests/redis_sentinel.py; the master is SIGKILLed)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -11,13 +12,15 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 import redis
+from redis.exceptions import RedisError
 
 from notifications.models import Device, Notification, Platform, Priority
 from notifications.redis_store import RedisNotificationStore
 from realtime.channel_presence import Counts, Member
 from realtime.redis_broker import RedisBroker
 from realtime.redis_channel_presence import RedisChannelPresence
-from realtime.redis_client import RedisTarget, redis_client
+from realtime.redis_client import RedisTarget, make_client, redis_client
+from realtime.redis_persistence import PersistenceCheck
 from realtime.redis_presence import RedisConnectionRegistry
 from realtime.redis_ratelimit import RedisRateLimiter
 from realtime.settings import Settings
@@ -281,3 +284,39 @@ def _wait_replicated(port: int) -> None:
 
 def test_the_fixture_names_its_master() -> None:
     assert MASTER_NAME == "rt-master"
+
+
+async def test_redis_password_reaches_a_protected_set_and_a_protected_url() -> None:
+    """REALTIME_REDIS_PASSWORD is the servers' password: used through the sentinels (which
+    take none here) and with a URL that carries none; a wrong one is refused."""
+    password = "s3cret-pw"
+    with running_set(password) as sset:
+        url = f"redis://127.0.0.1:{sset.master_port()}/0"
+        for target in (sset.target, RedisTarget(url=url, password=password)):
+            await _reached(target)
+            wrong = make_client(dataclasses.replace(target, password="wrong"))
+            try:
+                with pytest.raises(RedisError):
+                    await wrong.set("k", "v")
+            finally:
+                await wrong.aclose()
+
+
+async def _reached(target: RedisTarget) -> None:
+    """The broker, a store client and the persistence check all work at ``target``."""
+    received: list[tuple[str, bytes]] = []
+    broker = RedisBroker(target, max_backoff=0.5)
+    await broker.start(lambda channel, payload: received.append((channel, payload)))
+    client = make_client(target)
+    check = PersistenceCheck(target)
+    try:
+        assert broker.ready
+        await broker.subscribe("c")
+        await broker.publish("c", b"hello")
+        await _eventually(lambda: _has(received, b"hello"), timeout=5)
+        await client.set("k", "v")
+        assert (await check.check()).source == "config"
+    finally:
+        await broker.close()
+        await client.aclose()
+        await check.close()
