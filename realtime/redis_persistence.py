@@ -11,6 +11,7 @@ as information: it never makes the node unready.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +28,9 @@ log = logging.getLogger("realtime.redis")
 
 #: Seconds a finding is served before /readyz asks Redis again (a failover may change it).
 REFRESH_INTERVAL: Final = 60.0
+#: Seconds /readyz waits for Redis's answer (under /readyz's own 0.8 s bound, so a slow
+#: answer is an unknown finding, never a failed check).
+READY_WAIT: Final = 0.5
 _LOSES: Final = "queued notifications and registered devices"
 
 
@@ -136,14 +140,22 @@ class PersistenceCheck:
         return {_text(k): _text(v) for k, v in raw.items()}, None
 
     async def readiness(self) -> dict[str, Any]:
-        """The last finding, asked again when older than ``refresh`` or unknown."""
+        """The last finding, asked again when older than ``refresh`` or unknown.
+
+        Always ``ok``: Redis not answering within ``READY_WAIT`` leaves the last finding
+        (or "unreachable") in place; the next call asks again.
+        """
         found = self._found
         if (
             found is None
             or found.source == "unreachable"
             or (self._clock() - self._found_at >= self._refresh)
         ):
-            found = await self.check()
+            try:
+                async with asyncio.timeout(READY_WAIT):
+                    found = await self.check()
+            except TimeoutError:
+                found = self._found or Persistence("unreachable")
         return found.as_dict()
 
     async def close(self) -> None:

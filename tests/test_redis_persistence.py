@@ -115,6 +115,21 @@ async def test_an_unreachable_redis_is_asked_again_by_readyz(redis_server: Redis
         redis_server.ensure_up()
 
 
+async def test_a_stalled_redis_leaves_readiness_ok(redis_server: RedisServer) -> None:
+    redis_server.ensure_up()
+    check = PersistenceCheck(redis_server.url, refresh=0)
+    try:
+        assert (await check.check()).source == "config"
+        redis_server.pause()
+        try:
+            ready = await check.readiness()  # asks again, gets no answer in time
+        finally:
+            redis_server.resume()
+        assert ready["ok"] is True and ready["source"] == "config"  # the last finding
+    finally:
+        await check.close()
+
+
 async def test_a_node_warns_at_start_and_readyz_shows_it(
     redis_url: str, aof_redis: RedisServer
 ) -> None:
