@@ -53,6 +53,8 @@ from realtime.protocol import (
     notification_message,
 )
 from realtime.ratelimit import MemoryRateLimiter, RateLimiter
+from realtime.redis_client import RedisTarget, redis_client
+from realtime.redis_persistence import PersistenceCheck
 from realtime.settings import NOTIFICATION_LEASE_TIMEOUT, Settings
 from realtime.tiers import load_policy
 from realtime.timers import Timers
@@ -110,7 +112,9 @@ def _error(status: int, code: ErrorCode, message: str) -> JSONResponse:
     return JSONResponse(http_error_body(Error(code, message)), status_code=status)
 
 
-def _redis_parts(url: str, metrics: Metrics) -> tuple[Broker, ConnectionRegistry, RateLimiter]:
+def _redis_parts(
+    url: RedisTarget, metrics: Metrics
+) -> tuple[Broker, ConnectionRegistry, RateLimiter]:
     from realtime.redis_broker import RedisBroker
     from realtime.redis_presence import RedisConnectionRegistry
     from realtime.redis_ratelimit import RedisRateLimiter
@@ -131,15 +135,15 @@ def _memory_parts() -> tuple[Broker, ConnectionRegistry, RateLimiter]:
 
 
 def _channel_presence(settings: Settings) -> ChannelPresence:
-    if settings.redis_url:
+    if settings.uses_redis:
         from realtime.redis_channel_presence import RedisChannelPresence
 
-        return RedisChannelPresence(settings.redis_url)
+        return RedisChannelPresence(settings.redis_target)
     return MemoryChannelPresence()
 
 
 def _history(settings: Settings, broker: Broker) -> History:
-    if settings.redis_url:
+    if settings.uses_redis:
         from realtime.redis_broker import CHANNEL_PREFIX, RedisBroker
         from realtime.redis_history import RedisHistory
 
@@ -181,9 +185,15 @@ def _adapters(settings: Settings) -> dict[Platform, PushAdapter]:
 
 
 def _notification_store(settings: Settings, metrics: NotificationMetrics) -> NotificationStore:
-    if settings.redis_url:  # from_url's options go to RedisNotificationStore.__init__
-        return RedisNotificationStore.from_url(
-            settings.redis_url,
+    if settings.uses_redis:
+        client = redis_client(
+            settings.redis_target, blocking=False, **RedisNotificationStore.client_options()
+        )
+        return RedisNotificationStore(
+            client,
+            owns_client=True,
+            wait_replicas=settings.notification_wait_replicas,
+            wait_timeout=settings.notification_wait_timeout,
             max_depth=settings.notification_queue_max,
             lease_timeout=NOTIFICATION_LEASE_TIMEOUT,
             max_deliveries=settings.notification_max_deliveries,
@@ -247,7 +257,7 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         blocked_users=settings.blocked_users,
     )
     broker, presence, limiter = (
-        _redis_parts(settings.redis_url, metrics) if settings.redis_url else _memory_parts()
+        _redis_parts(settings.redis_target, metrics) if settings.uses_redis else _memory_parts()
     )
     history = _history(settings, broker)
     connections: set[Connection] = set()
@@ -261,7 +271,7 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         history,
         policy,
         metrics,
-        check_interval=POSITION_CHECK_INTERVAL if settings.redis_url else None,
+        check_interval=POSITION_CHECK_INTERVAL if settings.uses_redis else None,
     )
     node = Node(
         node_id=settings.node_id or f"{socket.gethostname()}-{os.getpid()}",
@@ -326,6 +336,9 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         return {"ok": ok, "breakers": states}
 
     node.readiness["notifications"] = notifications_ready
+    persistence = PersistenceCheck(settings.redis_target) if settings.uses_redis else None
+    if persistence is not None:
+        node.readiness["redis_persistence"] = persistence.readiness
     api = Api(node, ApiKeys(settings.effective_api_keys), service)
     metrics.open_connections.set_function(lambda: len(node.connections))
     metrics.channels.set_function(lambda: len(hub.channels))
@@ -337,6 +350,8 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
             # Closed in reverse order, also when a later start fails.
             for part in (broker, history, presence, board.presence, limiter, store):
                 stack.push_async_callback(part.close)
+            if persistence is not None:
+                stack.push_async_callback(persistence.close)
             for adapter in set(adapters.values()):
                 stack.push_async_callback(adapter.close)
             stack.push_async_callback(router.close)
@@ -347,6 +362,8 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
                 await metrics_port.start()
                 stack.push_async_callback(metrics_port.close)
                 log.info("metrics on %s:%d", settings.host, metrics_port.port)
+            if persistence is not None:  # warns once when a crash of Redis would lose data
+                await persistence.check()
             hub.on_presence_change = board.changed
             await broker.start(hub.on_message, hub.on_reconnect)
             hub.start()
@@ -381,7 +398,9 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
 
 
 def _kind(settings: Settings) -> str:
-    return "redis" if settings.redis_url else "memory"
+    if not settings.uses_redis:
+        return "memory"
+    return settings.redis_target.describe()
 
 
 async def _cancelled(task: asyncio.Task[None]) -> None:

@@ -136,7 +136,7 @@ def serve(args: argparse.Namespace) -> int:
         # Each worker drains on the SIGTERM the supervisor forwards; the supervisor exits 0.
         Multiprocess(config, sockets=[config.bind_socket()]).run()
     elif settings.reuse_port:
-        if not settings.redis_url:
+        if not settings.uses_redis:
             print(
                 "realtime: --reuse-port without REALTIME_REDIS_URL: each process sharing the "
                 "port is a node of its own (publishes reach only its clients)",
