@@ -22,13 +22,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import math
 import sys
 import time
 from collections.abc import Iterable
 from typing import Any
 
-from piggybong_client import Client
+from piggybong_client import Backoff, Client
 from websockets.asyncio.client import connect
 
 from bench.loadgen import Fleet, FleetPlan, merge_snaps, proc_cpu_seconds, publish
@@ -48,6 +49,20 @@ SWEEP_S = 0.05
 # --------------------------------------------------------------------------- fleet: a child
 
 
+class EndCounter(logging.Handler):
+    """Counts the library's "session ended: <why>" lines by their reason."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.reasons: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg == "session ended: %s" and record.args:
+            args = record.args if isinstance(record.args, tuple) else (record.args,)
+            why = f"{type(args[0]).__name__}: {args[0]}"[:80]
+            self.reasons[why] = self.reasons.get(why, 0) + 1
+
+
 class FleetChild:
     """Clients ``first`` .. ``first + count - 1`` of the fleet in this process."""
 
@@ -57,6 +72,10 @@ class FleetChild:
         self.tasks: list[asyncio.Task[None]] = []
         self.back: dict[int, float] = {}  # member index -> when its session resumed
         self.sweeper: asyncio.Task[None] | None = None
+        self.ends = EndCounter()
+        library_log = logging.getLogger("piggybong_client")
+        library_log.setLevel(logging.INFO)
+        library_log.addHandler(self.ends)
 
     async def start(self) -> int:
         spec, now = self.spec, time.time()
@@ -70,8 +89,9 @@ class FleetChild:
                 return token
 
             member.client = Client(
-                spec["urls"][0], provide, member.on_event, on_resync=member.on_resync
-            )
+                spec["urls"][0], provide, member.on_event, on_resync=member.on_resync,
+                backoff=Backoff(base=spec["backoff_base"]),
+            )  # fmt: skip
             await member.client.subscribe(channel)
             self.members.append(member)
             self.tasks.append(asyncio.create_task(member.client.run()))
@@ -105,13 +125,17 @@ class FleetChild:
                     still.append(member)
             pending = still
 
-    def report(self, accepted: dict[str, list[int]], killed: float) -> dict[str, Any]:
+    def report(
+        self, accepted: dict[str, list[int]], unknown: dict[str, list[int]], killed: float
+    ) -> dict[str, Any]:
         total = Tally()
         whole = 0
         for member in self.members:
             assert member.client is not None
             for channel in member.channels:
-                total.add(audit(accepted.get(channel, []), member.got[channel]))
+                total.add(
+                    audit(accepted.get(channel, []), member.got[channel], unknown.get(channel, []))
+                )
             stats = member.client.stats
             whole += stats.resyncs == 0 and stats.recovered >= len(member.client.channels)
         stats_all = [m.client.stats for m in self.members if m.client is not None]
@@ -122,6 +146,7 @@ class FleetChild:
                 died[kind] = died.get(kind, 0) + 1
         return {
             "client_loops_ended": died,
+            "sessions_ended": self.ends.reasons,
             "back_s": [round(t - killed, 3) for t in self.back.values()],
             "clients_all_recovered": whole,
             "recovered": sum(s.recovered for s in stats_all),
@@ -165,7 +190,8 @@ async def _child(spec: dict[str, Any]) -> None:
         elif command["op"] == "status":
             print(json.dumps({"back": len(child.back)}), flush=True)
         elif command["op"] == "report":
-            print(json.dumps(child.report(command["accepted"], command["killed"])), flush=True)
+            answer = child.report(command["accepted"], command["unknown"], command["killed"])
+            print(json.dumps(answer), flush=True)
         else:
             break
     await child.close()
@@ -211,9 +237,24 @@ class ChildFleet:
 # --------------------------------------------------------------------------- fleet: the run
 
 
-async def fleet_resume(clients: int, log: Any, *, rate: float = 10.0) -> dict[str, Any]:
-    """Kill the node that holds ``clients`` resuming clients; see the module docstring."""
-    log(f"== fleet resume: {clients:,} clients on node 0 of two on Redis; node 0 SIGKILLed")
+def listen_drops() -> dict[str, int]:
+    """The kernel's count of connections dropped by full listen queues, and of SYNs
+    sent again (``/proc/net/netstat``; all namespaces' sockets on this host)."""
+    with open("/proc/net/netstat") as f:
+        lines = [line.split() for line in f if line.startswith("TcpExt:")]
+    counters = dict(zip(lines[0][1:], map(int, lines[1][1:]), strict=True))
+    return {k: counters.get(k, 0) for k in ("ListenOverflows", "TCPSynRetrans")}
+
+
+async def fleet_resume(
+    clients: int, log: Any, *, rate: float = 10.0, backoff_base: float = Backoff.base
+) -> dict[str, Any]:
+    """Kill the node that holds ``clients`` resuming clients; see the module docstring.
+    ``backoff_base``: the clients' first reconnect waits uniform(0, base) seconds."""
+    log(
+        f"== fleet resume: {clients:,} clients on node 0 of two on Redis; node 0 SIGKILLed; "
+        f"first reconnect within {backoff_base:g} s"
+    )
     cluster = Cluster(2, True, DEV_JWT_SECRET, DEV_API_KEY)
     children: list[ChildFleet] = []
     publisher: Publisher | None = None
@@ -226,7 +267,8 @@ async def fleet_resume(clients: int, log: Any, *, rate: float = 10.0) -> dict[st
             first, count = p * clients // procs, (p + 1) * clients // procs - p * clients // procs
             urls = [cluster.url(0), cluster.url(1)]
             spec = {"run": run, "first": first, "count": count, "channels": channels,
-                    "urls": urls, "connect_rate": 800 / procs}  # fmt: skip
+                    "urls": urls, "connect_rate": 800 / procs,
+                    "backoff_base": backoff_base}  # fmt: skip
             children.append(ChildFleet(spec))
         t0 = time.time()
         for child in children:
@@ -236,6 +278,7 @@ async def fleet_resume(clients: int, log: Any, *, rate: float = 10.0) -> dict[st
         publisher = Publisher(run, channels, rate, DEV_API_KEY, cluster)
         publisher.start()
         await asyncio.sleep(3.0)
+        drops0 = listen_drops()
         cluster.kill_node(0)
         killed = time.time()
         for child in children:
@@ -249,6 +292,7 @@ async def fleet_resume(clients: int, log: Any, *, rate: float = 10.0) -> dict[st
             await asyncio.sleep(0.25)
             back = sum([(await child.ask({"op": "status"}))["back"] for child in children])
         waited = time.time() - killed
+        drops = {k: v - drops0[k] for k, v in listen_drops().items()}
         cpu = [
             round(100 * (proc_cpu_seconds(pids) - c) / waited)
             for pids, c in zip((survivor, loaders, redis_pid), cpu0, strict=True)
@@ -256,9 +300,12 @@ async def fleet_resume(clients: int, log: Any, *, rate: float = 10.0) -> dict[st
         await asyncio.sleep(3.0)  # publishing goes on: live events after the resume
         await publisher.stop()
         accepted = {c: log_.accepted for c, log_ in publisher.channels.items()}
+        unknown = {c: sorted(log_.unknown) for c, log_ in publisher.channels.items()}
         await asyncio.sleep(3.0)  # drain
         parts = [
-            await child.ask({"op": "report", "accepted": accepted, "killed": killed})
+            await child.ask(
+                {"op": "report", "accepted": accepted, "unknown": unknown, "killed": killed}
+            )
             for child in children
         ]
     finally:
@@ -278,21 +325,27 @@ async def fleet_resume(clients: int, log: Any, *, rate: float = 10.0) -> dict[st
         "back": len(backs),
         "fleet_back_s": backs[-1] if backs else None,
         "back_p50_s": backs[len(backs) // 2] if backs else None,
+        "back_deciles_s": [backs[len(backs) * k // 10] for k in range(10)] if backs else [],
         "waited_s": round(waited, 1),
         "clients_all_recovered": sum(part["clients_all_recovered"] for part in parts),
         "channels_recovered": sum(part["recovered"] for part in parts),
         "channels_resynced": sum(part["resynced"] for part in parts),
         "gaps_filled": sum(part["gaps_filled"] for part in parts),
         "publications_accepted": sum(len(v) for v in accepted.values()),
+        "publications_unanswered": sum(len(v) for v in unknown.values()),
         "ledger": tally,
         "cpu_percent_while_resuming": dict(zip(("survivor", "load", "redis"), cpu, strict=True)),
         "client_loops_ended": _merge(part["client_loops_ended"] for part in parts),
+        "sessions_ended": _merge(part["sessions_ended"] for part in parts),
+        "first_reconnect_within_s": backoff_base,
+        "kernel_while_resuming": drops,
     }
     log(
         f"  back {out['back']:,} of {ready:,}, the last {out['fleet_back_s']} s after the kill "
         f"(median {out['back_p50_s']} s); all channels recovered for "
         f"{out['clients_all_recovered']:,}; resynced {out['channels_resynced']}; ledger {tally}; "
-        f"cpu % {out['cpu_percent_while_resuming']}; loops ended {out['client_loops_ended']}"
+        f"cpu % {out['cpu_percent_while_resuming']}; loops ended {out['client_loops_ended']}; "
+        f"kernel {drops}; sessions ended {out['sessions_ended']}"
     )
     return out
 

@@ -36,10 +36,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, Final, Literal, TextIO
 
 from piggybong_client import Client
 
@@ -52,6 +52,7 @@ from realtime.auth import mint_token
 FAULTS: Final = ("drops", "node-kill", "redis-freeze", "redis-kill")
 #: How long each fault lasts when the scenario does not say.
 DEFAULT_LENGTH: Final = {"drops": 0.0, "node-kill": 3.0, "redis-freeze": 8.0, "redis-kill": 2.0}
+Outcome = Literal["accepted", "refused", "unknown"]
 RESYNC: Final = -1  # a marker in a client's receipts: told recovered: false there
 GIVE_UP_S: Final = 30.0  # a publication still refused after this long is given up
 HOST: Final = "127.0.0.1"
@@ -205,9 +206,10 @@ class Tally:
         return self.missed + self.duplicated + self.out_of_order + self.unexpected
 
 
-def audit(accepted: Sequence[int], got: Sequence[int]) -> Tally:
+def audit(accepted: Sequence[int], got: Sequence[int], unknown: Collection[int] = ()) -> Tally:
     """Receipts ``got`` (sequence numbers, ``RESYNC`` markers) against the ``accepted``
-    sequence numbers of one channel, all of them owed."""
+    sequence numbers of one channel, all of them owed; those in ``unknown`` (given up
+    without an answer) may have been published: neither owed nor unexpected."""
     tally = Tally(owed=len(accepted))
     wanted = set(accepted)
     seen: set[int] = set()
@@ -229,7 +231,7 @@ def audit(accepted: Sequence[int], got: Sequence[int]) -> Tally:
         if seq < last:
             tally.out_of_order += 1
         last = max(last, seq)
-        if seq not in wanted:
+        if seq not in wanted and seq not in unknown:
             tally.unexpected += 1
     if pending_resync:
         excused.update(s for s in accepted if s > before)
@@ -245,7 +247,8 @@ class ChannelPublications:
 
     accepted: list[int] = field(default_factory=list)
     sent_at: dict[int, float] = field(default_factory=dict)  # first attempt of each
-    given_up: int = 0
+    given_up: int = 0  # refused every time: never published
+    unknown: set[int] = field(default_factory=set)  # given up, some attempt unanswered
 
 
 @dataclass
@@ -322,20 +325,26 @@ class Publisher:
                 return
             seq += 1
             log.sent_at[seq] = time.time()
-            if await self._send(channel, seq):
+            outcome = await self._send(channel, seq)
+            if outcome == "accepted":
                 log.accepted.append(seq)
+            elif outcome == "unknown":
+                log.unknown.add(seq)
             else:
                 log.given_up += 1
             next_at = max(next_at + interval, time.monotonic())
 
-    async def _send(self, channel: str, seq: int) -> bool:
-        """Publish until a 202 (True), or give up after ``GIVE_UP_S`` or a 4xx (False)."""
+    async def _send(self, channel: str, seq: int) -> Outcome:
+        """Publish until a 202 (``accepted``), or give up after ``GIVE_UP_S`` or a 4xx:
+        ``refused`` when every answer said it was not published (503, 4xx, a refused
+        connection), ``unknown`` when an attempt got no answer (it may have been)."""
         body = json.dumps(
             [{"channel": channel, "event": "lt.seq", "id": f"{self.run_id}-{seq}",
               "data": {"seq": seq}}]
         ).encode()  # fmt: skip
         deadline = time.monotonic() + GIVE_UP_S
         turn = seq
+        outcome: Outcome = "refused"
         while time.monotonic() < deadline:
             live = self.cluster.live()
             if live:
@@ -347,14 +356,16 @@ class Publisher:
                     conn = self._conns[channel, port] = HttpConnection(HOST, port, timeout=6.0)
                 answer = await conn.request("POST", "/v1/publish", body, headers=self.headers)
                 if not isinstance(answer, HttpFailure) and answer.status == 202:
-                    return True
+                    return "accepted"
+                if isinstance(answer, HttpFailure) and answer.kind != "refused":
+                    outcome = "unknown"
                 kind = answer.kind if isinstance(answer, HttpFailure) else str(answer.status)
                 self.refusals[kind] = self.refusals.get(kind, 0) + 1
                 retry = isinstance(answer, HttpFailure) or answer.status in (429, 503)
                 if not retry:
-                    return False  # refused for good (4xx): not published, not owed
+                    return outcome  # refused for good (4xx): not published, not owed
             await asyncio.sleep(0.2)
-        return False
+        return outcome
 
     def first_sent_after(self, t: float) -> dict[str, int]:
         """Per channel, the first accepted sequence number first sent at or after ``t``."""
@@ -556,7 +567,8 @@ class RecoveryRun:
         for member in self.members:
             mine = Tally()
             for channel in member.channels:
-                mine.add(audit(publisher.channels[channel].accepted, member.got[channel]))
+                log = publisher.channels[channel]
+                mine.add(audit(log.accepted, member.got[channel], log.unknown))
             total.add(mine)
             per_client_broken += mine.broken > 0
         stats = [m.client.stats for m in self.members if m.client is not None]
@@ -577,6 +589,7 @@ class RecoveryRun:
             "publications": {
                 "accepted": accepted,
                 "given_up": sum(log.given_up for log in publisher.channels.values()),
+                "unanswered": sum(len(log.unknown) for log in publisher.channels.values()),
                 "attempts": publisher.attempts,
                 "refusals": publisher.refusals,
             },
@@ -647,6 +660,7 @@ def recovery_rows(results: Mapping[str, Any]) -> list[tuple[str, str]]:
                 f"total {results['total_s']:.1f}s"),
         ("clients", f"{results['clients']:,} on {results['channels']} channels"),
         ("publishing", f"{pub['accepted']:,} accepted, {pub['given_up']} given up, "
+                       f"{pub['unanswered']} given up unanswered, "
                        f"{pub['attempts']:,} attempts; refused {pub['refusals'] or 'never'}"),
         ("delivery", f"{dlv['received']:,} of {dlv['owed']:,} owed: missed {dlv['missed']}, "
                      f"duplicated {dlv['duplicated']}, out of order {dlv['out_of_order']}, "

@@ -50,6 +50,8 @@ def test_the_ledger_counts_what_went_wrong() -> None:
     assert (told.excused, told.missed, told.received) == (2, 1, 3)
     assert audit(accepted, [1, 2, RESYNC]).excused == 4  # nothing after it: the rest
     assert audit(accepted, []).missed == 6
+    # A publication given up without an answer may have been published: not unexpected.
+    assert audit(accepted, [*accepted, 7], unknown={7}).unexpected == 0
 
 
 def test_drops_through_the_command_line(tmp_path: Path) -> None:
