@@ -12,9 +12,9 @@ backoff. Reported: clients back, channels ``recovered: true`` / ``false``, the l
 the last client's resumed session.
 
 ``resume_latency``: one node (in-process and on Redis); 1,000 subscribers of bench.loadgen
-on another channel receive 50 events/s; a paid client misses 1,000 publications, then
-subscribes with ``since``; the time from sending the subscribe to the decoded reply with
-the 1,000 publications, over ``resumes`` resumes.
+(in a child process) on another channel receive 50 events/s; a paid client misses 1,000
+publications, then subscribes with ``since``; the time from sending the subscribe to the
+decoded reply with the 1,000 publications, over ``resumes`` resumes.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 from piggybong_client import Backoff, Client
 from websockets.asyncio.client import connect
 
-from bench.loadgen import Fleet, FleetPlan, merge_snaps, proc_cpu_seconds, publish
+from bench.loadgen import FleetPlan, RemoteFleet, merge_snaps, proc_cpu_seconds, publish
 from loadtest.http import HttpConnection, HttpFailure
 from loadtest.recovery import Cluster, Member, Publisher, Tally, audit
 from loadtest.stats import exact_percentile
@@ -367,13 +367,14 @@ async def resume_latency(redis: bool, resumes: int, log: Any) -> dict[str, Any]:
     name = "redis" if redis else "memory"
     log(f"== resume latency ({name}): 1,000 missed, {resumes} resumes, 1,000 others at 50/s")
     cluster = Cluster(1, redis, DEV_JWT_SECRET, DEV_API_KEY)
-    fleet: Fleet | None = None
+    fleet: RemoteFleet | None = None
     background: asyncio.Task[Any] | None = None
     http = None
     try:
         await cluster.start()
         port = cluster.ports[0]
-        fleet = Fleet(FleetPlan(host=HOST, port=port, clients=1000, channel="artist:bg"))
+        # the 1,000 others in a child process: this one times the resumes
+        fleet = RemoteFleet(FleetPlan(host=HOST, port=port, clients=1000, channel="artist:bg"))
         await fleet.start()
         await fleet.ready()
         before, _ = merge_snaps([await fleet.snap()])
