@@ -20,7 +20,7 @@ from loadtest.config import ConfigError, Scenario, load_scenario
 from loadtest.recovery import FAULTS, is_recovery, recovery_html, recovery_text, run_recovery
 from loadtest.report import render_html
 from loadtest.results import summary_text
-from loadtest.runner import EXIT_CONFIG, Aborted, Outcome, run
+from loadtest.runner import EXIT_ABORTED, EXIT_CONFIG, Aborted, Outcome, run
 from loadtest.sysstats import pin_cpus
 from loadtest.thresholds import DEFAULT_EXPRESSIONS, METRICS
 from loadtest.worker import run_event_loop
@@ -301,7 +301,11 @@ _NOT_FIELDS = frozenset({"config", "source_ips", "quiet", "list_metrics"})
 
 def run_reconnect(scenario: Scenario) -> int:
     """A reconnect scenario: run it, write its outputs, print its summary; the exit code."""
-    results = run_event_loop(run_recovery(scenario))
+    try:
+        results = run_event_loop(run_recovery(scenario))
+    except (RuntimeError, TimeoutError, OSError) as exc:  # servers or clients never came up
+        print(f"realtime-loadtest: aborted: {exc or type(exc).__name__}", file=sys.stderr)
+        return EXIT_ABORTED
     if scenario.out is not None:
         scenario.out.write_text(json.dumps(results, indent=2) + "\n")
     if scenario.html is not None:

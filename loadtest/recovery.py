@@ -143,7 +143,7 @@ class Cluster:
         deadline = time.monotonic() + 30.0
         while not await _answers(port, probe, want, 1.0):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start (logs in {self.workdir})")
+                raise RuntimeError(f"{name} did not start")
             await asyncio.sleep(0.05)
 
     def url(self, i: int) -> str:
@@ -163,6 +163,13 @@ class Cluster:
             self.redis_proc.send_signal(sig)
             if sig == signal.SIGKILL:
                 self.redis_proc.wait()
+
+    def log_tails(self, chars: int = 1500) -> str:
+        """The end of each process's log, for a run that went wrong."""
+        return "\n".join(
+            f"--- {path.name}\n{path.read_text(errors='replace')[-chars:]}"
+            for path in sorted(self.workdir.glob("*.log"))
+        )
 
     def close(self) -> None:
         for proc in self.procs:
@@ -436,6 +443,9 @@ class RecoveryRun:
             await publisher.stop()
             drained = await self._drain(publisher)
             return self._results(publisher, started, drained)
+        except (RuntimeError, TimeoutError, OSError):
+            self.note("aborted; the servers' logs:\n" + self.cluster.log_tails())
+            raise
         finally:
             if publisher is not None:
                 await publisher.stop()
