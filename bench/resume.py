@@ -7,9 +7,11 @@ bench.resume --child SPEC``, JSON lines on stdin/stdout, like bench.loadgen's), 
 following one of ``CHANNELS`` artist channels with history while the backend publishes
 numbered events with ids. Node 0 is SIGKILLed; the children point their clients at node 1
 (the load balancer's part) and each client resumes there with ``since`` on its own
-backoff. Reported: clients back, channels ``recovered: true`` / ``false``, the ledger of
-``loadtest.recovery`` (missed, duplicated, out of order), and the time from the kill to
-the last client's resumed session.
+backoff. Nothing is pinned.
+Reported: clients back, channels ``recovered: true`` / ``false``, the ledger of
+``loadtest.recovery`` (missed, duplicated, out of order) once every client has its
+channel's last publication (or 30 s), and the time from the kill to the last client's
+resumed session.
 
 ``resume_latency``: one node (in-process and on Redis); 1,000 subscribers of bench.loadgen
 (in a child process) on another channel receive 50 events/s; a paid client misses 1,000
@@ -125,6 +127,13 @@ class FleetChild:
                     still.append(member)
             pending = still
 
+    def caught_up(self, last: dict[str, int]) -> int:
+        """Members that handled the last accepted publication of their channels."""
+        return sum(
+            all(m.got[c] and max(m.got[c]) >= last[c] for c in m.channels if c in last)
+            for m in self.members
+        )
+
     def report(
         self, accepted: dict[str, list[int]], unknown: dict[str, list[int]], killed: float
     ) -> dict[str, Any]:
@@ -187,6 +196,8 @@ async def _child(spec: dict[str, Any]) -> None:
         if command["op"] == "move":
             child.move()
             print(json.dumps({"ok": True}), flush=True)
+        elif command["op"] == "caught_up":
+            print(json.dumps({"caught_up": child.caught_up(command["last"])}), flush=True)
         elif command["op"] == "status":
             print(json.dumps({"back": len(child.back)}), flush=True)
         elif command["op"] == "report":
@@ -255,6 +266,8 @@ async def fleet_resume(
         f"== fleet resume: {clients:,} clients on node 0 of two on Redis; node 0 SIGKILLed; "
         f"first reconnect within {backoff_base:g} s"
     )
+    # Nothing pinned: the survivor takes whichever core is free (pinned, it shared CPU 0
+    # with other work on this machine and took 2-5x longer).
     cluster = Cluster(2, True, DEV_JWT_SECRET, DEV_API_KEY)
     children: list[ChildFleet] = []
     publisher: Publisher | None = None
@@ -301,7 +314,13 @@ async def fleet_resume(
         await publisher.stop()
         accepted = {c: log_.accepted for c, log_ in publisher.channels.items()}
         unknown = {c: sorted(log_.unknown) for c, log_ in publisher.channels.items()}
-        await asyncio.sleep(3.0)  # drain
+        last = {c: seqs[-1] for c, seqs in accepted.items() if seqs}
+        deadline = time.time() + 30  # drain: every client has its channel's last publication
+        while time.time() < deadline:
+            answers = [await child.ask({"op": "caught_up", "last": last}) for child in children]
+            if sum(a["caught_up"] for a in answers) >= ready:
+                break
+            await asyncio.sleep(0.5)
         parts = [
             await child.ask(
                 {"op": "report", "accepted": accepted, "unknown": unknown, "killed": killed}

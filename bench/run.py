@@ -936,7 +936,7 @@ async def main_async(mode: Mode, only: list[str] | None, log: Any) -> dict[str, 
         }
         pin_self(1)
     if not only or "fleet-resume" in only:
-        pin_self(None)
+        pin_self(None)  # nothing pinned: the children inherit this
         results["fleet_resume"] = await fleet_resume(mode.fleet, log)
         # the same herd spread over 5 s: what the listen queue makes of 0.5 s
         results["fleet_resume_spread"] = await fleet_resume(mode.fleet, log, backoff_base=5.0)
