@@ -70,7 +70,7 @@ function cluster(now) {
     slowCuts: total("slow_cuts"),
     rateLimited: total("rate_limited"),
     doorRefused: total("door_refused"),
-    redis: redis.includes("down") ? "down" : redis.includes("up") ? "up" : redis.length ? "off (one node)" : "—",
+    redis: redis.includes("down") ? "down" : redis.includes("up") ? "up" : redis.length ? "off" : "—",
     reconnects: total("broker_reconnects"),
     breakers,
     queue: sum(live.map((s) => sum(Object.values(s.queue)))),
@@ -111,7 +111,8 @@ function draw(canvas, now, lines) {
   ctx.clearRect(0, 0, width, height);
   const left = 56, right = 8, top = 8, bottom = 20;
   const values = lines.flatMap((l) => l.points.map((p) => p.v)).filter((v) => v !== null && Number.isFinite(v));
-  const top_ = niceMax(Math.max(1e-9, ...values, 0));
+  const step = niceStep(Math.max(...values, 0) / 4 || 0.25);
+  const top_ = step * 4;
   const x = (t) => left + ((t - (now - KEEP_MS)) / KEEP_MS) * (width - left - right);
   const y = (v) => top + (1 - v / top_) * (height - top - bottom);
   ctx.strokeStyle = "#2b3640"; ctx.fillStyle = "#8b98a5"; ctx.font = "11px system-ui, sans-serif"; ctx.lineWidth = 1;
@@ -120,8 +121,10 @@ function draw(canvas, now, lines) {
     ctx.beginPath(); ctx.moveTo(left, y(v)); ctx.lineTo(width - right, y(v)); ctx.stroke();
     ctx.textAlign = "right"; ctx.fillText(axisLabel(v, top_), left - 6, y(v) + 4);
   }
-  ctx.textAlign = "center";
-  for (let m = 5; m >= 0; m--) ctx.fillText(m ? `-${m} min` : "now", x(now - m * 60_000), height - 4);
+  for (let m = 5; m >= 0; m--) {
+    ctx.textAlign = m === 5 ? "left" : m === 0 ? "right" : "center";
+    ctx.fillText(m ? `-${m} min` : "now", x(now - m * 60_000), height - 4);
+  }
   lines.forEach((line, i) => {
     ctx.strokeStyle = COLORS[i % COLORS.length]; ctx.lineWidth = 1.6; ctx.beginPath();
     let started = false;
@@ -135,12 +138,13 @@ function draw(canvas, now, lines) {
   });
 }
 
-function niceMax(v) {
+/** The smallest of 1, 2, 2.5, 5 times a power of ten that is at least `v`. */
+function niceStep(v) {
   const p = 10 ** Math.floor(Math.log10(v));
   for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
   return 10 * p;
 }
-const axisLabel = (v, top) => (top >= 1000 ? `${fmt(v / 1000, top >= 10000 ? 0 : 1)}k` : fmt(v, top < 1 ? 2 : top < 10 ? 1 : 0));
+const axisLabel = (v, top) => (top >= 1000 ? `${fmt(v / 1000, top >= 10000 ? 0 : 1)}k` : fmt(v, top < 2 ? 2 : top < 20 && v % 1 ? 1 : 0));
 
 const text = (id, value) => { $(id).textContent = value; };
 const cap = (level) => level.charAt(0).toUpperCase() + level.slice(1);
