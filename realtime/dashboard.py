@@ -157,10 +157,22 @@ class StatsFeed:
         self.subscribers: set[Recipient] = set()
         self.recent: dict[str, deque[dict[str, Any]]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._subscribed = False
 
     async def start(self) -> None:
-        await self.broker.subscribe(ADMIN_CHANNEL)
+        await self._subscribe()
         self._task = asyncio.create_task(self._run(), name="stats-feed")
+
+    async def _subscribe(self) -> None:
+        """Subscribes ``ADMIN_CHANNEL`` once; a broker that cannot yet is asked again at the
+        next snapshot (the broker keeps it across its own reconnects)."""
+        if self._subscribed:
+            return
+        try:
+            await self.broker.subscribe(ADMIN_CHANNEL)
+            self._subscribed = True
+        except BrokerUnavailable:
+            pass
 
     async def close(self) -> None:
         if self._task is not None:
@@ -175,13 +187,11 @@ class StatsFeed:
         while True:
             deadline += self.interval
             await asyncio.sleep(max(deadline - loop.time(), 0.0))
+            await self._subscribe()
             payload = json.dumps(self.sampler.sample(time.time())).encode()
             try:
                 await self.broker.publish(ADMIN_CHANNEL, payload)
-            except BrokerUnavailable:
-                self.on_message(ADMIN_CHANNEL, payload)
-            except Exception as exc:  # a broken broker: the next sample tries again
-                log.warning("stats snapshot not published: %s", exc)
+            except BrokerUnavailable:  # Redis down: this node's page still sees this node
                 self.on_message(ADMIN_CHANNEL, payload)
 
     def on_message(self, channel: str, payload: bytes) -> None:

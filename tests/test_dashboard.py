@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from realtime.dashboard import ADMIN_TOKEN_TTL, AdminTokens
 from realtime.stats import StatsSampler, assess, quantile
+from tests.redis_server import RedisServer
 from tests.server import Client, ServerProcess, connected, running_server, ws_client
 
 pytestmark = pytest.mark.timeout(60)
@@ -271,3 +272,32 @@ def test_the_sampler_reads_rates_windows_and_missing_families_as_zero() -> None:
     latency.observe(0.005)
     third = sampler.sample(115.0)  # the 0.5 s observations left the 10 s window
     assert third["window"]["fanouts"] == 1 and third["latency"]["p99"] < 0.01
+
+
+async def test_a_node_that_loses_redis_shows_it_critical_and_recovers(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    async with running_server({**ENV, "REALTIME_REDIS_URL": redis_url}) as server:
+        async with admin_client(server) as page:
+            assert (await next_stats(page))["redis"] == "up"
+            redis_server.kill()
+            try:
+                while (down := await next_stats(page))["redis"] != "down":
+                    pass
+            finally:
+                redis_server.restart()
+        assert down["level"] == "critical" and "Redis unreachable" in down["reasons"]
+        assert down["ready"] is False
+        # Redis came back empty: sessions were closed 1001 to resync; a page reconnects.
+        async with httpx.AsyncClient(base_url=server.url, timeout=5) as http:
+            deadline = time.monotonic() + 20
+            while (await http.get("/readyz")).status_code != 200:
+                assert time.monotonic() < deadline, "not ready again"
+                await asyncio.sleep(0.1)
+        async with admin_client(server) as page:
+            deadline = time.monotonic() + 20
+            while (snap := await next_stats(page, after=int(time.time() * 1000)))[
+                "level"
+            ] != "normal":
+                assert time.monotonic() < deadline, snap["reasons"]
+        assert snap["redis"] == "up"
