@@ -18,9 +18,9 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Metric
 
 NS: Final = "piggybong_realtime_"
 
@@ -55,16 +55,36 @@ _COUNTERS: Final[dict[str, tuple[str, dict[str, str] | None]]] = {
     "broker_reconnects": ("broker_reconnects", None),
 }
 
+#: Families a snapshot never reads: their collection costs a pass over every connection.
+SKIPPED: Final = (NS + "ws_queued_bytes",)
+_SUFFIXES: Final = ("", "_total", "_created", "_bucket", "_count", "_sum")
+
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 
 
-def read_samples(registry: CollectorRegistry) -> Samples:
+class _Source(Protocol):
+    def collect(self) -> Iterable[Metric]: ...
+
+
+def read_samples(registry: _Source) -> Samples:
     """Every sample of the registry by sample name (``..._total``, ``..._bucket``, ...)."""
     samples: Samples = {}
     for family in registry.collect():
         for sample in family.samples:
             samples.setdefault(sample.name, []).append((sample.labels, sample.value))
     return samples
+
+
+def server_families(registry: CollectorRegistry) -> _Source:
+    """The registry restricted to the server's own families (``piggybong_realtime_*``) but
+    ``SKIPPED``: no process or gc collectors, nothing that walks every connection."""
+    names = {
+        family.name + suffix
+        for family in registry.collect()
+        if family.name.startswith(NS) and family.name not in SKIPPED
+        for suffix in _SUFFIXES
+    }
+    return registry.restricted_registry(names)
 
 
 def _sum(samples: Samples, name: str, match: Mapping[str, str] | None = None) -> float:
@@ -122,6 +142,7 @@ class StatsSampler:
 
     ``status`` returns the node's live state that is not a metric: ``ready`` (bool),
     ``redis`` ("up", "down" or "off") and ``breakers`` (adapter -> closed/half_open/open).
+    The families read are those the registry has at the first sample (create them first).
     """
 
     node_id: str
@@ -131,10 +152,13 @@ class StatsSampler:
     _history: deque[tuple[float, dict[str, float], list[tuple[float, float]]]] = field(
         default_factory=deque
     )
+    _source: _Source | None = None
 
     def sample(self, now: float) -> dict[str, Any]:
         """One snapshot at ``now`` (unix seconds); see docs/operations.md for its fields."""
-        samples = read_samples(self.registry)
+        if self._source is None:
+            self._source = server_families(self.registry)
+        samples = read_samples(self._source)
         tiers = {k: int(v) for k, v in _by_label(samples, NS + "ws_connections", "tier").items()}
         totals = {
             name: _sum(samples, NS + family + "_total", match)
@@ -174,7 +198,6 @@ class StatsSampler:
             "connections": tiers,
             "open": int(_sum(samples, NS + "ws_open")),
             "channels": int(_sum(samples, NS + "hub_channels")),
-            "queued_bytes": int(_sum(samples, NS + "ws_queued_bytes")),
             "totals": {k: int(v) for k, v in totals.items()},
             "rates": {k: round(v, 3) for k, v in rates.items()},
             "latency": {k: None if v is None else round(v, 6) for k, v in latency.items()},

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from realtime.dashboard import ADMIN_TOKEN_TTL, AdminTokens
@@ -258,6 +258,16 @@ def test_the_sampler_reads_rates_windows_and_missing_families_as_zero() -> None:
         registry=registry,
         buckets=(0.01, 0.1, 1.0),
     )
+    walks: list[int] = []
+
+    def walk() -> float:  # stands for a walk over every connection
+        walks.append(1)
+        return 0.0
+
+    queued = Gauge(
+        "queued_bytes", "", namespace="piggybong_realtime", subsystem="ws", registry=registry
+    )
+    queued.set_function(walk)
     sampler = StatsSampler("n1", registry, lambda: {"ready": True}, window=10)
     first = sampler.sample(100.0)
     assert first["rates"]["published"] == 0 and first["latency"]["p95"] is None
@@ -272,6 +282,7 @@ def test_the_sampler_reads_rates_windows_and_missing_families_as_zero() -> None:
     latency.observe(0.005)
     third = sampler.sample(115.0)  # the 0.5 s observations left the 10 s window
     assert third["window"]["fanouts"] == 1 and third["latency"]["p99"] < 0.01
+    assert len(walks) <= 1  # at most the first sample's listing of the families, never after
 
 
 async def test_a_node_that_loses_redis_shows_it_critical_and_recovers(

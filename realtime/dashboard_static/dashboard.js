@@ -31,7 +31,6 @@ const maxOf = (values) => values.reduce((a, b) => (b === null || b === undefined
 const worst = (levels) => levels.reduce((a, b) => (LEVELS.indexOf(b) > LEVELS.indexOf(a) ? b : a), "normal");
 const fmt = (v, digits = 0) => (v === null || v === undefined ? "—" : Number(v).toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: digits }));
 const ms = (seconds) => (seconds === null || seconds === undefined ? "—" : `${fmt(seconds * 1000, seconds < 0.01 ? 2 : 1)} ms`);
-const bytes = (n) => (n < 1024 ? `${n} B` : n < 1048576 ? `${fmt(n / 1024, 1)} KiB` : `${fmt(n / 1048576, 1)} MiB`);
 
 /** The cluster now: the latest snapshot of every node heard from within SILENT_MS. */
 function cluster(now) {
@@ -80,7 +79,6 @@ function cluster(now) {
     channels: sum(live.map((s) => s.channels)),
     gapFills: total("gap_fills"),
     historyLost: total("history_lost"),
-    queuedBytes: sum(live.map((s) => s.queued_bytes)),
   };
 }
 
@@ -175,7 +173,7 @@ function render() {
   text("c-breakers", open ? `${open} not closed` : "all closed");
   text("c-breaker-list", Object.entries(c.breakers).map(([n, s]) => `${n} ${s.replace("_", "-")}`).join(" · ") || "—");
   text("c-queue", fmt(c.queue)); text("c-retried", fmt(c.retried)); text("c-dead", fmt(c.deadLetters)); text("c-expired", fmt(c.expired));
-  text("c-channels", fmt(c.channels)); text("c-gapfills", fmt(c.gapFills)); text("c-lost", fmt(c.historyLost)); text("c-queued-bytes", bytes(c.queuedBytes));
+  text("c-channels", fmt(c.channels)); text("c-gapfills", fmt(c.gapFills)); text("c-lost", fmt(c.historyLost));
   renderNodes(now);
   draw($("chart-connections"), now, [
     { label: "connections", points: series(now, (ss) => sum(ss.map((s) => sum(Object.values(s.connections))))) },
