@@ -332,7 +332,8 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
     def node_status() -> dict[str, Any]:
         redis = ("up" if broker.ready else "down") if settings.redis_url else "off"
         states = {b.name: b.state.value for b in breakers.values()}
-        return {"ready": node.is_ready(), "redis": redis, "breakers": states}
+        watched = len(board.watchers)
+        return {"ready": node.is_ready(), "redis": redis, "breakers": states, "watched": watched}
 
     feed = StatsFeed(broker, StatsSampler(node.node_id, registry, node_status))
     node.stats_feed = feed

@@ -141,7 +141,8 @@ class StatsSampler:
     """Samples ``registry`` into snapshots; keeps what the rates and quantiles need.
 
     ``status`` returns the node's live state that is not a metric: ``ready`` (bool),
-    ``redis`` ("up", "down" or "off") and ``breakers`` (adapter -> closed/half_open/open).
+    ``redis`` ("up", "down" or "off"), ``breakers`` (adapter -> closed/half_open/open) and
+    ``watched`` (channels whose presence this node's connections watch).
     The families read are those the registry has at the first sample (create them first).
     """
 
@@ -198,6 +199,7 @@ class StatsSampler:
             "connections": tiers,
             "open": int(_sum(samples, NS + "ws_open")),
             "channels": int(_sum(samples, NS + "hub_channels")),
+            "presence_watched": int(status.get("watched", 0)),
             "totals": {k: int(v) for k, v in totals.items()},
             "rates": {k: round(v, 3) for k, v in rates.items()},
             "latency": {k: None if v is None else round(v, 6) for k, v in latency.items()},

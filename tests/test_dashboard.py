@@ -128,7 +128,7 @@ async def test_an_admin_session_gets_recent_and_live_snapshots_that_match_metric
     async with running_server(ENV) as server:
         await asyncio.sleep(1.2)  # one snapshot kept before the page subscribes
         async with connected(server, "fan-1", tier="paid") as fan:
-            await fan.command("subscribe", channel="artist:aespa")
+            await fan.command("subscribe", channel="artist:aespa", presence=True)
             for i in range(5):
                 response = await server.publish(
                     {"channel": "artist:aespa", "event": "news", "data": {"i": i}}
@@ -154,6 +154,7 @@ async def test_an_admin_session_gets_recent_and_live_snapshots_that_match_metric
         assert snap["totals"]["delivered"] >= 5
         assert snap["latency"]["p50"] is not None and snap["latency"]["p99"] < 1.0
         assert snap["window"]["fanouts"] == 5
+        assert snap["channels"] == 3 and snap["presence_watched"] == 1  # 2 user channels
         assert set(snap["breakers"].values()) == {"closed"}
 
 

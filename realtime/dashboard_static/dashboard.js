@@ -77,6 +77,7 @@ function cluster(now) {
     deadLetters: total("dead_letters"),
     expired: total("expired"),
     channels: sum(live.map((s) => s.channels)),
+    watched: sum(live.map((s) => s.presence_watched ?? 0)),
     gapFills: total("gap_fills"),
     historyLost: total("history_lost"),
   };
@@ -173,7 +174,7 @@ function render() {
   text("c-breakers", open ? `${open} not closed` : "all closed");
   text("c-breaker-list", Object.entries(c.breakers).map(([n, s]) => `${n} ${s.replace("_", "-")}`).join(" · ") || "—");
   text("c-queue", fmt(c.queue)); text("c-retried", fmt(c.retried)); text("c-dead", fmt(c.deadLetters)); text("c-expired", fmt(c.expired));
-  text("c-channels", fmt(c.channels)); text("c-gapfills", fmt(c.gapFills)); text("c-lost", fmt(c.historyLost));
+  text("c-channels", fmt(c.channels)); text("c-watched", fmt(c.watched)); text("c-gapfills", fmt(c.gapFills)); text("c-lost", fmt(c.historyLost));
   renderNodes(now);
   draw($("chart-connections"), now, [
     { label: "connections", points: series(now, (ss) => sum(ss.map((s) => sum(Object.values(s.connections))))) },
