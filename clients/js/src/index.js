@@ -219,11 +219,13 @@ export class Client {
     let refresher = null;
     try {
       const token = await this.tokenProvider();
-      const wanted = new Map([...this.channels].map(([name, state]) => [name, state.position]));
-      const channels = [...wanted].map(([channel, since]) => ({
-        channel,
-        ...(since ? { since: { epoch: since.epoch, offset: since.offset } } : {}),
-      }));
+      // Channels watched for presence are subscribed after the connect (a connect entry
+      // cannot ask for presence pushes); the others resume in the connect itself.
+      const positions = new Map([...this.channels].map(([name, state]) => [name, state.position]));
+      const watched = [...this.channels].filter(([, state]) => state.presence).map(([name]) => name);
+      const wanted = new Map([...positions].filter(([name]) => !watched.includes(name)));
+      const sinceOf = (since) => (since ? { since: { epoch: since.epoch, offset: since.offset } } : {});
+      const channels = [...wanted].map(([channel, since]) => ({ channel, ...sinceOf(since) }));
       const result = await Promise.race([
         this.command("connect", { token, client: { app: "piggybong-js", version: "0.1.0" }, channels }, (result) => {
           for (const [name, entry] of Object.entries(result.channels ?? {})) {
@@ -236,8 +238,10 @@ export class Client {
       this.session = result;
       this.stats.connects += 1;
       this.backoff.reset();
-      for (const [name, state] of this.channels) {
-        if (state.presence) this.command("subscribe", { channel: name, presence: true }).catch(() => {});
+      for (const name of watched) {
+        const since = positions.get(name) ?? null;
+        const fields = { channel: name, presence: true, ...sinceOf(since) };
+        this.command("subscribe", fields, (r) => this.settle(name, since, r)).catch(() => {});
       }
       refresher = this.refreshLoop(token);
       this.onState("connected", result);

@@ -63,6 +63,22 @@ test("connect, subscribe, publish, history and presence, in JSON and msgpack", {
   }
 });
 
+test("presence pushes, also after a reconnect", { timeout: 30000 }, async () => {
+  let s = await startServer();
+  const pushes = [];
+  const { c } = client(s.wsUrl, "fan-presence", { onPresence: (m) => pushes.push(m) });
+  await c.start();
+  await c.subscribe("artist:presence", { presence: true });
+  await until(() => pushes.length === 1, 5000, "the first presence push");
+  assert.deepEqual([pushes[0].channel, pushes[0].users, pushes[0].connections], ["artist:presence", 1, 1]);
+  assert.equal(await s.stop(), 0);
+  s = await server({ port: s.port });
+  await c.waitConnected();
+  await until(() => pushes.length === 2, 5000, "the presence push after the reconnect");
+  assert.equal(pushes[1].connections, 1);
+  await c.close();
+});
+
 test("a live gap is filled from history before the later event", { timeout: 30000 }, async () => {
   const s = await server();
   const { c, events } = client(s.wsUrl, "fan-gap");
