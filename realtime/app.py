@@ -34,7 +34,7 @@ from realtime.auth import ApiKeys, Authenticator
 from realtime.broker import Broker, MemoryBroker
 from realtime.channel_presence import ChannelPresence, MemoryChannelPresence
 from realtime.connection import Connection, close_expired, flush_due_batches
-from realtime.dashboard import ADMIN_CHANNEL, AdminTokens, Dashboard, StatsFeed
+from realtime.dashboard import ADMIN_CHANNEL, BACKFILL_MAX, AdminTokens, Dashboard, StatsFeed
 from realtime.envelope import pack_notification
 from realtime.gcfreeze import GcFreezer
 from realtime.history import History, MemoryHistory
@@ -335,7 +335,11 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         watched = len(board.watchers)
         return {"ready": node.is_ready(), "redis": redis, "breakers": states, "watched": watched}
 
-    feed = StatsFeed(broker, StatsSampler(node.node_id, registry, node_status))
+    feed = StatsFeed(
+        broker,
+        StatsSampler(node.node_id, registry, node_status),
+        backfill_max=min(BACKFILL_MAX, settings.outbox_max_messages // 2),
+    )
     node.stats_feed = feed
 
     def on_message(channel: str, payload: bytes) -> None:

@@ -265,8 +265,9 @@ class Connection:
         stats_wanted = False
         for entry in command.channels:
             if isinstance(entry.channel, p.Channel) and entry.channel.namespace == "admin":
-                stats_wanted = feed is not None and entry.name == "admin:stats"
-                if not stats_wanted:
+                if feed is not None and entry.name == "admin:stats":
+                    stats_wanted = True
+                else:
                     refused[entry.name] = _ADMIN_ONLY.to_map()
                 continue
             error = self._refusal(entry.channel, len(wanted))

@@ -57,6 +57,9 @@ STATS_EVENT: Final = "node.stats"
 INTERVAL: Final = 1.0
 #: Seconds of snapshots every node keeps per node (sent to a page when it subscribes).
 KEEP_SECONDS: Final = 300
+#: Most kept snapshots sent to a new admin session (within its outbox bound): beyond, every
+#: n-th second of every node.
+BACKFILL_MAX: Final = 300
 #: Lifetime of an admin session token (the page refreshes it before it expires).
 ADMIN_TOKEN_TTL: Final = 300.0
 #: The ``kid`` header that marks an admin session token.
@@ -150,10 +153,17 @@ class StatsFeed:
     raises. A snapshot the broker refuses (Redis down) is still shown locally.
     """
 
-    def __init__(self, broker: Broker, sampler: StatsSampler, interval: float = INTERVAL) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        sampler: StatsSampler,
+        interval: float = INTERVAL,
+        backfill_max: int = BACKFILL_MAX,
+    ) -> None:
         self.broker = broker
         self.sampler = sampler
         self.interval = interval
+        self.backfill_max = max(backfill_max, 1)
         self.subscribers: set[Recipient] = set()
         self.recent: dict[str, deque[dict[str, Any]]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -208,10 +218,15 @@ class StatsFeed:
             write_to_all(tuple(self.subscribers), _event(snapshot, ts))
 
     def add(self, subscriber: Recipient) -> None:
-        """Subscribes an admin session, sending it every kept snapshot first (oldest first)."""
+        """Subscribes an admin session, sending it the kept snapshots first (oldest first):
+        all of them, or when there are more than ``backfill_max``, those of every n-th second
+        (the same seconds for every node, so that the page's sums stay whole)."""
         kept = sorted((s for d in self.recent.values() for s in d), key=lambda s: int(s["ts"]))
+        step = math.ceil(len(kept) / self.backfill_max)
         for snapshot in kept:
-            write_to_all((subscriber,), _event(snapshot, int(snapshot["ts"])))
+            ts = int(snapshot["ts"])
+            if step == 1 or (ts // 1000) % step == 0:
+                write_to_all((subscriber,), _event(snapshot, ts))
         self.subscribers.add(subscriber)
 
     def discard(self, subscriber: Recipient) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +16,10 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
-from realtime.dashboard import ADMIN_TOKEN_TTL, AdminTokens
+from realtime.broker import MemoryBroker
+from realtime.dashboard import ADMIN_TOKEN_TTL, AdminTokens, StatsFeed
+from realtime.protocol import JSON as JSON_CODEC
+from realtime.protocol import CloseCode
 from realtime.stats import StatsSampler, assess, quantile
 from tests.redis_server import RedisServer
 from tests.server import Client, ServerProcess, connected, running_server, ws_client
@@ -313,3 +317,39 @@ async def test_a_node_that_loses_redis_shows_it_critical_and_recovers(
             ] != "normal":
                 assert time.monotonic() < deadline, snap["reasons"]
         assert snap["redis"] == "up"
+
+
+class _Sink:
+    """Collects the frames written to one admin session."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.codec = JSON_CODEC
+        self.writer = self
+
+    def write(self, data: bytes, /) -> None:
+        self.frames.append(data)
+
+    def close(self, code: CloseCode, reason: str = "", /) -> None:
+        raise AssertionError("not closed")
+
+
+def test_a_new_session_gets_at_most_the_backfill_bound_whole_seconds_of_every_node() -> None:
+    feed = StatsFeed(MemoryBroker(), StatsSampler("n", CollectorRegistry(), dict), backfill_max=100)
+    for second in range(1000, 1300):  # 300 s of 3 nodes, a few ms apart
+        for k, node in enumerate(("a", "b", "c")):
+            feed.on_message(
+                "admin:stats", json.dumps({"node": node, "ts": second * 1000 + k}).encode()
+            )
+    sink = _Sink()
+    feed.add(sink)
+    sent = [json.loads(frame[2:] if frame[1] < 126 else frame[4:]) for frame in sink.frames]
+    # every 9th second (900 kept, at most 100 sent), of all three nodes
+    assert len(sent) == 3 * len([s for s in range(1000, 1300) if s % 9 == 0]) <= 100
+    seconds = {m["ts"] // 1000 for m in sent}
+    assert all(second % 9 == 0 for second in seconds)
+    assert all(sum(m["ts"] // 1000 == s for m in sent) == 3 for s in seconds)
+    feed.on_message("admin:stats", json.dumps({"node": "a", "ts": 1_300_000}).encode())
+    assert len(sink.frames) == len(sent) + 1  # then every new one
+    feed.on_message("admin:stats", b"not json")  # dropped, logged
+    assert len(sink.frames) == len(sent) + 1
