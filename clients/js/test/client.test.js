@@ -64,7 +64,7 @@ test("connect, subscribe, publish, history and presence, in JSON and msgpack", {
 });
 
 test("presence pushes, also after a reconnect", { timeout: 30000 }, async () => {
-  let s = await startServer();
+  let s = await server();
   const pushes = [];
   const { c } = client(s.wsUrl, "fan-presence", { onPresence: (m) => pushes.push(m) });
   await c.start();
@@ -115,7 +115,7 @@ test("resume after a server restart on Redis: what was published meanwhile, once
   const redis = await startRedis();
   servers.push(redis.stop);
   const env = { REALTIME_REDIS_URL: redis.url };
-  let a = await startServer({ env });
+  let a = await server({ env });
   const b = await server({ env }); // stays up: publishes while a is down
   const { c, events, resyncs } = client(a.wsUrl, "fan-resume");
   await c.start();
@@ -138,7 +138,7 @@ test("resume after a server restart on Redis: what was published meanwhile, once
 });
 
 test("resume after a restart without Redis: the history is gone, the client resyncs", { timeout: 60000 }, async () => {
-  let s = await startServer();
+  let s = await server();
   const { c, events, resyncs } = client(s.wsUrl, "fan-memory");
   await c.start();
   await c.subscribe("artist:memory");
