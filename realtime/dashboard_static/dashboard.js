@@ -83,11 +83,14 @@ function cluster(now) {
   };
 }
 
-/** Cluster series by second over KEEP_MS: f(snapshots of that second) per series. */
+/** Cluster series by second over KEEP_MS: f(snapshots of that second) per series, up to the
+ * last second every live node has reported (a later one would be a partial sum). */
 function series(now, pick) {
   const seconds = new Map();
+  const lasts = [...nodes.values()].map((list) => list[list.length - 1].ts).filter((ts) => now - ts <= SILENT_MS);
+  const complete = Math.floor(Math.min(...lasts, now) / 1000);
   for (const list of nodes.values()) for (const s of list) {
-    if (s.ts < now - KEEP_MS) continue;
+    if (s.ts < now - KEEP_MS || Math.floor(s.ts / 1000) > complete) continue;
     const second = Math.floor(s.ts / 1000);
     if (!seconds.has(second)) seconds.set(second, []);
     seconds.get(second).push(s);
@@ -170,6 +173,7 @@ function render() {
   text("c-refusals", fmt(c.slowCuts + c.rateLimited + c.doorRefused));
   text("c-slow", fmt(c.slowCuts)); text("c-ratelimited", fmt(c.rateLimited)); text("c-door", fmt(c.doorRefused));
   text("c-redis", c.redis); text("c-reconnects", fmt(c.reconnects));
+  text("c-redis-note", c.redis === "off" ? " · off: the in-process broker, one node" : "");
   const open = Object.values(c.breakers).filter((s) => s !== "closed").length;
   text("c-breakers", open ? `${open} not closed` : "all closed");
   text("c-breaker-list", Object.entries(c.breakers).map(([n, s]) => `${n} ${s.replace("_", "-")}`).join(" · ") || "—");
