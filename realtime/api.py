@@ -135,6 +135,8 @@ class PublishItem(BaseModel):
         parsed = parse_channel(value)
         if isinstance(parsed, Error):
             raise ValueError(parsed.message)
+        if parsed.namespace == "admin":
+            raise ValueError("admin channels are the server's own")
         return value
 
     @field_validator("event")

@@ -36,6 +36,7 @@ from realtime.auth import ApiKeys, Authenticator
 from realtime.broker import Broker, MemoryBroker
 from realtime.channel_presence import ChannelPresence, MemoryChannelPresence
 from realtime.connection import Connection, close_expired, flush_due_batches
+from realtime.dashboard import ADMIN_CHANNEL, BACKFILL_MAX, AdminTokens, Dashboard, StatsFeed
 from realtime.envelope import pack_notification
 from realtime.gcfreeze import GcFreezer
 from realtime.history import History, MemoryHistory
@@ -56,6 +57,7 @@ from realtime.ratelimit import MemoryRateLimiter, RateLimiter
 from realtime.redis_client import RedisTarget, redis_client
 from realtime.redis_persistence import PersistenceCheck
 from realtime.settings import NOTIFICATION_LEASE_TIMEOUT, Settings
+from realtime.stats import StatsSampler
 from realtime.tiers import load_policy
 from realtime.timers import Timers
 from realtime.writer import FlushQueue, OutboxLimits
@@ -340,6 +342,25 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
     if persistence is not None:
         node.readiness["redis_persistence"] = persistence.readiness
     api = Api(node, ApiKeys(settings.effective_api_keys), service)
+    admin_token = settings.effective_admin_token
+    node.admin_tokens = AdminTokens(admin_token) if admin_token else None
+
+    def node_status() -> dict[str, Any]:
+        redis = ("up" if broker.ready else "down") if settings.redis_url else "off"
+        states = {b.name: b.state.value for b in breakers.values()}
+        watched = len(board.watchers)
+        return {"ready": node.is_ready(), "redis": redis, "breakers": states, "watched": watched}
+
+    feed = StatsFeed(
+        broker,
+        StatsSampler(node.node_id, registry, node_status),
+        backfill_max=min(BACKFILL_MAX, settings.outbox_max_messages // 2),
+    )
+    node.stats_feed = feed
+
+    def on_message(channel: str, payload: bytes) -> None:
+        (feed.on_message if channel == ADMIN_CHANNEL else hub.on_message)(channel, payload)
+
     metrics.open_connections.set_function(lambda: len(node.connections))
     metrics.channels.set_function(lambda: len(hub.channels))
     metrics.queued_bytes.set_function(lambda: sum(c.writer.outbox_bytes for c in node.connections))
@@ -365,9 +386,11 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
             if persistence is not None:  # warns once when a crash of Redis would lose data
                 await persistence.check()
             hub.on_presence_change = board.changed
-            await broker.start(hub.on_message, hub.on_reconnect)
+            await broker.start(on_message, hub.on_reconnect)
             hub.start()
             stack.push_async_callback(hub.close)
+            await feed.start()
+            stack.push_async_callback(feed.close)
             board.start()
             stack.push_async_callback(board.close)
             await router.start()
@@ -386,7 +409,7 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
             yield
 
     app = RealtimeApp(
-        routes=api.routes(),
+        routes=api.routes() + Dashboard(node, node.admin_tokens).routes(),
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
     )

@@ -37,6 +37,7 @@ BANNER = """\
  Mint a token:  realtime token <user> [--tier paid]   (from a clone: .venv/bin/realtime)
  Publish:       curl -H 'Authorization: Bearer {api_key}' -d '{{"channel":"broadcast",\
 "event":"hello","data":{{}}}}' http://{host}:{port}/v1/publish
+ Dashboard:     http://{host}:{port}/dashboard   (any user name, password: {admin})
  Never use dev mode in production; it is refused on any host but loopback.
 ================================================================================"""
 
@@ -118,6 +119,7 @@ def serve(args: argparse.Namespace) -> int:
                 what=what,
                 api_key=settings.effective_api_keys[0] if settings.dev_api else "(configured)",
                 secret=DEV_JWT_SECRET if settings.dev_jwt else "(configured)",
+                admin="(configured)" if settings.admin_token else settings.effective_admin_token,
                 host=settings.host,
                 port=settings.port,
             ),

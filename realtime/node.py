@@ -15,6 +15,7 @@ from realtime.ratelimit import Decision, RateLimitUnavailable
 if TYPE_CHECKING:
     from realtime.auth import Authenticator
     from realtime.connection import Connection
+    from realtime.dashboard import AdminTokens, StatsFeed
     from realtime.history import History
     from realtime.hub import Hub
     from realtime.metrics import Metrics
@@ -77,6 +78,10 @@ class Node:
     #: name -> check for /readyz; a check returns a map whose "ok" (default True) gates readiness
     readiness: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = field(default_factory=dict)
     draining: bool = False
+    #: the dashboard's admin session tokens (None: no admin token set, no admin sessions)
+    admin_tokens: AdminTokens | None = None
+    #: the cluster's stats snapshots, fed to admin sessions (realtime/dashboard.py)
+    stats_feed: StatsFeed | None = None
 
     async def limiter_hit(self, user: str, limit: int) -> Decision:
         """The user's command rate decision; allowed (fail open) when the limiter is down."""

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 DEV_JWT_SECRET = "piggybong-dev-secret-do-not-use-in-production"
 #: Used when no API key is configured (dev mode, loopback only). Documented in README.
 DEV_API_KEY = "dev-api-key"
+#: The dashboard's admin token in dev mode (loopback only). Documented in docs/operations.md.
+DEV_ADMIN_TOKEN = "dev-admin-token"
 #: Seconds a leased notification may sit untouched before another router takes it over; not a
 #: setting: app.py gives it to the notification store, and the consumer idle timeout exceeds it.
 NOTIFICATION_LEASE_TIMEOUT = 30.0
@@ -95,6 +97,11 @@ class Settings(BaseSettings):
     jwt_leeway: float = Field(0.0, ge=0, description="seconds of clock skew allowed on exp/nbf")
     api_keys: CsvList = Field([], description="backend API keys, comma-separated; unset: dev mode")
     blocked_users: CsvList = Field([], description="user ids refused with 4003, comma-separated")
+    admin_token: str | None = Field(
+        None,
+        description="password of the operators' dashboard (/dashboard, HTTP Basic, any user "
+        "name); unset: the dashboard answers 404 (dev mode: the dev admin token)",
+    )
 
     tier_policy: Path | None = Field(None, description="tier policy file (JSON or TOML)")
 
@@ -196,6 +203,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "jwt_secret",
+        "admin_token",
         "redis_url",
         "redis_sentinel_master",
         "redis_password",
@@ -343,6 +351,13 @@ class Settings(BaseSettings):
     @property
     def effective_api_keys(self) -> list[str]:
         return self.api_keys or [DEV_API_KEY]
+
+    @property
+    def effective_admin_token(self) -> str | None:
+        """The dashboard's password: the configured one, in dev mode the dev one, else None."""
+        if self.admin_token:
+            return self.admin_token
+        return DEV_ADMIN_TOKEN if self.dev_mode else None
 
 
 def _host_port(item: str) -> tuple[str, int]:
