@@ -58,6 +58,7 @@ from bench.loadgen import (
     proc_write_calls,
     publish,
 )
+from bench.resume import fleet_resume, resume_latency
 from loadtest.sysstats import raise_nofile
 
 HOST = "127.0.0.1"
@@ -91,6 +92,7 @@ class Mode:
     held_procs: int
     blast_s: float
     hostile_s: float = 10
+    fleet: int = 10_000
     targets: tuple[str, ...] = ("memory", "redis", "redis2", "baseline", "node-ws")
 
 
@@ -116,6 +118,7 @@ QUICK = Mode(
     held=10_000,
     held_procs=2,
     blast_s=4,
+    fleet=2_000,
 )
 
 
@@ -424,22 +427,35 @@ async def target(name: str, log: Any) -> AsyncIterator[tuple[Servers, list[int]]
             redis_proc.wait()
 
 
+async def idle_connections(
+    servers: Servers, clients: int, channel: str
+) -> tuple[list[FleetLike], list[FleetLike], dict[str, Any]]:
+    """100 warm-up connections, then ``clients`` idle ones on ``channel``: the fleets
+    (warm, idle) and the server memory the idle ones added, per connection."""
+    warm = await connect([plan(servers.port, 100, "artist:warm", first=900_000)])
+    await asyncio.sleep(1.0)
+    rss0 = proc_rss_bytes(servers.pids)
+    fleets = await connect([plan(servers.port, clients, channel)])
+    await asyncio.sleep(2.0)
+    rss1 = proc_rss_bytes(servers.pids)
+    connected = (await fleets[0].snap())["connected"]
+    return (
+        warm,
+        fleets,
+        {
+            "connections": connected,
+            "kib_per_connection": round((rss1 - rss0) / 1024 / max(connected, 1), 1),
+            "rss_mib": round(rss1 / 2**20, 1),
+        },
+    )
+
+
 async def side_by_side(name: str, mode: Mode, log: Any) -> dict[str, Any]:
     log(f"== {name}")
     out: dict[str, Any] = {}
     async with target(name, log) as (servers, extra):
-        warm = await connect([plan(servers.port, 100, "artist:warm", first=900_000)])
-        await asyncio.sleep(1.0)
-        rss0 = proc_rss_bytes(servers.pids)
-        fleets = await connect([plan(servers.port, mode.idle, "artist:bench")])
-        await asyncio.sleep(2.0)
-        rss1 = proc_rss_bytes(servers.pids)
-        connected = (await fleets[0].snap())["connected"]
-        out["idle"] = {
-            "connections": connected,
-            "kib_per_connection": round((rss1 - rss0) / 1024 / max(connected, 1), 1),
-            "rss_mib": round(rss1 / 2**20, 1),
-        }
+        warm, fleets, out["idle"] = await idle_connections(servers, mode.idle, "artist:bench")
+        connected = out["idle"]["connections"]
         log(f"  idle: {connected} connections, {out['idle']['kib_per_connection']} KiB each")
         if name in ("memory", "redis"):  # one process: /metrics is that process's
             out["gc_while_connecting"] = gc_pauses(servers.port)
@@ -543,6 +559,7 @@ async def http_ids(mode: Mode, log: Any) -> dict[str, Any]:
         ):
             servers = start_servers(kind, redis_url=redis_url)
             try:
+                cpu0 = proc_cpu_seconds(servers.pids)
                 result = await blast(
                     [(HOST, servers.port)],
                     connections=32,
@@ -552,16 +569,28 @@ async def http_ids(mode: Mode, log: Any) -> dict[str, Any]:
                     ids=True,
                     path=path,
                 )
+                cpu = proc_cpu_seconds(servers.pids) - cpu0  # warm-up included
             finally:
                 servers.stop()
+            answered = result["accepted_per_s"] * (result["seconds"] + 1.0)
+            result["server_cpu_us_per_publish"] = round(1e6 * cpu / max(1.0, answered), 1)
             out[name] = result
-            log(f"  {name}: {result['accepted_per_s']:,} accepted publishes/s")
+            log(
+                f"  {name}: {result['accepted_per_s']:,} accepted publishes/s, "
+                f"{result['server_cpu_us_per_publish']} server CPU-µs each"
+            )
     finally:
         redis_proc.terminate()
         redis_proc.wait()
     bare = out["bare"]["accepted_per_s"] or 1
     out["ratios"] = {k: round(out[k]["accepted_per_s"] / bare, 2) for k in ("memory", "redis")}
-    log(f"  ratios to bare: {out['ratios']}")
+    # The same ratio by server CPU per publish: not bounded by the load generator's core.
+    cost = out["bare"]["server_cpu_us_per_publish"] or 1.0
+    out["cpu_ratios"] = {
+        k: round(cost / (out[k]["server_cpu_us_per_publish"] or cost), 2)
+        for k in ("memory", "redis")
+    }
+    log(f"  ratios to bare: {out['ratios']}, by CPU per publish: {out['cpu_ratios']}")
     return out
 
 
@@ -615,6 +644,24 @@ async def held(mode: Mode, log: Any) -> dict[str, Any]:
         redis_proc.terminate()
         redis_proc.wait()
         pin_self(1)
+    return out
+
+
+async def idle_history(mode: Mode, log: Any) -> dict[str, Any]:
+    """KiB per idle connection, in-process and on Redis (one process on CPU 0), each
+    connection subscribed to an artist channel whose history is full (1,000 publications),
+    and the baseline server's in the same run."""
+    log(f"== idle: KiB per idle connection, {mode.idle:,} connections, history full")
+    out: dict[str, Any] = {}
+    for name in ("memory", "redis", "baseline"):
+        async with target(name, log) as (servers, _):
+            if name != "baseline":
+                sent = await publish(HOST, servers.port, "artist:idle", 500, 2.0, batch=100)
+                assert sent.accepted == 1000, sent
+            warm, fleets, out[name] = await idle_connections(servers, mode.idle, "artist:idle")
+            await close_all([*warm, *fleets])
+        log(f"  {name}: {out[name]['connections']} connections, "
+            f"{out[name]['kib_per_connection']} KiB each")  # fmt: skip
     return out
 
 
@@ -841,6 +888,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{b.get('delivered', 0):,} of {b.get('owed', 0):,}, p99 "
             f"{b.get('latency_ms', {}).get('p99')} ms",
         ]
+    lines += _recovery_lines(results)
     return "\n".join(lines) + "\n"
 
 
@@ -924,6 +972,43 @@ async def hostile(mode: Mode, log: Any) -> dict[str, Any]:
     return out
 
 
+def _recovery_lines(results: dict[str, Any]) -> list[str]:
+    lines = []
+    if "idle_history" in results:
+        idle = results["idle_history"]
+        lines += [
+            "",
+            "KiB per idle connection, its artist channel's history full (1,000): "
+            + "; ".join(f"{k} {v['kib_per_connection']}" for k, v in idle.items())
+            + " (before history: 9.9 in-process, bench/README.md)",
+        ]
+    for name, r in results.get("resume_latency", {}).items():
+        lines += [
+            "",
+            f"Resume latency ({name}): a paid client that missed 1,000 publications, "
+            f"{r['resumes']} resumes while 1,000 others get 50 events/s: p50 {r['p50_ms']} ms, "
+            f"p99 {r['p99_ms']} ms, max {r['max_ms']} ms; {r['not_recovered_whole']} not "
+            "recovered whole",
+        ]
+    for key in ("fleet_resume", "fleet_resume_spread"):
+        if key not in results:
+            continue
+        f = results[key]
+        ledger = f["ledger"]
+        lines += [
+            "",
+            f"Fleet resume (first reconnect within {f.get('first_reconnect_within_s', 0.5)} s): "
+            f"{f['subscribed']:,} clients on a node of two on Redis, the node "
+            f"SIGKILLed: {f['back']:,} back, the last {f['fleet_back_s']} s after the kill "
+            f"(median {f['back_p50_s']} s); every channel recovered for "
+            f"{f['clients_all_recovered']:,}; resynced {f['channels_resynced']}; missed "
+            f"{ledger['missed']}, duplicated {ledger['duplicated']}, out of order "
+            f"{ledger['out_of_order']} of {ledger['owed']:,} owed; CPU % while resuming "
+            f"{f.get('cpu_percent_while_resuming')}; kernel {f.get('kernel_while_resuming')}",
+        ]
+    return lines
+
+
 async def main_async(mode: Mode, only: list[str] | None, log: Any) -> dict[str, Any]:
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -955,6 +1040,20 @@ async def main_async(mode: Mode, only: list[str] | None, log: Any) -> dict[str, 
         results["http_ids"] = await http_ids(mode, log)
     if not only or "hostile" in only:
         results["hostile"] = await hostile(mode, log)
+    if not only or "idle" in only:
+        results["idle_history"] = await idle_history(mode, log)
+    if not only or "resume-latency" in only:
+        pin_self(None)
+        results["resume_latency"] = {
+            name: await resume_latency(name == "redis", 100, log) for name in ("memory", "redis")
+        }
+        pin_self(1)
+    if not only or "fleet-resume" in only:
+        pin_self(None)  # nothing pinned: the children inherit this
+        results["fleet_resume"] = await fleet_resume(mode.fleet, log)
+        # the same herd spread over 5 s: what the listen queue makes of 0.5 s
+        results["fleet_resume_spread"] = await fleet_resume(mode.fleet, log, backoff_base=5.0)
+        pin_self(1)
     results["seconds"] = round(time.time() - started)
     return results
 
@@ -965,8 +1064,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         action="append",
-        help="memory, redis, redis2, baseline, node-ws, scaling, http, held, http-ids, hostile "
-        "(repeat)",
+        help="memory, redis, redis2, baseline, node-ws, scaling, http, held, http-ids, idle, "
+        "resume-latency, fleet-resume, hostile (repeat)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument(

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.config import ConfigError, Scenario, load_scenario
+from loadtest.recovery import FAULTS, is_recovery, recovery_html, recovery_text, run_recovery
 from loadtest.report import render_html
 from loadtest.results import summary_text
-from loadtest.runner import EXIT_CONFIG, Aborted, Outcome, run
+from loadtest.runner import EXIT_ABORTED, EXIT_CONFIG, Aborted, Outcome, run
 from loadtest.sysstats import pin_cpus
 from loadtest.thresholds import DEFAULT_EXPRESSIONS, METRICS
 from loadtest.worker import run_event_loop
@@ -52,9 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     add(
         "--scenario",
-        choices=("mixed", "broadcast"),
+        choices=("mixed", "broadcast", *FAULTS),
         help="mixed: the app's traffic; broadcast: S subscribers on one artist "
-        "channel, R messages/s " + _default("scenario"),
+        "channel, R messages/s; drops, node-kill, redis-freeze, redis-kill: reconnect "
+        "scenarios on nodes and a Redis the harness starts (docs/loadtest.md) "
+        + _default("scenario"),
     )
     add("--target", help="server base URL, 127.0.0.0/8 only " + _default("target"))
     g = p.add_argument_group("clients")
@@ -159,6 +162,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--drain", metavar="DURATION", help="wait after the last publish " + _default("drain")
+    )
+    g = p.add_argument_group("reconnect scenarios")
+    g.add_argument(
+        "--fault-at", metavar="DURATION", help="fault time into publishing " + _default("fault_at")
+    )
+    g.add_argument(
+        "--fault-length",
+        metavar="DURATION",
+        help="Redis freeze or downtime, node downtime (default: 8s freeze, 2s Redis, 3s node)",
+    )
+    g.add_argument(
+        "--drops-per-s",
+        type=float,
+        metavar="PER_S",
+        help="sockets dropped per second (drops) " + _default("drops_per_s"),
+    )
+    g.add_argument(
+        "--backend",
+        choices=("redis", "memory"),
+        help="drops: two nodes on Redis, or one in-process node " + _default("backend"),
     )
     g = p.add_argument_group("processes and credentials")
     g.add_argument(
@@ -276,6 +299,22 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 _NOT_FIELDS = frozenset({"config", "source_ips", "quiet", "list_metrics"})
 
 
+def run_reconnect(scenario: Scenario) -> int:
+    """A reconnect scenario: run it, write its outputs, print its summary; the exit code."""
+    try:
+        results = run_event_loop(run_recovery(scenario))
+    except (RuntimeError, TimeoutError, OSError) as exc:  # servers or clients never came up
+        print(f"realtime-loadtest: aborted: {exc or type(exc).__name__}", file=sys.stderr)
+        return EXIT_ABORTED
+    if scenario.out is not None:
+        scenario.out.write_text(json.dumps(results, indent=2) + "\n")
+    if scenario.html is not None:
+        scenario.html.write_text(recovery_html(results))
+    print(recovery_text(results))
+    code: int = results["exit_code"]
+    return code
+
+
 def write_outputs(scenario: Scenario, outcome: Outcome) -> None:
     if scenario.out is not None:
         scenario.out.write_text(json.dumps(outcome.results, indent=2) + "\n")
@@ -310,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"realtime-loadtest: {scenario}", file=sys.stderr)
         return EXIT_CONFIG
     pin_cpus(scenario.cpus)  # worker processes pin themselves
+    if is_recovery(scenario):
+        return run_reconnect(scenario)
     outcome = run_event_loop(_run(scenario))
     if isinstance(outcome, Aborted):
         print(f"realtime-loadtest: aborted: {outcome.reason}", file=sys.stderr)

@@ -31,8 +31,12 @@ from loadtest.wsclient import WSClient
 JSON_SUBPROTOCOL: Final = "piggybong.v1.json"
 MSGPACK_SUBPROTOCOL: Final = "piggybong.v1.msgpack"
 #: Histogram categories: delivery latency by message kind, and connect time.
-CATEGORIES: Final = ("event", "batch", "notification", "connect", "publish")
+CATEGORIES: Final = (
+    "event", "batch", "notification", "connect", "publish", "batch_free", "batch_paid",
+)  # fmt: skip
 DELIVERY_CATEGORIES: Final = ("event", "batch", "notification")
+#: Batch items also by the receiving connection's tier (windows: 2 s free, 250 ms paid).
+TIER_BATCH: Final = {False: "batch_free", True: "batch_paid"}
 CONTROL_PERIOD: Final = 0.05
 #: Seconds beyond the server's batch window that a batch may take to arrive.
 BATCH_SLACK: Final = 1.0
@@ -212,7 +216,10 @@ class AppClient(WSClient):
         if receipt is None:  # arrived before the reply that entitles us: never owed
             receipt = self.receipts[key] = Receipt()
         receipt.seqs.append(seq)
-        self.meter.hists[category].record(int((now - sent) * 1_000_000))
+        micros = int((now - sent) * 1_000_000)
+        self.meter.hists[category].record(micros)
+        if category == "batch":
+            self.meter.hists[TIER_BATCH[self.profile.paid]].record(micros)
 
     def _reply(self, msg: dict[str, Any], now: float) -> None:
         cid = msg["id"]

@@ -94,7 +94,9 @@ class Scenario(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    scenario: Literal["mixed", "broadcast"] = "mixed"
+    scenario: Literal["mixed", "broadcast", "drops", "node-kill", "redis-freeze", "redis-kill"] = (
+        "mixed"
+    )
     target: str = "http://127.0.0.1:8000"
 
     # clients
@@ -138,6 +140,16 @@ class Scenario(BaseModel):
     jwt_secret: str = DEV_JWT_SECRET
     audience: str | None = "authenticated"
     api_key: str = DEV_API_KEY
+
+    # reconnect scenarios (loadtest/recovery.py): the harness runs its own nodes and Redis
+    fault_at: Seconds = Field(default=5.0, ge=0, description="fault time into publishing")
+    fault_length: Seconds | None = Field(
+        default=None, ge=0, description="freeze or downtime; default per fault"
+    )
+    drops_per_s: float = Field(default=5.0, gt=0, description="sockets dropped per second")
+    backend: Literal["redis", "memory"] = Field(
+        default="redis", description="drops: two nodes on Redis, or one in-process node"
+    )
 
     # measurement and output
     thresholds: list[str] = []
@@ -232,7 +244,7 @@ class Scenario(BaseModel):
                 raise ValueError("stages never open a connection (every target is 0)")
             if "clients" in self.model_fields_set and self.clients < peak:
                 raise ValueError(f"clients ({self.clients}) is below the stages' peak ({peak})")
-        if self.scenario == "mixed" and self.artists_per_client > self.artists:
+        if self.scenario != "broadcast" and self.artists_per_client > self.artists:
             raise ValueError(
                 f"artists_per_client ({self.artists_per_client}) exceeds artists ({self.artists})"
             )

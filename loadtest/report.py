@@ -1,8 +1,9 @@
 """A self-contained HTML report of a results document: tables and inline SVG charts.
 
-Charts: latency percentile curves (on a "nines" axis), the event latency
-distribution, throughput and connections over time, latency over time, and
-server CPU and memory when they were measured. No script, no external asset.
+Charts: latency percentile curves (on a "nines" axis; batches by the receiver's tier), the
+event latency distribution, throughput and connections over time, latency over time, and
+server CPU and memory when they were measured. Each chart has one y axis in one unit and
+scales to the page's width. No script, no external asset.
 """
 
 from __future__ import annotations
@@ -16,14 +17,21 @@ from typing import Any, Final
 
 from loadtest.stats import nearest_rank
 
-WIDTH: Final = 760
-HEIGHT: Final = 260
+#: The charts' drawing size; they scale to the page's width (width="100%").
+WIDTH: Final = 1200
+HEIGHT: Final = 300
 PAD_L: Final = 64
 PAD_R: Final = 16
 PAD_T: Final = 44
 PAD_B: Final = 40
 COLORS: Final = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2")
 CURVE_POINTS: Final = (1, 10, 25, 50, 75, 90, 95, 97.5, 99, 99.5, 99.9, 99.95, 99.99, 100)
+#: Latency histograms charted and tabled by percentile: batches by the receiver's tier, since
+#: the free tier's 2 s window would hide the paid tier's 250 ms in one curve.
+CURVES: Final = (
+    ("event", "event"), ("batch, free tier", "batch_free"), ("batch, paid tier", "batch_paid"),
+    ("notification", "notification"),
+)  # fmt: skip
 
 Series = tuple[str, Sequence[float | None]]
 #: Charts over time: title, (legend, timeseries column) pairs, y axis label.
@@ -192,7 +200,7 @@ def _frame(title: str, x_label: str, y_label: str) -> str:
     middle = PAD_T + plot_h / 2
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {HEIGHT}" '
-        f'width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{_esc(title)}" '
+        f'width="100%" role="img" aria-label="{_esc(title)}" '
         f'font-family="system-ui, sans-serif" font-size="11" fill="#333">'
         f'<rect width="{WIDTH}" height="{HEIGHT}" fill="#fff"/>'
         f'<text x="{WIDTH / 2}" y="15" text-anchor="middle" font-size="13" font-weight="600">'
@@ -223,12 +231,20 @@ def _nines(p: float) -> float:
     return -math.log10(max(1 - p / 100, 1e-4))
 
 
+def _curves(hists: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(legend, histogram) pairs present; the tier split where it exists, else ``batch``."""
+    curves = [(name, key) for name, key in CURVES if key in hists]
+    if "batch" in hists and not any(key.startswith("batch_") for _, key in curves):
+        curves.insert(1, ("batch", "batch"))
+    return curves
+
+
 def latency_curves(results: Mapping[str, Any]) -> str:
     hists = results.get("histograms", {})
-    names = [c for c in ("event", "batch", "notification") if c in hists]
     xs = [_nines(p) for p in CURVE_POINTS]
     series = [
-        (name, [percentile_from_pairs(hists[name], p) for p in CURVE_POINTS]) for name in names
+        (name, [percentile_from_pairs(hists[key], p) for p in CURVE_POINTS])
+        for name, key in _curves(hists)
     ]
     ticks = [(_nines(p), f"p{p:g}") for p in (50, 90, 99, 99.9, 99.99)]
     return line_chart(
@@ -261,6 +277,19 @@ def latency_histogram(results: Mapping[str, Any], category: str = "event") -> st
         x_label="ms (bin lower bound)",
         y_label="deliveries",
     )
+
+
+def tier_batch_rows(hists: Mapping[str, Any]) -> dict[str, dict[str, object]]:
+    """Batch latency rows by tier from the histograms (nearest rank, ms)."""
+    rows: dict[str, dict[str, object]] = {}
+    for name, key in CURVES:
+        pairs = hists.get(key) if key.startswith("batch_") else None
+        if pairs:
+            row: dict[str, object] = {"count": sum(n for _, n in pairs)}
+            for label, p in (("p50", 50), ("p95", 95), ("p99", 99), ("max", 100)):
+                row[label] = percentile_from_pairs(pairs, p)
+            rows[name] = row
+    return rows
 
 
 def _row(label: str, value: object) -> str:
@@ -304,7 +333,11 @@ def render_html(results: Mapping[str, Any]) -> str:
         f"<tr><td>{_esc(cat)}</td>"
         + "".join(f"<td>{_esc(lat[k])}</td>" for k in ("count", "p50", "p95", "p99", "max"))
         + "</tr>"
-        for cat, lat in {**results["latency_ms"], "connect": conn["connect_ms"]}.items()
+        for cat, lat in {
+            **results["latency_ms"],
+            **tier_batch_rows(results.get("histograms", {})),
+            "connect": conn["connect_ms"],
+        }.items()
     )
     charts = [latency_curves(results), latency_histogram(results)]
     for title, columns, y_label in TIME_CHARTS:
@@ -318,10 +351,10 @@ def render_html(results: Mapping[str, Any]) -> str:
 <html lang="en"><head><meta charset="utf-8">
 <title>PiggyBong load test {_esc(results["run_id"])}</title>
 <style>
-body{{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#111;max-width:820px}}
+body{{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#111}}
 table{{border-collapse:collapse;margin:8px 0}} td,th{{border:1px solid #ddd;padding:3px 8px;
 text-align:left}} tr.fail td{{background:#fee2e2}} tr.ok td{{background:#f0fdf4}}
-svg{{display:block;margin:12px 0}} .verdict{{font-size:18px;font-weight:700}}
+svg{{display:block;margin:12px 0;width:100%;height:auto}} .verdict{{font-size:18px;font-weight:700}}
 .empty{{color:#888}}
 </style></head><body>
 <h1>Load test {_esc(results["run_id"])}</h1>

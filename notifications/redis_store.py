@@ -40,6 +40,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
 from notifications.models import (
@@ -193,6 +194,8 @@ class RedisNotificationStore:
         clock: Callable[[], float] = time.time,
         owns_client: bool = False,
         on_dead_letter: DeadLetterHook | None = None,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
     ) -> None:
         check_max_deliveries(max_deliveries)
         if not consumer_idle_timeout > lease_timeout:  # not <=: refuses NaN too
@@ -214,6 +217,9 @@ class RedisNotificationStore:
         self._on_dead_letter = on_dead_letter
         self._clock = clock
         self._owns_client = owns_client
+        self._wait_replicas = wait_replicas
+        self._wait_ms = max(1, int(wait_timeout * 1000))
+        self._wait_key = f"{prefix}wait"
         self._streams = [f"{prefix}q:{p.value}" for p in PRIORITIES]
         self._delayed = [f"{prefix}delayed:{p.value}" for p in PRIORITIES]
         self._dead_key = f"{prefix}dead"
@@ -231,17 +237,22 @@ class RedisNotificationStore:
         self._add_device_script = client.register_script(_ADD_DEVICE)
         self._remove_device_script = client.register_script(_REMOVE_DEVICE)
 
+    @staticmethod
+    def client_options(poll_interval: float = 1.0) -> dict[str, Any]:
+        """redis-py options of the store's own client (``from_url``'s; the app's under Sentinel)."""
+        timeout = max(5.0, poll_interval + 2.0)
+        return {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": 2.0,
+            "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+            "health_check_interval": 15,
+        }
+
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisNotificationStore:
         """A store with its own client (closed by ``close``); options go to ``__init__``."""
-        timeout = max(5.0, float(options.get("poll_interval", 1.0)) + 2.0)
-        client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=2.0,
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
-            health_check_interval=15,
-        )
+        client_options = cls.client_options(float(options.get("poll_interval", 1.0)))
+        client = aioredis.Redis.from_url(url, **client_options)
         return cls(client, owns_client=True, **options)
 
     @property
@@ -258,7 +269,8 @@ class RedisNotificationStore:
         idem = "" if idempotency_window is None else f"{self._prefix}idem:{notification.id}"
         window_ms = 0 if idempotency_window is None else max(1, int(idempotency_window * 1000))
         try:
-            status, depth = await self._enqueue_script(
+            (status, depth), acked = await self._replicated(
+                self._enqueue_script,
                 keys=[self._streams[i], self._delayed[i], idem],
                 args=[
                     _dumps(notification.to_map()),
@@ -272,7 +284,35 @@ class RedisNotificationStore:
             raise _unreachable(exc) from exc
         if int(status) < 0:
             raise queue_full(notification.priority, int(depth), self._max_depth)
+        self._check_acked(acked)
         return Enqueued(notification.id, created=int(status) == 1)
+
+    async def _replicated(
+        self, script: AsyncScript, *, keys: list[str], args: list[Any]
+    ) -> tuple[Any, int]:
+        """Run ``script``; with ``wait_replicas``, then WAIT for them on the same connection.
+
+        Returns the script's reply and how many replicas have it (``wait_replicas`` when no
+        wait is asked). A write after the script (``INCR <prefix>wait``) gives WAIT something
+        to wait for even when the script wrote nothing (a duplicate whose first write may
+        not have reached the replicas yet).
+        """
+        if not self._wait_replicas:
+            return await script(keys=keys, args=args), self._wait_replicas
+        pipe = self._redis.pipeline(transaction=False)
+        await script(keys=keys, args=args, client=pipe)
+        pipe.incr(self._wait_key)
+        pipe.execute_command("WAIT", self._wait_replicas, self._wait_ms)
+        results = await pipe.execute()
+        return results[0], int(results[-1])
+
+    def _check_acked(self, acked: int) -> None:
+        if acked < self._wait_replicas:
+            raise QueueUnavailable(
+                "unreachable",
+                f"stored on the Redis master but {acked} of {self._wait_replicas} replicas "
+                f"confirmed it within {self._wait_ms} ms; retry with the same id",
+            )
 
     async def _ensure_groups(self) -> None:
         for stream in self._streams:
@@ -462,7 +502,8 @@ class RedisNotificationStore:
 
     async def add_device(self, device: Device) -> None:
         try:
-            await self._add_device_script(
+            _, acked = await self._replicated(
+                self._add_device_script,
                 keys=[f"{self._prefix}devices:{device.user}", f"{self._prefix}device:{device.key}"],
                 args=[
                     device.key,
@@ -474,6 +515,7 @@ class RedisNotificationStore:
             )
         except RedisError as exc:
             raise _unreachable(exc) from exc
+        self._check_acked(acked)
 
     async def remove_device(self, platform: Platform, token: str) -> bool:
         key = device_key(platform, token)

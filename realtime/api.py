@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -95,21 +95,29 @@ async def read_json(request: Request, limit: int) -> Any:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
+    receive = request.receive
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise _too_large(limit)
         chunks.append(chunk)
+        more = message.get("more_body", False)
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     try:
-        body = json.loads(b"".join(chunks))
+        parsed = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise HttpError(400, Error(ErrorCode.BAD_REQUEST, f"body is not JSON: {exc}")) from None
-    why = unsendable(body)
+    why = unsendable(parsed)
     if why is not None:  # refused at entry (section 11): never acknowledged, then dropped
         raise invalid(f"the body holds {why}", [{"loc": "", "message": f"{why}: not sendable"}])
-    return body
+    return parsed
 
 
 def _too_large(limit: int) -> HttpError:
@@ -132,6 +140,8 @@ class PublishItem(BaseModel):
         parsed = parse_channel(value)
         if isinstance(parsed, Error):
             raise ValueError(parsed.message)
+        if parsed.namespace == "admin":
+            raise ValueError("admin channels are the server's own")
         return value
 
     @field_validator("event")
@@ -170,6 +180,7 @@ class Api:
         self.node = node
         self.api_keys = api_keys
         self.notifications = notifications
+        self.published = node.metrics.published.labels("http")
         rate = node.settings.publish_rate_per_key
         self.bucket = TokenBucket(rate) if rate else None
 
@@ -281,8 +292,9 @@ class Api:
         )
         published = [o for o in outcomes if isinstance(o, Published)]
         duplicates = sum(1 for o in published if o.duplicate)
-        node.metrics.duplicates.inc(duplicates)
-        node.metrics.published.labels("http").inc(len(published) - duplicates)
+        if duplicates:
+            node.metrics.duplicates.inc(duplicates)
+        self.published.inc(len(published) - duplicates)
         if len(published) < len(items):
             raise unavailable(f"history unavailable: {len(published)} of {len(items)} published")
         return ids, [o.offset for o in published]

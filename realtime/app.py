@@ -9,12 +9,14 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
@@ -29,11 +31,12 @@ from notifications.redis_store import RedisNotificationStore
 from notifications.router import NotificationRouter, log_breaker_transition
 from notifications.service import NotificationService
 from notifications.store import NotificationStore
-from realtime.api import EXCEPTION_HANDLERS, Api
+from realtime.api import EXCEPTION_HANDLERS, Api, HttpError, render_internal_error
 from realtime.auth import ApiKeys, Authenticator
 from realtime.broker import Broker, MemoryBroker
 from realtime.channel_presence import ChannelPresence, MemoryChannelPresence
 from realtime.connection import Connection, close_expired, flush_due_batches
+from realtime.dashboard import ADMIN_CHANNEL, BACKFILL_MAX, AdminTokens, Dashboard, StatsFeed
 from realtime.door import DOOR_STATE, Door, Why
 from realtime.envelope import pack_notification
 from realtime.gcfreeze import GcFreezer
@@ -52,7 +55,10 @@ from realtime.protocol import (
     notification_message,
 )
 from realtime.ratelimit import MemoryRateLimiter, RateLimiter
+from realtime.redis_client import RedisTarget, redis_client
+from realtime.redis_persistence import PersistenceCheck
 from realtime.settings import NOTIFICATION_LEASE_TIMEOUT, Settings
+from realtime.stats import StatsSampler
 from realtime.tiers import load_policy
 from realtime.timers import Timers
 from realtime.writer import FlushQueue, OutboxLimits
@@ -62,6 +68,7 @@ log = logging.getLogger("realtime")
 
 #: The WebSocket endpoint's path (protocol-v1).
 WS_PATH = "/v1/ws"
+Endpoint = Callable[[Request], Awaitable[Response]]
 #: HTTP requests under this prefix are counted in ``http_requests`` (the backend's API).
 API_PREFIX = "/v1/"
 
@@ -115,7 +122,9 @@ def _error(status: int, code: ErrorCode, message: str) -> JSONResponse:
     return JSONResponse(http_error_body(Error(code, message)), status_code=status)
 
 
-def _redis_parts(url: str, metrics: Metrics) -> tuple[Broker, ConnectionRegistry, RateLimiter]:
+def _redis_parts(
+    url: RedisTarget, metrics: Metrics
+) -> tuple[Broker, ConnectionRegistry, RateLimiter]:
     from realtime.redis_broker import RedisBroker
     from realtime.redis_presence import RedisConnectionRegistry
     from realtime.redis_ratelimit import RedisRateLimiter
@@ -136,15 +145,15 @@ def _memory_parts() -> tuple[Broker, ConnectionRegistry, RateLimiter]:
 
 
 def _channel_presence(settings: Settings) -> ChannelPresence:
-    if settings.redis_url:
+    if settings.uses_redis:
         from realtime.redis_channel_presence import RedisChannelPresence
 
-        return RedisChannelPresence(settings.redis_url)
+        return RedisChannelPresence(settings.redis_target)
     return MemoryChannelPresence()
 
 
 def _history(settings: Settings, broker: Broker) -> History:
-    if settings.redis_url:
+    if settings.uses_redis:
         from realtime.redis_broker import CHANNEL_PREFIX, RedisBroker
         from realtime.redis_history import RedisHistory
 
@@ -186,9 +195,15 @@ def _adapters(settings: Settings) -> dict[Platform, PushAdapter]:
 
 
 def _notification_store(settings: Settings, metrics: NotificationMetrics) -> NotificationStore:
-    if settings.redis_url:  # from_url's options go to RedisNotificationStore.__init__
-        return RedisNotificationStore.from_url(
-            settings.redis_url,
+    if settings.uses_redis:
+        client = redis_client(
+            settings.redis_target, blocking=False, **RedisNotificationStore.client_options()
+        )
+        return RedisNotificationStore(
+            client,
+            owns_client=True,
+            wait_replicas=settings.notification_wait_replicas,
+            wait_timeout=settings.notification_wait_timeout,
             max_depth=settings.notification_queue_max,
             lease_timeout=NOTIFICATION_LEASE_TIMEOUT,
             max_deliveries=settings.notification_max_deliveries,
@@ -252,7 +267,7 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         blocked_users=settings.blocked_users,
     )
     broker, presence, limiter = (
-        _redis_parts(settings.redis_url, metrics) if settings.redis_url else _memory_parts()
+        _redis_parts(settings.redis_target, metrics) if settings.uses_redis else _memory_parts()
     )
     history = _history(settings, broker)
     connections: set[Connection] = set()
@@ -266,7 +281,7 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         history,
         policy,
         metrics,
-        check_interval=POSITION_CHECK_INTERVAL if settings.redis_url else None,
+        check_interval=POSITION_CHECK_INTERVAL if settings.uses_redis else None,
     )
     node = Node(
         node_id=settings.node_id or f"{socket.gethostname()}-{os.getpid()}",
@@ -332,7 +347,29 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         return {"ok": ok, "breakers": states}
 
     node.readiness["notifications"] = notifications_ready
+    persistence = PersistenceCheck(settings.redis_target) if settings.uses_redis else None
+    if persistence is not None:
+        node.readiness["redis_persistence"] = persistence.readiness
     api = Api(node, ApiKeys(settings.effective_api_keys), service)
+    admin_token = settings.effective_admin_token
+    node.admin_tokens = AdminTokens(admin_token) if admin_token else None
+
+    def node_status() -> dict[str, Any]:
+        redis = ("up" if broker.ready else "down") if settings.redis_url else "off"
+        states = {b.name: b.state.value for b in breakers.values()}
+        watched = len(board.watchers)
+        return {"ready": node.is_ready(), "redis": redis, "breakers": states, "watched": watched}
+
+    feed = StatsFeed(
+        broker,
+        StatsSampler(node.node_id, registry, node_status),
+        backfill_max=min(BACKFILL_MAX, settings.outbox_max_messages // 2),
+    )
+    node.stats_feed = feed
+
+    def on_message(channel: str, payload: bytes) -> None:
+        (feed.on_message if channel == ADMIN_CHANNEL else hub.on_message)(channel, payload)
+
     metrics.open_connections.set_function(lambda: len(node.connections))
     metrics.channels.set_function(lambda: len(hub.channels))
     metrics.queued_bytes.set_function(lambda: sum(c.writer.outbox_bytes for c in node.connections))
@@ -343,6 +380,8 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
             # Closed in reverse order, also when a later start fails.
             for part in (broker, history, presence, board.presence, limiter, store):
                 stack.push_async_callback(part.close)
+            if persistence is not None:
+                stack.push_async_callback(persistence.close)
             for adapter in set(adapters.values()):
                 stack.push_async_callback(adapter.close)
             stack.push_async_callback(router.close)
@@ -353,10 +392,14 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
                 await metrics_port.start()
                 stack.push_async_callback(metrics_port.close)
                 log.info("metrics on %s:%d", settings.host, metrics_port.port)
+            if persistence is not None:  # warns once when a crash of Redis would lose data
+                await persistence.check()
             hub.on_presence_change = board.changed
-            await broker.start(hub.on_message, hub.on_reconnect)
+            await broker.start(on_message, hub.on_reconnect)
             hub.start()
             stack.push_async_callback(hub.close)
+            await feed.start()
+            stack.push_async_callback(feed.close)
             board.start()
             stack.push_async_callback(board.close)
             await router.start()
@@ -376,17 +419,21 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
             yield {DOOR_STATE: node.door}
 
     app = RealtimeApp(
-        routes=api.routes(),
+        routes=api.routes() + Dashboard(node, node.admin_tokens).routes(),
         lifespan=lifespan,
         exception_handlers=EXCEPTION_HANDLERS,
     )
+    app.direct = {("POST", "/v1/publish"): api.publish}
+    app._answers = {}
     app.state.node = node
     app.state.api = api
     return app
 
 
 def _kind(settings: Settings) -> str:
-    return "redis" if settings.redis_url else "memory"
+    if not settings.uses_redis:
+        return "memory"
+    return settings.redis_target.describe()
 
 
 async def _cancelled(task: asyncio.Task[None]) -> None:
@@ -396,26 +443,60 @@ async def _cancelled(task: asyncio.Task[None]) -> None:
 
 
 class RealtimeApp(Starlette):
-    """The Starlette app, with ``/v1/ws`` sessions handed straight to their endpoint.
+    """The Starlette app, with ``/v1/ws`` sessions and ``POST /v1/publish`` handed straight
+    to their endpoints.
 
     A WebSocket session lasts as long as the connection, and every ASGI layer it
     passes through (error and exception middleware, router, route) keeps a
     coroutine frame alive for it: about 2 KB per idle connection. Those layers do
     nothing for this route (the endpoint answers its own errors and never raises
-    ``WebSocketException``), so ``/v1/ws`` skips them; every other request, and a
-    WebSocket to any other path, goes through Starlette unchanged.
+    ``WebSocketException``), so ``/v1/ws`` skips them. ``POST /v1/publish`` is the
+    backend's hot path: it skips them too, answering errors through the same
+    exception handlers (``direct``); every other request, and a WebSocket to any
+    other path, goes through Starlette unchanged.
     """
 
     ws_endpoint = WebSocketEndpoint()
+    #: (method, path) -> endpoint, served without Starlette's middleware and router.
+    direct: Mapping[tuple[str, str], Endpoint] = MappingProxyType({})
+    #: (path, status) -> its ``http_requests`` child, for the direct routes
+    _answers: dict[tuple[str, int], Any]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket" and scope["path"] == WS_PATH:
+        kind = scope["type"]
+        if kind == "http":
+            endpoint = self.direct.get((scope["method"], scope["path"]))
+            if endpoint is not None:
+                await self._direct(endpoint, scope, receive, send)
+            elif scope["path"].startswith(API_PREFIX):
+                await super().__call__(scope, receive, self._counting(scope, send))
+            else:
+                await super().__call__(scope, receive, send)
+        elif kind == "websocket" and scope["path"] == WS_PATH:
             scope["app"] = self
             await self.ws_endpoint(scope, receive, send)
-        elif scope["type"] == "http" and scope["path"].startswith(API_PREFIX):
-            await super().__call__(scope, receive, self._counting(scope, send))
         else:
             await super().__call__(scope, receive, send)
+
+    async def _direct(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
+        """``endpoint``'s answer, or its error rendered as Starlette would, counted."""
+        scope["app"] = self
+        request = Request(scope, receive)
+        try:
+            response = await endpoint(request)
+        except ClientDisconnect:
+            return  # nobody to answer
+        except HttpError as exc:
+            response = exc.response()
+        except Exception as exc:
+            response = await render_internal_error(request, exc)
+        key = (scope["path"], response.status_code)
+        counter = self._answers.get(key)
+        if counter is None:
+            counter = self.state.node.metrics.http_requests.labels(key[0], str(key[1]))
+            self._answers[key] = counter
+        counter.inc()
+        await response(scope, receive, send)
 
     def _counting(self, scope: Scope, send: Send) -> Send:
         """``send`` counting the answer in ``http_requests`` by route template and status."""

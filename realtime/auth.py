@@ -38,12 +38,14 @@ class Principal:
 
     ``tier`` is the raw claim (``tier``, else ``app_metadata.tier``, else
     "free"); mapping an unknown tier to free is the tier policy's job.
-    ``expires_at`` is the token's ``exp`` (unix seconds).
+    ``expires_at`` is the token's ``exp`` (unix seconds). ``admin``: a dashboard's admin
+    session (realtime/dashboard.py), never a user token.
     """
 
     user: str
     tier: str
     expires_at: float
+    admin: bool = False
 
 
 def _unauthorized(message: str) -> Error:

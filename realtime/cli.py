@@ -37,6 +37,7 @@ BANNER = """\
  Mint a token:  realtime token <user> [--tier paid]   (from a clone: .venv/bin/realtime)
  Publish:       curl -H 'Authorization: Bearer {api_key}' -d '{{"channel":"broadcast",\
 "event":"hello","data":{{}}}}' http://{host}:{port}/v1/publish
+ Dashboard:     http://{host}:{port}/dashboard   (any user name, password: {admin})
  Never use dev mode in production; it is refused on any host but loopback.
 ================================================================================"""
 
@@ -118,6 +119,7 @@ def serve(args: argparse.Namespace) -> int:
                 what=what,
                 api_key=settings.effective_api_keys[0] if settings.dev_api else "(configured)",
                 secret=DEV_JWT_SECRET if settings.dev_jwt else "(configured)",
+                admin="(configured)" if settings.admin_token else settings.effective_admin_token,
                 host=settings.host,
                 port=settings.port,
             ),
@@ -136,7 +138,7 @@ def serve(args: argparse.Namespace) -> int:
         # Each worker drains on the SIGTERM the supervisor forwards; the supervisor exits 0.
         Multiprocess(config, sockets=[config.bind_socket()]).run()
     elif settings.reuse_port:
-        if not settings.redis_url:
+        if not settings.uses_redis:
             print(
                 "realtime: --reuse-port without REALTIME_REDIS_URL: each process sharing the "
                 "port is a node of its own (publishes reach only its clients)",

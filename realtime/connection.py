@@ -47,6 +47,7 @@ def _op_label(message: dict[str, Any]) -> str:
     return op if isinstance(op, str) and op in _OPS else "unknown"
 
 
+_ADMIN_ONLY = Error(ErrorCode.FORBIDDEN, "admin:stats is for the dashboard's admin sessions")
 _HISTORY_DOWN = Error(ErrorCode.UNAVAILABLE, "history unavailable; retry shortly", retry_after=1.0)
 
 
@@ -58,6 +59,7 @@ class Connection:
         "_receive",
         "_strike_until",
         "_strikes",
+        "admin",
         "batcher",
         "client_info",
         "codec",
@@ -90,6 +92,8 @@ class Connection:
         self.expires_at = 0.0
         self.subscriptions: set[str] = set()
         self.registered = False
+        #: an admin session (the dashboard's token): may subscribe to admin channels
+        self.admin = False
         #: the connect's ``client`` map and when it connected (ms): its presence session info
         self.client_info: dict[str, Any] | None = None
         self.connected_at = 0
@@ -267,7 +271,7 @@ class Connection:
 
     async def _connect(self, command: p.Connect) -> bool:
         node = self.node
-        principal = node.auth.authenticate(command.token)
+        principal = self._authenticate(command.token)
         if isinstance(principal, Error):
             self._reply_error(command.id, Op.CONNECT, principal)
             code = (
@@ -278,6 +282,7 @@ class Connection:
             self.close(code, principal.message)
             return False
         self.user = principal.user
+        self.admin = principal.admin
         self.client_info = command.client
         self.connected_at = now_ms()
         tier = self._resolve_tier(principal)
@@ -307,7 +312,15 @@ class Connection:
         user_channel = f"user:{self.user}"
         wanted: dict[str, p.Since | None] = {user_channel: None}
         refused: dict[str, dict[str, Any]] = {}
+        feed = node.stats_feed if self.admin else None
+        stats_wanted = False
         for entry in command.channels:
+            if isinstance(entry.channel, p.Channel) and entry.channel.namespace == "admin":
+                if feed is not None and entry.name == "admin:stats":
+                    stats_wanted = True
+                else:
+                    refused[entry.name] = _ADMIN_ONLY.to_map()
+                continue
             error = self._refusal(entry.channel, len(wanted))
             if error is not None:
                 refused[entry.name] = error.to_map()
@@ -326,6 +339,8 @@ class Connection:
                 continue
             results[name], pending = self._settle(name, since, page)
             late.append((name, pending))
+        if stats_wanted:
+            results["admin:stats"] = {}
         self._set_expiry(principal.expires_at)
         result: dict[str, Any] = {
             "session": self.conn_id,
@@ -339,6 +354,8 @@ class Connection:
         if refused:
             result["refused"] = refused
         self._reply(command.id, Op.CONNECT, result)
+        if stats_wanted and feed is not None:
+            feed.add(self)
         for name, pending in late:
             self._deliver_late(name, pending)
         for name in results:
@@ -494,6 +511,8 @@ class Connection:
         if self.batcher is not None:
             node.metrics.connections.labels(self.tier.name).dec()
         node.hub.remove_user(self)
+        if node.stats_feed is not None:
+            node.stats_feed.discard(self)
         for channel in list(self.subscriptions):
             await self._leave(channel)
         self.subscriptions.clear()
@@ -562,7 +581,9 @@ class Connection:
         elif isinstance(command, p.Subscribe):
             await self._subscribe(command)
         elif isinstance(command, p.Unsubscribe):
-            if command.channel.name in self.subscriptions:
+            if command.channel.namespace == "admin" and self.node.stats_feed is not None:
+                self.node.stats_feed.discard(self)
+            elif command.channel.name in self.subscriptions:
                 await self._leave(command.channel.name)
             self._reply(command.id, Op.UNSUBSCRIBE, {})
         elif isinstance(command, p.History):
@@ -601,6 +622,9 @@ class Connection:
 
     async def _subscribe(self, command: p.Subscribe) -> None:
         channel = command.channel
+        if channel.namespace == "admin":
+            self._subscribe_admin(command)
+            return
         if channel.name in self.subscriptions:  # held already: changes nothing
             try:
                 page = await self.node.history.read(channel.name, None, 0)
@@ -680,7 +704,19 @@ class Connection:
             },
         )
 
+    def _subscribe_admin(self, command: p.Subscribe) -> None:
+        """``admin:stats`` for an admin session: the recent snapshots of every node, then
+        each new one (no history, offsets or presence: the feed is the server's own)."""
+        feed = self.node.stats_feed
+        if not self.admin or feed is None or command.channel.name != "admin:stats":
+            self._reply_error(command.id, Op.SUBSCRIBE, _ADMIN_ONLY)
+            return
+        self._reply(command.id, Op.SUBSCRIBE, {})
+        feed.add(self)
+
     def _may_subscribe(self, channel: p.Channel) -> Error | None:
+        if channel.namespace == "admin":
+            return _ADMIN_ONLY
         if channel.namespace == "user" and channel.key != self.user:
             return Error(ErrorCode.FORBIDDEN, "a user channel is only for its own user")
         if channel.namespace == "premium" and not self.tier.premium_channels:
@@ -715,11 +751,11 @@ class Connection:
         self._reply(command.id, Op.PUBLISH, {"id": eid, "offset": outcome.offset})
 
     async def _refresh(self, command: p.Refresh) -> None:
-        principal = self.node.auth.authenticate(command.token)
+        principal = self._authenticate(command.token)
         if isinstance(principal, Error):
             self._reply_error(command.id, Op.REFRESH, principal)
             return
-        if principal.user != self.user:
+        if principal.user != self.user or principal.admin != self.admin:
             self._reply_error(
                 command.id,
                 Op.REFRESH,
@@ -748,6 +784,12 @@ class Connection:
         )
 
     # ------------------------------------------------------------------ helpers
+
+    def _authenticate(self, token: str) -> Principal | Error:
+        """An admin session token's principal, else the user token's."""
+        admin = self.node.admin_tokens
+        principal = admin.authenticate(token) if admin is not None else None
+        return self.node.auth.authenticate(token) if principal is None else principal
 
     def _resolve_tier(self, principal: Principal) -> Tier:
         tier, known = self.node.policy.resolve(principal.tier)

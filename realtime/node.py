@@ -15,6 +15,7 @@ from realtime.ratelimit import Decision, RateLimitUnavailable
 if TYPE_CHECKING:
     from realtime.auth import Authenticator
     from realtime.connection import Connection
+    from realtime.dashboard import AdminTokens, StatsFeed
     from realtime.door import Door
     from realtime.history import History
     from realtime.hub import Hub
@@ -89,6 +90,10 @@ class Node:
     draining: bool = False
     #: the door (section 11): per-address limits, refusals counted and logged
     door: Door | None = None
+    #: the dashboard's admin session tokens (None: no admin token set, no admin sessions)
+    admin_tokens: AdminTokens | None = None
+    #: the cluster's stats snapshots, fed to admin sessions (realtime/dashboard.py)
+    stats_feed: StatsFeed | None = None
 
     async def limiter_hit(self, user: str, limit: int) -> Decision:
         """The user's command rate decision; allowed (fail open) when the limiter is down."""

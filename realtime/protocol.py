@@ -154,7 +154,9 @@ def choose_codec(offered: list[str]) -> tuple[Codec, str | None] | None:
 
 MAX_CHANNEL_LENGTH: Final = 128
 BROADCAST: Final = "broadcast"
-NAMESPACES: Final = ("user", "artist", "premium")
+#: ``admin`` holds the server's own channels (the dashboard's ``admin:stats``): admin sessions
+#: subscribe to it, nobody publishes to it.
+NAMESPACES: Final = ("user", "artist", "premium", "admin")
 _CHANNEL_RE: Final = re.compile(rf"({'|'.join(NAMESPACES)}):[A-Za-z0-9_.\-]+")
 
 

@@ -11,6 +11,13 @@ on demand, bounded in-flight count), in call order.
 Redis channel of channel ``c``: ``"rt:" + c``. The parser is ``hiredis`` when it
 is installed (``parser="auto"``), else a pure-Python RESP2 reader.
 
+Under Redis Sentinel (a ``RedisTarget`` with sentinels) every connection is opened to
+the master the sentinels name, and checked with ROLE. The supervisor asks the
+sentinels again at each health check: when they name another master (a failover),
+both connections are dropped and reopened to it. A READONLY or MASTERDOWN reply on
+the command connection (a demoted master) drops that connection too. Commands
+answer ``BrokerUnavailable`` while no master is reachable.
+
 A node that reads too slowly is disconnected by Redis at its pub/sub output
 buffer limit (``client-output-buffer-limit pubsub``); it then reconnects and
 re-subscribes like after any other loss (messages in between are lost: the
@@ -21,15 +28,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
 from typing import Final, Literal
 
 from redis.asyncio.connection import parse_url
+from redis.exceptions import RedisError
 
 from realtime.broker import BrokerUnavailable, MessageHandler
-from realtime.redis_client import backoff_delay
+from realtime.redis_client import RedisTarget, as_target, backoff_delay, make_sentinel
 from realtime.resp import (
     ConnectionLost,
     RedisReplyError,
@@ -43,6 +52,9 @@ log = logging.getLogger(__name__)
 
 CHANNEL_PREFIX: Final = b"rt:"
 _SUBSCRIBE_CHUNK: Final = 1000  # channels per SUBSCRIBE command when re-subscribing
+#: Error replies of a server that is no longer (or not yet) a usable master.
+_NOT_MASTER: Final = ("READONLY", "MASTERDOWN", "LOADING")
+_REPLID: Final = re.compile(rb"master_replid:(\w+)")
 
 
 class _KeyedLock:
@@ -93,7 +105,7 @@ class RedisBroker:
 
     def __init__(
         self,
-        url: str,
+        url: str | RedisTarget,
         *,
         on_reconnect: Callable[[], None] | None = None,
         max_backoff: float = 5.0,
@@ -103,13 +115,20 @@ class RedisBroker:
         parser: Literal["auto", "hiredis", "python"] = "auto",
     ) -> None:
         self._make_reader = make_reader(parser)
-        options = parse_url(url)
+        target = as_target(url)
+        self._sentinel = make_sentinel(target) if target.sentinel else None
+        self._master_name = target.master
+        options = parse_url(target.url) if target.url else {}
         self._host = str(options.get("host", "localhost"))
         self._port = int(options.get("port", 6379))
         self._path = options.get("path")
-        self._ssl = ssl.create_default_context() if url.startswith("rediss://") else None
+        self._db = int(options.get("db") or 0)  # the history scripts' keys live there
+        tls = bool(target.url and target.url.startswith("rediss://"))
+        self._ssl = ssl.create_default_context() if tls else None
         username = options.get("username")
-        password = options.get("password")
+        password = options.get("password", target.password)
+        #: the master the pub/sub connection is on (Sentinel)
+        self._master: tuple[str, int] | None = None
         self._auth: tuple[bytes, ...] = ()
         if password is not None:
             self._auth = (b"AUTH", *((username.encode(),) if username else ()), password.encode())
@@ -150,8 +169,13 @@ class RedisBroker:
         except RedisReplyError as exc:
             raise BrokerUnavailable(f"redis PUBLISH failed: {exc}") from exc
 
-    async def command(self, *args: bytes, timeout: float | None = None) -> object:
+    async def command(
+        self, *args: bytes, timeout: float | None = None, replid_at: int | None = None
+    ) -> object:
         """Run one command on the pipelined publisher connection and return its reply.
+
+        ``replid_at``: the index of an argument replaced by the replication id of the
+        server the command goes to (as read when its connection opened; b"" if unknown).
 
         Raises ``BrokerUnavailable`` unless Redis answered within ``timeout`` (default: the
         broker's); on a time-out the connection is dropped (the next command reconnects).
@@ -167,6 +191,8 @@ class RedisBroker:
                     conn = self._publisher
                     if conn is None or conn.lost.done():
                         conn = await self._publisher_connection()
+                    if replid_at is not None:
+                        args = (*args[:replid_at], conn.replid, *args[replid_at + 1 :])
                     reply = await conn.command(*args)
                     if self._conn is None:
                         self._wake.set()  # Redis answers: the pub/sub reconnects now
@@ -176,6 +202,12 @@ class RedisBroker:
                 conn.abort()  # Redis does not answer: the next command reconnects
             name = args[0].decode()
             raise BrokerUnavailable(f"redis {name} timed out after {limit} s") from exc
+        except RedisReplyError as exc:
+            if not str(exc).startswith(_NOT_MASTER):
+                raise
+            if conn is not None:
+                conn.abort()  # a demoted master: the next command finds the new one
+            raise BrokerUnavailable(f"redis {args[0].decode()} failed: {exc}") from exc
         except (OSError, ConnectionLost) as exc:
             raise BrokerUnavailable(f"redis {args[0].decode()} failed: {exc}") from exc
 
@@ -183,7 +215,7 @@ class RedisBroker:
         """The publisher connection; concurrent callers share one connection attempt."""
         attempt = self._publisher_attempt
         if attempt is None:
-            attempt = asyncio.ensure_future(self._open({}, _ignore_message))
+            attempt = asyncio.ensure_future(self._open({}, _ignore_message, replid=True))
             self._publisher_attempt = attempt
             attempt.add_done_callback(self._publisher_opened)
         return await asyncio.shield(attempt)
@@ -256,6 +288,8 @@ class RedisBroker:
                 await asyncio.wait([conn.lost], timeout=self._timeout)
         self._latest = self._publisher = None
         self._wanted.clear()
+        if self._sentinel is not None:
+            await self._sentinel.aclose()
 
     # -- introspection (tests, metrics) ---------------------------------------------------
 
@@ -311,8 +345,24 @@ class RedisBroker:
             log.warning("redis pub/sub connection lost (%s); reconnecting", why)
             down = True
 
-    async def _open(self, wanted: dict[bytes, str], handler: MessageHandler) -> RespConnection:
-        """A new authenticated connection (raises OSError, TimeoutError, ConnectionLost...)."""
+    async def _address(self) -> tuple[str, int]:
+        """Where to connect: the URL's host and port, or the master the sentinels name."""
+        if self._sentinel is None:
+            return self._host, self._port
+        try:
+            host, port = await self._sentinel.discover_master(self._master_name)
+        except RedisError as exc:  # MasterNotFoundError: no sentinel names a healthy master
+            raise ConnectionLost(str(exc)) from exc
+        return str(host), int(port)
+
+    async def _open(
+        self, wanted: dict[bytes, str], handler: MessageHandler, *, replid: bool = False
+    ) -> RespConnection:
+        """A new authenticated connection (raises OSError, TimeoutError, ConnectionLost...).
+
+        Under Sentinel: to the master the sentinels name, refused unless ROLE says master.
+        ``replid``: read the server's replication id into ``conn.replid``.
+        """
         loop = asyncio.get_running_loop()
         reader = self._make_reader()
 
@@ -323,12 +373,22 @@ class RedisBroker:
             if self._path is not None:
                 _, conn = await loop.create_unix_connection(factory, self._path)
             else:
-                _, conn = await loop.create_connection(
-                    factory, self._host, self._port, ssl=self._ssl
-                )
+                host, port = await self._address()
+                _, conn = await loop.create_connection(factory, host, port, ssl=self._ssl)
+                conn.address = (host, port)
             try:
                 if self._auth:
                     await conn.command(*self._auth)
+                if self._sentinel is not None:
+                    role = await conn.command(b"ROLE")
+                    if not isinstance(role, list) or not role or role[0] != b"master":
+                        raise ConnectionLost(f"{conn.address} is not a master (yet)")
+                if self._db:
+                    await conn.command(b"SELECT", b"%d" % self._db)
+                if replid:
+                    info = await conn.command(b"INFO", b"replication")
+                    found = _REPLID.search(info if isinstance(info, bytes) else b"")
+                    conn.replid = found.group(1) if found else b""
             except BaseException:
                 conn.abort()
                 raise
@@ -339,6 +399,7 @@ class RedisBroker:
         handler = self._handler
         assert handler is not None
         conn = self._latest = await self._open(self._wanted, handler)
+        self._master = conn.address
         try:
             async with asyncio.timeout(self._timeout):
                 sent = list(self._wanted)
@@ -370,10 +431,33 @@ class RedisBroker:
                     conn.abort()
                     await conn.lost
                     return "no answer to PING"
+                moved = await self._master_moved()
+                if moved is not None:
+                    conn.abort()
+                    if self._publisher is not None:
+                        self._publisher.abort()
+                    await conn.lost
+                    return f"the sentinels name another master, {moved}"
             return "closed by Redis or the network"
         except asyncio.CancelledError:
             conn.abort()
             raise
+
+    async def _master_moved(self) -> str | None:
+        """Under Sentinel, ``host:port`` of a master other than ours the sentinels name.
+
+        None when they name ours, or cannot be asked (a working master is kept).
+        """
+        if self._sentinel is None:
+            return None
+        try:
+            async with asyncio.timeout(self._timeout):
+                address = await self._address()
+        except (TimeoutError, ConnectionLost):
+            return None
+        if address == self._master:
+            return None
+        return f"{address[0]}:{address[1]}"
 
 
 def _ignore_message(channel: str, payload: bytes) -> None:

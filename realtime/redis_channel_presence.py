@@ -18,7 +18,7 @@ from realtime.channel_presence import (
     Counts,
     Member,
 )
-from realtime.redis_client import lua_script, make_client, redis_errors
+from realtime.redis_client import RedisTarget, lua_script, make_client, redis_errors
 
 # Join and read start by removing expired members (one prune, written once).
 _PRUNE = lua_script("channel_presence_prune.lua")
@@ -41,7 +41,9 @@ def _info(member: Member) -> str:
 class RedisChannelPresence:
     """The ChannelPresence seam over Redis; see the module docstring."""
 
-    def __init__(self, url: str, *, ttl: float = PRESENCE_TTL, timeout: float = 5.0) -> None:
+    def __init__(
+        self, url: str | RedisTarget, *, ttl: float = PRESENCE_TTL, timeout: float = 5.0
+    ) -> None:
         self.ttl = ttl
         self._ttl_ms = max(1, round(ttl * 1000))
         self._client = make_client(url, timeout=timeout)

@@ -1,10 +1,14 @@
-"""The Redis client of the stores: client factory, error mapping, backoff, Lua scripts.
+"""The Redis client of the stores: where Redis is, client factory, error mapping, backoff.
 
-``make_client`` is the redis-py command client of the presence registry and the
-rate limiter (redis_presence.py, redis_ratelimit.py); ``redis_errors`` turns a
-Redis or socket error into the caller's ``BackendUnavailable`` subclass;
-``backoff_delay`` paces reconnects (``RedisBroker``'s); ``lua_script`` reads a
-script of realtime/lua/ (package data).
+``RedisTarget`` says where Redis is: one URL, or a master found through Redis
+Sentinel. ``make_client`` is the redis-py command client of the presence registry,
+the rate limiter and channel presence; ``redis_client`` builds one with the caller's
+pool and options (the notification store's). Under Sentinel, every new connection
+asks the sentinels for the master and checks it is one; a connection to a demoted
+master (READONLY) or a dead one is dropped, so the next command reaches the new
+master without a restart. ``redis_errors`` turns a Redis or socket error into the
+caller's ``BackendUnavailable`` subclass; ``backoff_delay`` paces reconnects
+(``RedisBroker``'s); ``lua_script`` reads a script of realtime/lua/ (package data).
 """
 
 from __future__ import annotations
@@ -12,31 +16,124 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import resources
-from typing import Final
+from typing import Any, Final
 
 import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from realtime.backend import BackendUnavailable
 
-__all__ = ["backoff_delay", "lua_script", "make_client", "redis_errors"]
+__all__ = [
+    "RedisTarget",
+    "backoff_delay",
+    "lua_script",
+    "make_client",
+    "make_sentinel",
+    "redis_client",
+    "redis_errors",
+]
 
 _BACKOFF_BASE: Final = 0.05
+#: Seconds to wait for one sentinel's answer before asking the next.
+SENTINEL_TIMEOUT: Final = 1.0
 
 
-def make_client(url: str, *, timeout: float = 5.0, max_connections: int = 32) -> aredis.Redis:
-    """A command client for ``url``: bytes replies, no retries, bounded pool.
+@dataclass(frozen=True)
+class RedisTarget:
+    """Where Redis is: ``url`` (one server), or ``sentinels`` watching the master ``master``.
+
+    ``password`` is the Redis servers' (``AUTH``; a password in ``url`` is used for a URL);
+    sentinels are asked without one.
+    """
+
+    url: str | None = None
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master: str = ""
+    password: str | None = None
+
+    @property
+    def sentinel(self) -> bool:
+        return not self.url
+
+    def describe(self) -> str:
+        """For logs: never the password."""
+        if self.sentinel:
+            hosts = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+            return f"sentinel master {self.master!r} via {hosts}"
+        return "redis"
+
+
+def as_target(where: str | RedisTarget) -> RedisTarget:
+    return where if isinstance(where, RedisTarget) else RedisTarget(url=where)
+
+
+def make_sentinel(target: RedisTarget) -> Sentinel:
+    """A redis-py Sentinel manager for ``target`` (close it with ``aclose``)."""
+    return Sentinel(
+        list(target.sentinels),
+        sentinel_kwargs={
+            "socket_timeout": SENTINEL_TIMEOUT,
+            "socket_connect_timeout": SENTINEL_TIMEOUT,
+        },
+    )
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, aredis.BlockingConnectionPool):
+    """A Sentinel-managed pool whose callers wait for a free connection (bounded)."""
+
+
+class _SentinelRedis(aredis.Redis):
+    """A client that also closes its Sentinel manager."""
+
+    sentinel_manager: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        if self.sentinel_manager is not None:
+            await self.sentinel_manager.aclose()
+
+
+def redis_client(where: str | RedisTarget, *, blocking: bool, **options: Any) -> aredis.Redis:
+    """A client of the master at ``where`` with redis-py connection ``options``.
+
+    ``blocking``: a caller beyond ``max_connections`` waits up to ``timeout`` for a connection.
+    """
+    target = as_target(where)
+    if target.url is not None:
+        pool_class = aredis.BlockingConnectionPool if blocking else aredis.ConnectionPool
+        if target.password is not None:
+            options["password"] = target.password  # a password in the URL wins
+        return aredis.Redis.from_pool(pool_class.from_url(target.url, **options))
+    sentinel = make_sentinel(target)
+    if not blocking:
+        options.pop("timeout", None)
+    sentinel_pool = _BlockingSentinelPool if blocking else SentinelConnectionPool
+    master = target.master
+    pool = sentinel_pool(master, sentinel, password=target.password, **options)  # type: ignore[no-untyped-call]
+    client = _SentinelRedis(connection_pool=pool)
+    client.auto_close_connection_pool = True  # as from_pool does: the client owns its pool
+    client.sentinel_manager = sentinel
+    return client
+
+
+def make_client(
+    where: str | RedisTarget, *, timeout: float = 5.0, max_connections: int = 32
+) -> aredis.Redis:
+    """A command client for ``where``: bytes replies, no retries, bounded pool.
 
     No command is retried (a retried PUBLISH / SET NX / rate-limit hit could
     apply twice). At most ``max_connections`` commands are in flight; a caller
     beyond that waits up to ``timeout`` s for a connection, then gets a
     ``ConnectionError`` (mapped to the store's error by ``redis_errors``).
     """
-    pool = aredis.BlockingConnectionPool.from_url(
-        url,
+    return redis_client(
+        where,
+        blocking=True,
         max_connections=max_connections,
         timeout=timeout,
         socket_timeout=timeout,
@@ -45,7 +142,6 @@ def make_client(url: str, *, timeout: float = 5.0, max_connections: int = 32) ->
         decode_responses=False,
         protocol=2,
     )
-    return aredis.Redis.from_pool(pool)
 
 
 @contextmanager

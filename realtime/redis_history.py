@@ -102,21 +102,26 @@ class RedisHistory:
         self._closed = False
 
     async def _run(self, script: _Script, keys: Sequence[bytes], args: Sequence[bytes]) -> object:
+        """EVALSHA (EVAL after NOSCRIPT); the last of ``args`` becomes the server's
+        replication id (the broker's ``replid_at``)."""
         head = (b"%d" % len(keys), *keys, *args)
         wait = self._timeout + DEADLINE_MARGIN
+        at = 2 + len(head) - 1
         try:
-            return await self._command(b"EVALSHA", script.sha, *head, timeout=wait)
+            return await self._command(b"EVALSHA", script.sha, *head, timeout=wait, replid_at=at)
         except BrokerUnavailable:
             raise
         except Exception as exc:  # an error reply
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-        return await self._command(b"EVAL", script.source, *head, timeout=wait)
+        return await self._command(b"EVAL", script.source, *head, timeout=wait, replid_at=at)
 
     async def publish(self, items: Sequence[Publication]) -> list[Published | HistoryUnavailable]:
         if self._closed:
             return [HistoryUnavailable("history closed") for _ in items]
         deadline = b"%d" % int((time.time() + self._timeout) * 1000)
+        if len(items) == 1:  # the common case: no task to gather
+            return [await self._publish_one(items[0], deadline)]
         # Started in list order in one tick: one pipelined write, a channel's items in order.
         return list(await asyncio.gather(*(self._publish_one(item, deadline) for item in items)))
 
@@ -136,6 +141,7 @@ class RedisHistory:
             new_epoch().encode(),
             self._result_ttl_ms,
             deadline,
+            b"",  # the replication id
         )
         try:
             reply = await self._run(_PUBLISH, keys, args)
@@ -153,7 +159,7 @@ class RedisHistory:
         if self._closed:
             raise HistoryUnavailable("history closed")
         first = b"" if since is None else b"%d" % (since + 1)
-        args = (first, b"%d" % max(0, limit), new_epoch().encode(), b"%d" % META_TTL)
+        args = (first, b"%d" % max(0, limit), new_epoch().encode(), b"%d" % META_TTL, b"")
         try:
             reply = await self._run(_READ, [stream_key(channel), meta_key(channel)], args)
         except BrokerUnavailable as exc:

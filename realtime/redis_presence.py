@@ -10,7 +10,7 @@ from typing import Any
 from redis.commands.core import AsyncScript
 
 from realtime.presence import DEFAULT_TTL, TIER_TTL, PresenceUnavailable
-from realtime.redis_client import lua_script, make_client, redis_errors
+from realtime.redis_client import RedisTarget, lua_script, make_client, redis_errors
 
 __all__ = ["RedisConnectionRegistry"]
 
@@ -170,7 +170,7 @@ class RedisConnectionRegistry:
 
     def __init__(
         self,
-        url: str,
+        url: str | RedisTarget,
         *,
         ttl: float = DEFAULT_TTL,
         timeout: float = 5.0,

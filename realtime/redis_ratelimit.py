@@ -6,7 +6,7 @@ import os
 from itertools import count
 
 from realtime.ratelimit import Decision, RateLimitUnavailable
-from realtime.redis_client import lua_script, make_client, redis_errors
+from realtime.redis_client import RedisTarget, lua_script, make_client, redis_errors
 
 __all__ = ["RedisRateLimiter"]
 
@@ -22,7 +22,7 @@ class RedisRateLimiter:
     Members are unique per limiter instance and hit, so two nodes never collide.
     """
 
-    def __init__(self, url: str, *, timeout: float = 5.0) -> None:
+    def __init__(self, url: str | RedisTarget, *, timeout: float = 5.0) -> None:
         self._client = make_client(url, timeout=timeout)
         self._script = self._client.register_script(_HIT)
         self._node = os.urandom(6).hex()

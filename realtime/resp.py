@@ -258,6 +258,10 @@ class RespConnection(asyncio.Protocol):
         self._pending: deque[_Pending] = deque()
         self._outgoing: list[bytes] = []  # packed commands not yet written (this iteration)
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        #: the server's host and port (None on a Unix socket)
+        self.address: tuple[str, int] | None = None
+        #: the server's replication id when the connection opened (b"": not asked)
+        self.replid = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)

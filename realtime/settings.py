@@ -9,15 +9,20 @@ from __future__ import annotations
 import ipaddress
 import socket
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from realtime.redis_client import RedisTarget
 
 #: Used when no JWT secret is configured (dev mode, loopback only). Documented in README.
 DEV_JWT_SECRET = "piggybong-dev-secret-do-not-use-in-production"
 #: Used when no API key is configured (dev mode, loopback only). Documented in README.
 DEV_API_KEY = "dev-api-key"
+#: The dashboard's admin token in dev mode (loopback only). Documented in docs/operations.md.
+DEV_ADMIN_TOKEN = "dev-admin-token"
 #: Seconds a leased notification may sit untouched before another router takes it over; not a
 #: setting: app.py gives it to the notification store, and the consumer idle timeout exceeds it.
 NOTIFICATION_LEASE_TIMEOUT = 30.0
@@ -57,6 +62,29 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None, description="Redis URL; unset: in-process broker and queues (one node)"
     )
+    redis_sentinels: CsvList = Field(
+        [],
+        description="host:port of the Redis Sentinels, comma-separated (instead of "
+        "REALTIME_REDIS_URL; with REALTIME_REDIS_SENTINEL_MASTER)",
+    )
+    redis_sentinel_master: str | None = Field(
+        None, description="the master's name the sentinels monitor"
+    )
+    redis_cluster_nodes: CsvList = Field(
+        [], description="host:port seeds of a Redis Cluster (not supported yet: refused)"
+    )
+    redis_password: SecretStr | None = Field(
+        None, description="the Redis servers' password (AUTH), where one is needed"
+    )
+    notification_wait_replicas: int = Field(
+        0,
+        ge=0,
+        description="replicas that must have an accepted notification or device before the "
+        "202 (Redis WAIT); 0: no wait",
+    )
+    notification_wait_timeout: float = Field(
+        1.0, gt=0, description="seconds to wait for those replicas (503 when fewer answered)"
+    )
     node_id: str | None = Field(None, description="this node's name (default host-pid)")
 
     jwt_secret: str | None = Field(
@@ -69,6 +97,11 @@ class Settings(BaseSettings):
     jwt_leeway: float = Field(0.0, ge=0, description="seconds of clock skew allowed on exp/nbf")
     api_keys: CsvList = Field([], description="backend API keys, comma-separated; unset: dev mode")
     blocked_users: CsvList = Field([], description="user ids refused with 4003, comma-separated")
+    admin_token: str | None = Field(
+        None,
+        description="password of the operators' dashboard (/dashboard, HTTP Basic, any user "
+        "name); unset: the dashboard answers 404 (dev mode: the dev admin token)",
+    )
 
     tier_policy: Path | None = Field(None, description="tier policy file (JSON or TOML)")
 
@@ -196,7 +229,10 @@ class Settings(BaseSettings):
 
     @field_validator(
         "jwt_secret",
+        "admin_token",
         "redis_url",
+        "redis_sentinel_master",
+        "redis_password",
         "gc_freeze_interval",
         "gc_full_interval",
         "metrics_port",
@@ -231,6 +267,8 @@ class Settings(BaseSettings):
         "blocked_users",
         "trusted_proxies",
         "allowed_origins",
+        "redis_sentinels",
+        "redis_cluster_nodes",
         mode="before",
     )
     @classmethod
@@ -247,6 +285,57 @@ class Settings(BaseSettings):
                 raise ValueError(f"not an address or CIDR: {entry!r}") from None
         return value
 
+    @field_validator("redis_sentinels", "redis_cluster_nodes")
+    @classmethod
+    def _host_ports(cls, value: list[str]) -> list[str]:
+        for item in value:
+            _host_port(item)
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_redis(self) -> Settings:
+        ways = [
+            name
+            for name, given in (
+                ("REALTIME_REDIS_URL", self.redis_url),
+                ("REALTIME_REDIS_SENTINELS", self.redis_sentinels),
+                ("REALTIME_REDIS_CLUSTER_NODES", self.redis_cluster_nodes),
+            )
+            if given
+        ]
+        if len(ways) > 1:
+            raise ValueError(f"set one way to Redis, not {' and '.join(ways)}")
+        if self.redis_sentinels and not self.redis_sentinel_master:
+            raise ValueError("REALTIME_REDIS_SENTINELS needs REALTIME_REDIS_SENTINEL_MASTER")
+        if self.redis_sentinel_master and not self.redis_sentinels:
+            raise ValueError("REALTIME_REDIS_SENTINEL_MASTER needs REALTIME_REDIS_SENTINELS")
+        if self.redis_cluster_nodes:
+            raise ValueError(
+                "REALTIME_REDIS_CLUSTER_NODES: Redis Cluster is not supported by this version; "
+                "use REALTIME_REDIS_URL or REALTIME_REDIS_SENTINELS"
+            )
+        return self
+
+    @property
+    def uses_redis(self) -> bool:
+        """Redis is configured (a URL or sentinels): else in-process broker and stores."""
+        return bool(self.redis_url or self.redis_sentinels)
+
+    @property
+    def redis_target(self) -> RedisTarget:
+        """Where Redis is (``uses_redis`` must be true)."""
+        from realtime.redis_client import RedisTarget
+
+        password = self.redis_password.get_secret_value() if self.redis_password else None
+        if self.redis_url:
+            return RedisTarget(url=self.redis_url, password=password)
+        assert self.redis_sentinels and self.redis_sentinel_master
+        return RedisTarget(
+            sentinels=tuple(_host_port(item) for item in self.redis_sentinels),
+            master=self.redis_sentinel_master,
+            password=password,
+        )
+
     @model_validator(mode="after")
     def _dev_mode_on_loopback_only(self) -> Settings:
         if self.dev_mode and not _is_loopback(self.host):
@@ -257,7 +346,7 @@ class Settings(BaseSettings):
             )
         if self.jwt_secret is not None and len(self.jwt_secret.encode()) < 32:
             raise ValueError("REALTIME_JWT_SECRET: must be at least 32 bytes (RFC 7518 for HS256)")
-        if self.workers > 1 and not self.redis_url:
+        if self.workers > 1 and not self.uses_redis:
             raise ValueError("REALTIME_WORKERS: more than 1 needs REALTIME_REDIS_URL")
         if self.reuse_port and not hasattr(socket, "SO_REUSEPORT"):
             raise ValueError("REALTIME_REUSE_PORT: this platform has no SO_REUSEPORT")
@@ -300,6 +389,20 @@ class Settings(BaseSettings):
     @property
     def effective_api_keys(self) -> list[str]:
         return self.api_keys or [DEV_API_KEY]
+
+    @property
+    def effective_admin_token(self) -> str | None:
+        """The dashboard's password: the configured one, in dev mode the dev one, else None."""
+        if self.admin_token:
+            return self.admin_token
+        return DEV_ADMIN_TOKEN if self.dev_mode else None
+
+
+def _host_port(item: str) -> tuple[str, int]:
+    host, sep, port = item.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{item!r} is not host:port")
+    return host.strip("[]"), int(port)
 
 
 def _is_loopback(host: str) -> bool:

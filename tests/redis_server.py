@@ -23,7 +23,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -74,8 +74,17 @@ class RedisServer:
     ``kill()`` / ``restart()`` skip the calling test.
     """
 
-    def __init__(self, binary: str | None, port: int, url: str, *, external: bool) -> None:
+    def __init__(
+        self,
+        binary: str | None,
+        port: int,
+        url: str,
+        *,
+        external: bool,
+        extra: Sequence[str] = (),
+    ) -> None:
         self.binary = binary
+        self.extra = list(extra)
         self.port = port
         self.url = url
         self.external = external
@@ -84,11 +93,20 @@ class RedisServer:
         self._next_db = 0
 
     @classmethod
-    def start_own(cls, binary: str) -> RedisServer:
+    def start_own(
+        cls, binary: str, extra: Sequence[str] = (), password: str | None = None
+    ) -> RedisServer:
+        """A server of our own; ``extra`` arguments follow (and override) the defaults.
+
+        ``password``: ``requirepass`` (and ``masterauth``), and in ``url``."""
         last_error = ""
+        if password is not None:
+            extra = [*extra, "--requirepass", password, "--masterauth", password]
+        auth = "" if password is None else f":{password}@"
         for _ in range(5):  # a free port can be taken between probe and bind: retry
             port = _free_port()
-            server = cls(binary, port, f"redis://127.0.0.1:{port}/0", external=False)
+            url = f"redis://{auth}127.0.0.1:{port}/0"
+            server = cls(binary, port, url, external=False, extra=extra)
             try:
                 server._spawn()
                 return server
@@ -114,6 +132,7 @@ class RedisServer:
             "--databases", str(_DATABASES),
             "--dir", str(self._dir),
             "--logfile", str(log),
+            *self.extra,
         ]  # fmt: skip
         self._proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

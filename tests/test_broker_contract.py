@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from realtime.broker import Broker, BrokerUnavailable, MemoryBroker
 from realtime.redis_broker import RedisBroker
-from realtime.redis_client import backoff_delay
+from realtime.redis_client import RedisTarget, backoff_delay
 from realtime.resp import (
     RedisProtocolError,
     RedisReplyError,
@@ -29,11 +29,12 @@ from realtime.resp import (
     make_reader,
     pack_command,
 )
+from tests.redis_sentinel import data_url, redis_where
 from tests.redis_server import RedisServer
 
 HAVE_HIREDIS = importlib.util.find_spec("hiredis") is not None
 REDIS_KINDS = ["redis-python", "redis-hiredis"]
-KINDS = ["memory", *REDIS_KINDS]
+KINDS = ["memory", *REDIS_KINDS, "sentinel"]
 
 
 class Collector:
@@ -66,7 +67,7 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> No
 MakeBroker = Callable[..., Awaitable[tuple[Broker, Collector]]]
 
 
-def _redis_broker(url: str, kind: str, **options: Any) -> RedisBroker:
+def _redis_broker(url: str | RedisTarget, kind: str, **options: Any) -> RedisBroker:
     parser: Literal["hiredis", "python"] = "hiredis" if kind == "redis-hiredis" else "python"
     options.setdefault("max_backoff", 0.5)
     options.setdefault("health_check_interval", 1.0)
@@ -91,7 +92,7 @@ def redis_kind(request: pytest.FixtureRequest) -> str:
 
 async def _factory(kind: str, request: pytest.FixtureRequest) -> AsyncIterator[MakeBroker]:
     brokers: list[Broker] = []
-    url = request.getfixturevalue("redis_url") if kind != "memory" else ""
+    url = redis_where(kind, request) if kind != "memory" else ""
 
     async def make(**options: Any) -> tuple[Broker, Collector]:
         broker: Broker = MemoryBroker() if kind == "memory" else _redis_broker(url, kind, **options)
@@ -232,7 +233,8 @@ async def test_concurrent_subscribe_unsubscribe_end_in_the_last_state(
         await asyncio.gather(*(op(channel) for op in ops))
         want = ops[-1] == broker.subscribe
         if kind != "memory":
-            assert await _numsub(request.getfixturevalue("redis_url"), channel) == int(want)
+            where = redis_where(kind, request)
+            assert await _numsub(data_url(where, request), channel) == int(want)
         await broker.subscribe("marker")
         before = len(got.items)
         await broker.publish(channel, b"probe")

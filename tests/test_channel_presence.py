@@ -16,19 +16,18 @@ from realtime.channel_presence import (
     SessionInfo,
 )
 from realtime.redis_channel_presence import RedisChannelPresence
+from tests.redis_sentinel import redis_where
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def presence(
-    request: pytest.FixtureRequest, redis_server: RedisServer, redis_url: str
-) -> AsyncIterator[ChannelPresence]:
+@pytest.fixture(params=["memory", "redis", "sentinel"])
+async def presence(request: pytest.FixtureRequest) -> AsyncIterator[ChannelPresence]:
     made: ChannelPresence = (
         MemoryChannelPresence(ttl=0.6)
         if request.param == "memory"
-        else RedisChannelPresence(redis_url, ttl=0.6)
+        else RedisChannelPresence(redis_where(request.param, request), ttl=0.6)
     )
     yield made
     await made.close()

@@ -112,6 +112,52 @@ async def test_a_server_restart_without_redis_means_resync() -> None:
         server.log_path.unlink(missing_ok=True)
 
 
+async def test_a_refused_handshake_is_retried() -> None:
+    """A load balancer answers the first upgrades 503 (a deploy), then passes through:
+    the client keeps reconnecting (it stopped for good on the first refusal)."""
+    refusals = 3
+    async with running_server() as server:
+
+        async def front(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal refusals
+            head = await reader.readuntil(b"\r\n\r\n")
+            if refusals > 0:
+                refusals -= 1
+                writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+                writer.close()
+                return
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", server.port)
+            up_writer.write(head)
+
+            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+                with contextlib.suppress(OSError):
+                    while data := await src.read(65536):
+                        dst.write(data)
+                        await dst.drain()
+                dst.close()
+
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+        balancer = await asyncio.start_server(front, "127.0.0.1", 0)
+        port = balancer.sockets[0].getsockname()[1]
+        app = App()
+
+        async def token() -> str:
+            return server.token("u-lb")
+
+        client = Client(f"ws://127.0.0.1:{port}/v1/ws", token, app.on_event,
+                        backoff=Backoff(base=0.02, cap=0.1))  # fmt: skip
+        task = asyncio.create_task(client.run())
+        try:
+            async with asyncio.timeout(10):
+                await client.connected.wait()
+            assert refusals == 0 and client.stats.connects == 1
+        finally:
+            await client.close()
+            await asyncio.wait_for(task, 5)
+            balancer.close()
+
+
 async def test_a_gap_in_live_offsets_is_filled_from_history() -> None:
     async with running_server() as server:
         app = App()

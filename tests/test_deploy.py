@@ -336,7 +336,9 @@ def test_config_and_secret_are_settings_the_server_accepts(
 ) -> None:
     objects = manifests()
     secret = objects["Secret"]["stringData"]
-    assert set(secret) == {"REALTIME_JWT_SECRET", "REALTIME_API_KEYS", "REALTIME_REDIS_URL"}
+    assert set(secret) == {
+        "REALTIME_JWT_SECRET", "REALTIME_API_KEYS", "REALTIME_REDIS_URL", "REALTIME_ADMIN_TOKEN",
+    }  # fmt: skip
     for value in secret.values():
         assert "REPLACE-ME" in value, "the example Secret holds placeholders only"
     env = {**objects["ConfigMap"]["data"], **secret}

@@ -9,10 +9,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aredis
 
+import realtime
 from realtime.broker import MemoryBroker
 from realtime.envelope import pack_event, unpack
 from realtime.history import (
@@ -23,13 +26,15 @@ from realtime.history import (
     Published,
 )
 from realtime.redis_broker import CHANNEL_PREFIX, RedisBroker
-from realtime.redis_history import RedisHistory
+from realtime.redis_client import RedisTarget
+from realtime.redis_history import RedisHistory, meta_key, stream_key
 from realtime.tiers import HistoryLimits
+from tests.redis_sentinel import redis_where
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(30)
 
-KINDS = ["memory", "redis"]
+KINDS = ["memory", "redis", "sentinel"]
 LIMITS = HistoryLimits(size=5, ttl_s=3600)
 
 
@@ -88,8 +93,8 @@ def kind(request: pytest.FixtureRequest, redis_server: RedisServer) -> str:
 
 
 @pytest.fixture
-def url(kind: str, redis_url: str) -> str | None:
-    return redis_url if kind == "redis" else None
+def url(kind: str, request: pytest.FixtureRequest) -> str | RedisTarget | None:
+    return None if kind == "memory" else redis_where(kind, request)
 
 
 async def test_offsets_grow_by_one_and_are_delivered_framed(kind: str, url: str | None) -> None:
@@ -191,6 +196,34 @@ async def test_closed_history_refuses(kind: str, url: str | None) -> None:
 
 
 # ------------------------------------------------------------------------------ Redis faults
+
+
+async def test_another_replication_id_starts_a_new_epoch_offsets_go_on(redis_url: str) -> None:
+    """What a failover does to a channel: the meta was written under another master's
+    replication id, so the next read or publish takes a new epoch (offsets continue)."""
+    client = aredis.Redis.from_url(redis_url)
+    try:
+        async with make_history("redis", redis_url) as (history, _, _sub):
+            await history.publish([item("artist:r", f"e{i}") for i in range(3)])
+            before = (await history.read("artist:r", None, 0)).position
+            replid = (await client.info("replication"))["master_replid"]
+            meta = await client.hgetall(meta_key("artist:r"))
+            assert meta[b"r"] == replid.encode(), (meta, await client.keys("*"), redis_url)
+            await client.hset(meta_key("artist:r"), "r", "a-promoted-replica-had-this")
+            after = (await history.read("artist:r", None, 0)).position
+            assert after.epoch != before.epoch and after.offset == before.offset == 3
+            (published,) = await history.publish([item("artist:r", "e3")])
+            assert isinstance(published, Published)
+            assert (published.epoch, published.offset) == (after.epoch, 4)  # stable again
+        # A caller that does not know the id ('' as ARGV[5]): the script asks INFO itself.
+        await client.hset(meta_key("artist:r"), "r", "another")
+        source = (Path(realtime.__file__).parent / "lua" / "history_read.lua").read_text()
+        keys = (stream_key("artist:r"), meta_key("artist:r"))
+        reply = await client.eval(source, 2, *keys, "", 0, "fresh-epoch", 60, "")
+        assert reply[0] == b"fresh-epoch"
+        assert await client.hget(meta_key("artist:r"), "r") == replid.encode()
+    finally:
+        await client.aclose()
 
 
 @pytest.mark.timeout(60)

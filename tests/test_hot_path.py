@@ -611,3 +611,39 @@ async def test_an_encode_failure_skips_that_codec_only(
     write_to_all(tuple(subs), {"type": "event", "data": {"b": b"\x00"}})  # JSON cannot
     assert subs[0].writer.pending == []
     assert len(subs[1].writer.pending) == 1
+
+
+def test_publish_body_in_chunks(client: TestClient) -> None:
+    """A body without Content-Length, in several chunks: joined, and refused over the limit."""
+    body = json.dumps({"channel": "user:1", "event": "e", "data": {"s": "x" * 5000}}).encode()
+
+    def chunks(data: bytes, size: int) -> Iterator[bytes]:
+        for start in range(0, len(data), size):
+            yield data[start : start + size]
+
+    answer = client.post("/v1/publish", headers=KEY, content=chunks(body, 1000))
+    assert answer.status_code == 202 and answer.json()["offsets"] == [1]
+    limit = client.app.state.node.settings.max_body_bytes  # type: ignore[attr-defined]
+    huge = chunks(b" " * (limit + 1), 65536)
+    answer = client.post("/v1/publish", headers=KEY, content=huge)
+    assert answer.status_code == 413
+
+
+def test_unexpected_publish_failure_is_a_contract_500(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception nobody expected: logged once, answered 500 ``internal``, counted."""
+    node = client.app.state.node  # type: ignore[attr-defined]
+
+    async def broken(items: Any) -> Any:
+        raise RuntimeError("disk on fire")
+
+    node.history.publish = broken
+    answer = client.post("/v1/publish", headers=KEY, json={"channel": "user:1", "event": "e"})
+    assert answer.status_code == 500
+    assert answer.json() == {"error": {"code": "internal", "message": "internal error"}}
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        "unhandled error on /v1/publish"
+    ]
+    line = 'piggybong_realtime_http_requests_total{route="/v1/publish",status="500"} 1.0'
+    assert line in client.get("/metrics").text

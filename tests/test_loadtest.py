@@ -22,7 +22,7 @@ from loadtest.accounting import PublishLog, Receipt, account, notify_key
 from loadtest.clients import Fleet, profile
 from loadtest.config import ConfigError, Scenario, auto_workers, load_scenario, parse_duration
 from loadtest.http import HttpConnection, HttpFailure, HttpResponse
-from loadtest.report import percentile_from_pairs, render_html
+from loadtest.report import latency_curves, percentile_from_pairs, render_html, tier_batch_rows
 from loadtest.results import MAIN, Aggregate, Phases, build_results, metrics, summary_text
 from loadtest.runner import Outcome, plan_sources, run
 from loadtest.stats import Histogram, bucket_bounds, bucket_index, exact_percentile, summarize
@@ -441,6 +441,27 @@ def test_results_document_summary_and_report() -> None:
     for fetched in ("<script", "<link", "src=", "url("):  # self-contained: nothing fetched
         assert fetched not in page
     assert percentile_from_pairs(results["histograms"]["event"], 50) == pytest.approx(3.0, 0.01)
+    assert 'width="100%"' in page  # the charts use the page's width
+
+
+def test_the_report_shows_batch_latency_by_tier() -> None:
+    """The free tier's 2 s window does not hide the paid tier's 250 ms: one row and one curve
+    per tier."""
+    results = {
+        "histograms": {
+            "event": [[3000, 10]],
+            "batch": [[250_000, 9], [2_000_000, 9]],
+            "batch_paid": [[250_000, 9]],
+            "batch_free": [[2_000_000, 9]],
+        }
+    }
+    chart = latency_curves(results)
+    assert "batch, paid tier" in chart and "batch, free tier" in chart
+    assert ">batch<" not in chart  # the combined curve is left out when the split exists
+    rows = tier_batch_rows(results["histograms"])
+    assert rows["batch, paid tier"]["p95"] == 250.0
+    assert rows["batch, free tier"]["p95"] == 2000.0
+    assert "batch<" in latency_curves({"histograms": {"batch": [[250_000, 1]]}})
 
 
 def test_process_metrics_parsing() -> None:
@@ -701,6 +722,8 @@ async def test_a_short_run_against_the_real_server_gets_every_owed_message() -> 
     latency = results["latency_ms"]
     assert latency["event"]["count"] >= delivery["expected"] * 0.9
     assert latency["batch"]["count"] > 0  # spending updates came in batches
+    by_tier = [results["histograms"].get(k, []) for k in ("batch_free", "batch_paid")]
+    assert sum(n for pairs in by_tier for _, n in pairs) == latency["batch"]["count"]
     assert latency["notification"]["count"] > 0
     assert results["publishing"]["accepted"] == results["publishing"]["sent"] > 0
     assert outcome.exit_code == 0

@@ -36,6 +36,8 @@ from notifications.store import (
     NotificationStore,
     QueueUnavailable,
 )
+from realtime.redis_client import redis_client
+from tests.redis_sentinel import redis_where
 
 StoreFactory = Callable[..., NotificationStore]
 
@@ -45,11 +47,11 @@ def note(id: str, priority: Priority = Priority.NORMAL, **kw: Any) -> Notificati
     return Notification(id=id, priority=priority, **fields)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "sentinel"])
 async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreFactory]:
     """Builds stores of the parametrized kind; Redis ones share one flushed DB (like nodes)."""
     made: list[NotificationStore] = []
-    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    url = None if request.param == "memory" else redis_where(request.param, request)
     shared_memory: dict[str, MemoryNotificationStore] = {}
 
     def make(**options: Any) -> NotificationStore:
@@ -64,7 +66,8 @@ async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreFacto
                 shared_memory[key] = MemoryNotificationStore(**options)
             store = shared_memory[key]
         else:
-            store = RedisNotificationStore.from_url(url, **options)
+            client = redis_client(url, blocking=False, **RedisNotificationStore.client_options())
+            store = RedisNotificationStore(client, owns_client=True, **options)
         made.append(store)
         return store
 

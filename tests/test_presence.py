@@ -17,16 +17,17 @@ from realtime.presence import (
     PresenceUnavailable,
 )
 from realtime.redis_presence import RedisConnectionRegistry
+from tests.redis_sentinel import redis_where
 from tests.redis_server import RedisServer
 
 MakeRegistry = Callable[..., ConnectionRegistry]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "sentinel"])
 async def make_registry(request: pytest.FixtureRequest) -> AsyncIterator[MakeRegistry]:
     """Registries of one kind; Redis ones share one Redis (several nodes)."""
     registries: list[ConnectionRegistry] = []
-    url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
+    url = "" if request.param == "memory" else redis_where(request.param, request)
 
     def make(**options: Any) -> ConnectionRegistry:
         registry: ConnectionRegistry = (

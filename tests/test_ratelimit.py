@@ -20,6 +20,7 @@ from realtime.ratelimit import (
     SlidingWindowLog,
 )
 from realtime.redis_ratelimit import RedisRateLimiter
+from tests.redis_sentinel import redis_where
 from tests.redis_server import RedisServer
 
 # --------------------------------------------------------------------------- sans-I/O core
@@ -106,11 +107,11 @@ def test_memory_limiter_drops_idle_keys_and_bounds_logs() -> None:
 MakeLimiter = Callable[[], RateLimiter]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "sentinel"])
 async def make_limiter(request: pytest.FixtureRequest) -> AsyncIterator[MakeLimiter]:
     """Limiters of one kind; Redis ones share one Redis (several nodes)."""
     limiters: list[RateLimiter] = []
-    url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
+    url = "" if request.param == "memory" else redis_where(request.param, request)
 
     def make() -> RateLimiter:
         limiter: RateLimiter = RedisRateLimiter(url) if url else MemoryRateLimiter()

@@ -1,9 +1,11 @@
 -- One publication of a channel, atomically (realtime/redis_history.py).
--- KEYS[1] the channel's stream, KEYS[2] its meta hash (e: epoch, s: latest offset),
+-- KEYS[1] the channel's stream, KEYS[2] its meta hash (e: epoch, s: latest offset,
+-- r: the replication id of the master that set the epoch),
 -- KEYS[3] (optional) the result hash of the caller's idempotency key.
 -- ARGV: 1 payload, 2 history size, 3 history ttl (s), 4 pub/sub channel, 5 meta ttl (s),
 --       6 a fresh epoch (used if the channel has none), 7 result ttl (ms),
---       8 deadline (unix ms; 0 none): past it, nothing is done.
+--       8 deadline (unix ms; 0 none): past it, nothing is done,
+--       9 the server's replication id as the caller's connection read it ('' : ask INFO).
 -- Returns {offset, epoch, status}: status 0 published, 1 a duplicate (its first offset and
 -- epoch), 2 not done (the deadline had passed).
 local deadline = tonumber(ARGV[8])
@@ -19,10 +21,17 @@ if #KEYS == 3 then
     return {tonumber(seen[2]), seen[1], 1}
   end
 end
-local epoch = redis.call('HGET', KEYS[2], 'e')
-if not epoch then
+-- The epoch changes when the meta is new or was written under another replication id
+-- (a failover or a restart: the top offset may have lost publications clients saw).
+local replid = ARGV[9]
+if replid == '' then
+  replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
+end
+local meta = redis.call('HMGET', KEYS[2], 'e', 'r')
+local epoch = meta[1]
+if not epoch or meta[2] ~= replid then
   epoch = ARGV[6]
-  redis.call('HSET', KEYS[2], 'e', epoch)
+  redis.call('HSET', KEYS[2], 'e', epoch, 'r', replid)
 end
 local offset = redis.call('HINCRBY', KEYS[2], 's', 1)
 redis.call('EXPIRE', KEYS[2], ARGV[5])

@@ -29,7 +29,7 @@ from typing import Any
 
 import msgpack
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.typing import Subprotocol
 
 log = logging.getLogger("piggybong_client")
@@ -166,12 +166,13 @@ class Client:
     # ------------------------------------------------------------------ the loop
 
     async def run(self) -> None:
-        """Connect, serve, reconnect (backoff, jitter) until ``close()``."""
+        """Connect, serve, reconnect (backoff, jitter) until ``close()``; a refused
+        handshake (an HTTP status from a load balancer or a busy node) is retried too."""
         while not self._closing:
             code: int | None = None
             try:
                 code = await self._session()
-            except (OSError, ConnectionClosed, TimeoutError, ClientError) as exc:
+            except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError, ClientError) as exc:
                 log.info("session ended: %s", exc)
             if self._closing:
                 return
