@@ -278,8 +278,12 @@ def _command(port: int, *args: str) -> Any:
         client.close()
 
 
-def _wait_replicated(port: int) -> None:
-    assert int(_command(port, "WAIT", "1", "5000")) == 1
+def _wait_replicated(port: int, timeout: float = 30.0) -> None:
+    """Until a replica of ``port`` has everything written so far (a demoted master first
+    has to be told by the sentinels to follow, then to sync: seconds on a busy machine)."""
+    deadline = time.monotonic() + timeout
+    while int(_command(port, "WAIT", "1", "1000")) != 1:
+        assert time.monotonic() < deadline, f"no replica of {port} acknowledged in {timeout} s"
 
 
 def test_the_fixture_names_its_master() -> None:
