@@ -128,6 +128,11 @@ class Cluster:
     async def start_node(self, i: int) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("REALTIME_")}
         env.update(REALTIME_JWT_SECRET=self.jwt_secret, REALTIME_API_KEYS=self.api_key)
+        # Every simulated app connects from this one machine's address: the door's
+        # per-address caps (section 11) would refuse the fleet as one host.
+        env.update(
+            REALTIME_MAX_CONNECTIONS_PER_IP="10000000", REALTIME_CONNECT_RATE_PER_IP="10000000"
+        )
         args = [sys.executable, "-m", "realtime", "serve", "--host", HOST,
                 "--port", str(self.ports[i]), "--log-level", "warning"]  # fmt: skip
         if self.redis:
