@@ -1,14 +1,17 @@
 """The Redis client of the stores: where Redis is, client factory, error mapping, backoff.
 
-``RedisTarget`` says where Redis is: one URL, or a master found through Redis
-Sentinel. ``make_client`` is the redis-py command client of the presence registry,
-the rate limiter and channel presence; ``redis_client`` builds one with the caller's
-pool and options (the notification store's). Under Sentinel, every new connection
-asks the sentinels for the master and checks it is one; a connection to a demoted
-master (READONLY) or a dead one is dropped, so the next command reaches the new
-master without a restart. ``redis_errors`` turns a Redis or socket error into the
-caller's ``BackendUnavailable`` subclass; ``backoff_delay`` paces reconnects
-(``RedisBroker``'s); ``lua_script`` reads a script of realtime/lua/ (package data).
+``RedisTarget`` says where Redis is: one URL, a master found through Redis
+Sentinel, or a Redis Cluster (seed nodes). ``make_client`` is the redis-py command
+client of the presence registry, the rate limiter and channel presence;
+``redis_client`` builds one with the caller's pool and options (the notification
+store's). Under Sentinel, every new connection asks the sentinels for the master and
+checks it is one; a connection to a demoted master (READONLY) or a dead one is
+dropped, so the next command reaches the new master without a restart. On a cluster
+the client is redis-py's ``RedisCluster``: each command goes to the master of its
+keys' slot (keys of one script share a hash tag), following MOVED and ASK and
+re-reading the slot map after a failover. ``redis_errors`` turns a Redis or socket
+error into the caller's ``BackendUnavailable`` subclass; ``backoff_delay`` paces
+reconnects (``RedisBroker``'s); ``lua_script`` reads a script of realtime/lua/.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import redis.asyncio as aredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
@@ -45,7 +49,8 @@ SENTINEL_TIMEOUT: Final = 1.0
 
 @dataclass(frozen=True)
 class RedisTarget:
-    """Where Redis is: ``url`` (one server), or ``sentinels`` watching the master ``master``.
+    """Where Redis is: ``url`` (one server), ``sentinels`` watching the master ``master``,
+    or ``cluster``: seed nodes of a Redis Cluster (any reachable one tells the others).
 
     ``password`` is the Redis servers' (``AUTH``; a password in ``url`` is used for a URL);
     sentinels are asked without one.
@@ -55,13 +60,21 @@ class RedisTarget:
     sentinels: tuple[tuple[str, int], ...] = ()
     master: str = ""
     password: str | None = None
+    cluster: tuple[tuple[str, int], ...] = ()
 
     @property
     def sentinel(self) -> bool:
-        return not self.url
+        return bool(self.sentinels)
+
+    @property
+    def is_cluster(self) -> bool:
+        return bool(self.cluster)
 
     def describe(self) -> str:
         """For logs: never the password."""
+        if self.is_cluster:
+            hosts = ",".join(f"{host}:{port}" for host, port in self.cluster)
+            return f"redis cluster via {hosts}"
         if self.sentinel:
             hosts = ",".join(f"{host}:{port}" for host, port in self.sentinels)
             return f"sentinel master {self.master!r} via {hosts}"
@@ -104,6 +117,8 @@ def redis_client(where: str | RedisTarget, *, blocking: bool, **options: Any) ->
     ``blocking``: a caller beyond ``max_connections`` waits up to ``timeout`` for a connection.
     """
     target = as_target(where)
+    if target.is_cluster:
+        return cast(aredis.Redis, _cluster_client(target, blocking=blocking, **options))
     if target.url is not None:
         pool_class = aredis.BlockingConnectionPool if blocking else aredis.ConnectionPool
         if target.password is not None:
@@ -119,6 +134,26 @@ def redis_client(where: str | RedisTarget, *, blocking: bool, **options: Any) ->
     client.auto_close_connection_pool = True  # as from_pool does: the client owns its pool
     client.sentinel_manager = sentinel
     return client
+
+
+def _cluster_client(target: RedisTarget, *, blocking: bool, **options: Any) -> RedisCluster:
+    """A ``RedisCluster`` of ``target.cluster`` with per-node pools of ``options``.
+
+    MOVED and ASK are followed by redis-py; a connection error re-reads the slot map
+    (a failover) on the next command. ``blocking`` pools are not offered per node by
+    redis-py: a caller beyond ``max_connections`` of a node gets an error at once.
+    """
+    options.pop("timeout", None)
+    options.pop("retry", None)
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.cluster],
+        password=target.password,
+        require_full_coverage=False,
+        # No command is retried (see make_client); a lost master costs one error and
+        # the slot map is re-read before the next command.
+        retry=Retry(NoBackoff(), 0),
+        **options,
+    )
 
 
 def make_client(

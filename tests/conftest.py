@@ -3,6 +3,7 @@
 pytest_plugins = [
     "tests.redis_server",
     "tests.redis_sentinel",
+    "tests.redis_cluster",
     "tests.fakes.apns_server",
     "tests.fakes.fcm_server",
 ]
