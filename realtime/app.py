@@ -126,11 +126,15 @@ def _redis_parts(
     url: RedisTarget, metrics: Metrics
 ) -> tuple[Broker, ConnectionRegistry, RateLimiter]:
     from realtime.redis_broker import RedisBroker
+    from realtime.redis_cluster_broker import RedisClusterBroker
     from realtime.redis_presence import RedisConnectionRegistry
     from realtime.redis_ratelimit import RedisRateLimiter
 
+    on_reconnect = metrics.broker_reconnects.inc
     return (
-        RedisBroker(url, on_reconnect=metrics.broker_reconnects.inc),
+        RedisClusterBroker(url, on_reconnect=on_reconnect)
+        if url.is_cluster
+        else RedisBroker(url, on_reconnect=on_reconnect),
         RedisConnectionRegistry(url),
         RedisRateLimiter(url),
     )
@@ -154,11 +158,12 @@ def _channel_presence(settings: Settings) -> ChannelPresence:
 
 def _history(settings: Settings, broker: Broker) -> History:
     if settings.uses_redis:
-        from realtime.redis_broker import CHANNEL_PREFIX, RedisBroker
+        from realtime.redis_broker import RedisBroker
+        from realtime.redis_cluster_broker import RedisClusterBroker
         from realtime.redis_history import RedisHistory
 
-        assert isinstance(broker, RedisBroker)
-        return RedisHistory(broker.command, CHANNEL_PREFIX, result_ttl=settings.idempotency_window)
+        assert isinstance(broker, RedisBroker | RedisClusterBroker)
+        return RedisHistory(broker, result_ttl=settings.idempotency_window)
     assert isinstance(broker, MemoryBroker)
     return MemoryHistory(broker.deliver, result_ttl=settings.idempotency_window)
 
@@ -355,7 +360,7 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
     node.admin_tokens = AdminTokens(admin_token) if admin_token else None
 
     def node_status() -> dict[str, Any]:
-        redis = ("up" if broker.ready else "down") if settings.redis_url else "off"
+        redis = ("up" if broker.ready else "down") if settings.uses_redis else "off"
         states = {b.name: b.state.value for b in breakers.values()}
         watched = len(board.watchers)
         return {"ready": node.is_ready(), "redis": redis, "breakers": states, "watched": watched}

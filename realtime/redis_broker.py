@@ -8,8 +8,10 @@ with jitter), health-checks the connection with PING and is cancelled and
 awaited by ``close()``. PUBLISHes are pipelined on a second connection (opened
 on demand, bounded in-flight count), in call order.
 
-Redis channel of channel ``c``: ``"rt:" + c``. The parser is ``hiredis`` when it
-is installed (``parser="auto"``), else a pure-Python RESP2 reader.
+Redis channel of channel ``c``: ``"rt:" + c``; ``"rt:{" + c + "}"`` with ``sharded`` (the
+Redis Cluster's sharded pub/sub, SSUBSCRIBE / SPUBLISH, on the master of the channel's
+slot: realtime/redis_cluster_broker.py keeps one such broker per master). The parser is
+``hiredis`` when it is installed (``parser="auto"``), else a pure-Python RESP2 reader.
 
 Under Redis Sentinel (a ``RedisTarget`` with sentinels) every connection is opened to
 the master the sentinels name, and checked with ROLE. The supervisor asks the
@@ -57,7 +59,7 @@ _NOT_MASTER: Final = ("READONLY", "MASTERDOWN", "LOADING")
 _REPLID: Final = re.compile(rb"master_replid:(\w+)")
 
 
-class _KeyedLock:
+class KeyedLock:
     """One asyncio.Lock per key, dropped when nobody holds or waits for it."""
 
     def __init__(self) -> None:
@@ -113,8 +115,17 @@ class RedisBroker:
         timeout: float = 5.0,
         max_inflight: int = 10_000,
         parser: Literal["auto", "hiredis", "python"] = "auto",
+        sharded: bool = False,
+        on_slot_lost: Callable[[str], None] | None = None,
     ) -> None:
         self._make_reader = make_reader(parser)
+        #: sharded pub/sub (a Redis Cluster master): SSUBSCRIBE, SPUBLISH, hash-tagged names
+        self.sharded = sharded
+        self.publish_command = b"SPUBLISH" if sharded else b"PUBLISH"
+        self._subscribe_command = b"SSUBSCRIBE" if sharded else b"SUBSCRIBE"
+        #: called with a channel this broker no longer serves (its slot moved away; a
+        #: sharded broker only): it is no longer wanted here
+        self._on_slot_lost = on_slot_lost
         target = as_target(url)
         self._sentinel = make_sentinel(target) if target.sentinel else None
         self._master_name = target.master
@@ -144,7 +155,7 @@ class RedisBroker:
         self._inflight = asyncio.Semaphore(max_inflight)
         self._handler: MessageHandler | None = None
         self._wanted: dict[bytes, str] = {}  # Redis channel -> channel name
-        self._locks = _KeyedLock()
+        self._locks = KeyedLock()
         self._conn: RespConnection | None = None  # set while connected and re-subscribed
         self._latest: RespConnection | None = None  # the newest connection, for close()
         self._task: asyncio.Task[None] | None = None
@@ -163,19 +174,30 @@ class RedisBroker:
         self._task = asyncio.create_task(self._supervise(), name="redis-broker-supervisor")
         await self._first_attempt.wait()
 
+    def channel_key(self, channel: str) -> bytes:
+        """The Redis channel of ``channel``."""
+        if self.sharded:
+            return b"rt:{%s}" % channel.encode()
+        return CHANNEL_PREFIX + channel.encode()
+
     async def publish(self, channel: str, payload: bytes) -> None:
         try:
-            await self.command(b"PUBLISH", CHANNEL_PREFIX + channel.encode(), payload)
+            await self.command(self.publish_command, self.channel_key(channel), payload)
         except RedisReplyError as exc:
             raise BrokerUnavailable(f"redis PUBLISH failed: {exc}") from exc
 
     async def command(
-        self, *args: bytes, timeout: float | None = None, replid_at: int | None = None
+        self,
+        *args: bytes,
+        timeout: float | None = None,
+        replid_at: int | None = None,
+        asking: bool = False,
     ) -> object:
         """Run one command on the pipelined publisher connection and return its reply.
 
         ``replid_at``: the index of an argument replaced by the replication id of the
         server the command goes to (as read when its connection opened; b"" if unknown).
+        ``asking``: ASKING goes right before it (a Redis Cluster ASK redirection).
 
         Raises ``BrokerUnavailable`` unless Redis answered within ``timeout`` (default: the
         broker's); on a time-out the connection is dropped (the next command reconnects).
@@ -193,6 +215,8 @@ class RedisBroker:
                         conn = await self._publisher_connection()
                     if replid_at is not None:
                         args = (*args[:replid_at], conn.replid, *args[replid_at + 1 :])
+                    if asking:
+                        conn.send(b"ASKING")  # the same write as the command, just before it
                     reply = await conn.command(*args)
                     if self._conn is None:
                         self._wake.set()  # Redis answers: the pub/sub reconnects now
@@ -230,7 +254,7 @@ class RedisBroker:
             self._publisher = attempt.result()
 
     async def subscribe(self, channel: str) -> None:
-        key = CHANNEL_PREFIX + channel.encode()
+        key = self.channel_key(channel)
         async with self._locks.hold(key):
             if key in self._wanted:
                 return
@@ -239,7 +263,7 @@ class RedisBroker:
                 raise BrokerUnavailable("not connected to redis")
             self._wanted[key] = channel
             try:
-                await conn.command(b"SUBSCRIBE", key)
+                await conn.command(self._subscribe_command, key)
             except (ConnectionLost, RedisReplyError) as exc:
                 # Dropped before the supervisor can re-subscribe from ``_wanted``: it wakes
                 # after us (FIFO callbacks) and reconnects only after awaiting the network.
@@ -248,11 +272,15 @@ class RedisBroker:
             except asyncio.CancelledError:
                 self._wanted.pop(key, None)
                 with suppress(ConnectionLost):
-                    conn.send(b"UNSUBSCRIBE", key)  # ordered after our SUBSCRIBE
+                    if self.sharded:  # ordered after our SSUBSCRIBE; confirmation not awaited
+                        conn.unsubscribing[key] = conn.unsubscribing.get(key, 0) + 1
+                        conn.send(b"SUNSUBSCRIBE", key)
+                    else:
+                        conn.send(b"UNSUBSCRIBE", key)  # ordered after our SUBSCRIBE
                 raise
 
     async def unsubscribe(self, channel: str) -> None:
-        key = CHANNEL_PREFIX + channel.encode()
+        key = self.channel_key(channel)
         async with self._locks.hold(key):
             if self._wanted.pop(key, None) is None:
                 return
@@ -262,7 +290,10 @@ class RedisBroker:
             # On a lost connection the subscription is gone with it and, no longer wanted,
             # is never restored.
             with suppress(ConnectionLost, RedisReplyError):
-                await conn.command(b"UNSUBSCRIBE", key)
+                if self.sharded:
+                    await conn.sunsubscribe(key)
+                else:
+                    await conn.command(b"UNSUBSCRIBE", key)
 
     @property
     def ready(self) -> bool:
@@ -367,7 +398,10 @@ class RedisBroker:
         reader = self._make_reader()
 
         def factory() -> RespConnection:
-            return RespConnection(reader, wanted, handler)
+            if not self.sharded:
+                return RespConnection(reader, wanted, handler)
+            lost = self._unsubscribed_by_server
+            return RespConnection(reader, wanted, handler, sharded=True, on_unsubscribed=lost)
 
         async with asyncio.timeout(self._timeout):
             if self._path is not None:
@@ -403,19 +437,50 @@ class RedisBroker:
         try:
             async with asyncio.timeout(self._timeout):
                 sent = list(self._wanted)
-                await asyncio.gather(*(
-                    conn.command(b"SUBSCRIBE", *chunk, replies=len(chunk))
-                    for chunk in _chunks(sent, _SUBSCRIBE_CHUNK)
-                ))  # fmt: skip
+                if self.sharded:
+                    subscribed = await self._resubscribe_sharded(conn, sent)
+                else:
+                    await asyncio.gather(*(
+                        conn.command(b"SUBSCRIBE", *chunk, replies=len(chunk))
+                        for chunk in _chunks(sent, _SUBSCRIBE_CHUNK)
+                    ))  # fmt: skip
+                    subscribed = set(sent)
                 # Channels unsubscribed while we were not ready (subscribe refuses then).
-                subscribed = set(sent)
                 while extra := [key for key in subscribed if key not in self._wanted]:
                     subscribed.difference_update(extra)
-                    await conn.command(b"UNSUBSCRIBE", *extra, replies=len(extra))
+                    if self.sharded:
+                        for key in extra:
+                            with suppress(RedisReplyError):
+                                await conn.sunsubscribe(key)
+                    else:
+                        await conn.command(b"UNSUBSCRIBE", *extra, replies=len(extra))
         except BaseException:
             conn.abort()
             raise
         return conn
+
+    async def _resubscribe_sharded(self, conn: RespConnection, keys: list[bytes]) -> set[bytes]:
+        """SSUBSCRIBE each of ``keys`` (one slot per command) and return those subscribed;
+        a channel whose slot this master no longer serves (MOVED) is given up and
+        reported (``on_slot_lost``)."""
+        replies = await asyncio.gather(
+            *(conn.command(b"SSUBSCRIBE", key) for key in keys), return_exceptions=True
+        )
+        subscribed = set()
+        for key, reply in zip(keys, replies, strict=True):
+            if not isinstance(reply, BaseException):
+                subscribed.add(key)
+                continue
+            if not isinstance(reply, RedisReplyError) or not str(reply).startswith("MOVED"):
+                raise reply
+            self._unsubscribed_by_server(key)
+        return subscribed
+
+    def _unsubscribed_by_server(self, key: bytes) -> None:
+        """The server dropped (or refused) ``key``: its slot is served elsewhere now."""
+        name = self._wanted.pop(key, None)
+        if name is not None and self._on_slot_lost is not None:
+            self._on_slot_lost(name)
 
     async def _watch(self, conn: RespConnection) -> str:
         """Return why ``conn`` was lost; PING it when idle and drop it if it does not answer."""

@@ -16,7 +16,9 @@ node's and Redis's clocks agree within that margin (NTP).
 
 Scripts run by EVALSHA on the broker's pipelined command connection, so
 concurrent publishes share round trips; NOSCRIPT (Redis restarted) falls back
-to EVAL once.
+to EVAL once. On a Redis Cluster the broker (realtime/redis_cluster_broker.py) sends
+each script to the master of its keys' slot and the script SPUBLISHes to the shard
+channel ``rt:{<ch>}``, in that same slot.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 from realtime.broker import BrokerUnavailable
 from realtime.history import (
@@ -55,9 +57,24 @@ _LUA = Path(__file__).parent / "lua"
 _STATUS_DUPLICATE: Final = 1
 _STATUS_LATE: Final = 2
 
-#: ``command(*args, timeout=...)``: one command on a pipelined connection, its reply;
-#: raises BrokerUnavailable (no answer in time) or an error reply.
-Command = Callable[..., Awaitable[object]]
+
+class ScriptBroker(Protocol):
+    """What the history needs of the Redis broker it shares connections with."""
+
+    #: PUBLISH, or SPUBLISH (sharded pub/sub on a Redis Cluster)
+    publish_command: bytes
+
+    def channel_key(self, channel: str) -> bytes:
+        """The Redis (shard) channel of ``channel``."""
+        ...
+
+    async def command(
+        self, *args: bytes, timeout: float | None = None, replid_at: int | None = None
+    ) -> object:
+        """One command on a pipelined connection, its reply; raises BrokerUnavailable (no
+        answer in time) or an error reply. ``replid_at``: that argument becomes the
+        replication id of the server it runs on."""
+        ...
 
 
 class _Script:
@@ -89,14 +106,14 @@ class RedisHistory:
 
     def __init__(
         self,
-        command: Command,
-        channel_prefix: bytes,
+        broker: ScriptBroker,
         *,
         result_ttl: float = DEFAULT_RESULT_TTL,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
-        self._command = command
-        self._prefix = channel_prefix
+        self._command = broker.command
+        self._channel_key = broker.channel_key
+        self._publish_command = broker.publish_command
         self._result_ttl_ms = b"%d" % int(result_ttl * 1000)
         self._timeout = timeout
         self._closed = False
@@ -136,11 +153,12 @@ class RedisHistory:
             item.payload,
             b"%d" % item.limits.size,
             b"%d" % item.limits.ttl_s,
-            self._prefix + channel.encode(),
+            self._channel_key(channel),
             b"%d" % META_TTL,
             new_epoch().encode(),
             self._result_ttl_ms,
             deadline,
+            self._publish_command,
             b"",  # the replication id
         )
         try:

@@ -248,12 +248,28 @@ class RespConnection(asyncio.Protocol):
     channels: n confirmations); its future gets the last one, or the error
     reply, or ``ConnectionLost``. Messages of channels in ``wanted`` are handed to
     ``handler`` from ``data_received``. ``lost`` completes when the connection ends.
+
+    Sharded pub/sub (``sharded``): messages are ``smessage``; a ``sunsubscribe`` of a
+    channel that no SUNSUBSCRIBE sent here waits for is the server's own (its slot
+    moved away) and goes to ``on_unsubscribed(channel)``, not to a command.
     """
 
-    def __init__(self, reader: Reader, wanted: dict[bytes, str], handler: MessageHandler) -> None:
+    def __init__(
+        self,
+        reader: Reader,
+        wanted: dict[bytes, str],
+        handler: MessageHandler,
+        *,
+        sharded: bool = False,
+        on_unsubscribed: Callable[[bytes], None] | None = None,
+    ) -> None:
         self._reader = reader
         self._wanted = wanted
         self._handler = handler
+        self._message = b"smessage" if sharded else b"message"
+        self._on_unsubscribed = on_unsubscribed
+        #: channels of SUNSUBSCRIBEs sent and not yet confirmed, with their count
+        self.unsubscribing: dict[bytes, int] = {}
         self._transport: asyncio.Transport | None = None
         self._pending: deque[_Pending] = deque()
         self._outgoing: list[bytes] = []  # packed commands not yet written (this iteration)
@@ -279,21 +295,37 @@ class RespConnection(asyncio.Protocol):
         reader = self._reader
         wanted = self._wanted
         handler = self._handler
+        message = self._message
         try:
             reader.feed(data)
             while (reply := reader.gets()) is not False:
-                if type(reply) is list and reply and reply[0] == b"message":
+                if type(reply) is list and reply and reply[0] == message:
                     name = wanted.get(reply[1])
                     if name is not None:
                         try:
                             handler(name, reply[2])
                         except Exception:
                             log.exception("broker handler raised on channel %r", name)
+                elif self._on_unsubscribed is not None and self._pushed(reply):
+                    self._on_unsubscribed(reply[1])
                 else:
                     self._reply(reply)
         except RedisProtocolError:
             log.exception("redis pub/sub connection sent bad RESP; dropping it")
             self.abort()
+
+    def _pushed(self, reply: Any) -> bool:
+        """A ``sunsubscribe`` the server sent on its own (no SUNSUBSCRIBE of ours waits)."""
+        if type(reply) is not list or len(reply) != 3 or reply[0] != b"sunsubscribe":
+            return False
+        waiting = self.unsubscribing.get(reply[1], 0)
+        if waiting == 0:
+            return True
+        if waiting == 1:
+            del self.unsubscribing[reply[1]]
+        else:
+            self.unsubscribing[reply[1]] = waiting - 1
+        return False
 
     def _reply(self, reply: object) -> None:
         if not self._pending:
@@ -319,6 +351,15 @@ class RespConnection(asyncio.Protocol):
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self._send(_Pending(future, replies), args)
         return await future
+
+    async def sunsubscribe(self, channel: bytes) -> None:
+        """SUNSUBSCRIBE one channel and wait for its confirmation (or error reply)."""
+        self.unsubscribing[channel] = self.unsubscribing.get(channel, 0) + 1
+        try:
+            await self.command(b"SUNSUBSCRIBE", channel)
+        except RedisReplyError:  # MOVED: no confirmation will come
+            self._pushed([b"sunsubscribe", channel, 0])
+            raise
 
     def send(self, *args: bytes, replies: int = 1) -> None:
         """Send one command whose replies nobody waits for (consumed in order, errors logged)."""

@@ -71,7 +71,9 @@ class Settings(BaseSettings):
         None, description="the master's name the sentinels monitor"
     )
     redis_cluster_nodes: CsvList = Field(
-        [], description="host:port seeds of a Redis Cluster (not supported yet: refused)"
+        [],
+        description="host:port seeds of a Redis Cluster, comma-separated (any reachable "
+        "one names the others)",
     )
     redis_password: SecretStr | None = Field(
         None, description="the Redis servers' password (AUTH), where one is needed"
@@ -309,17 +311,13 @@ class Settings(BaseSettings):
             raise ValueError("REALTIME_REDIS_SENTINELS needs REALTIME_REDIS_SENTINEL_MASTER")
         if self.redis_sentinel_master and not self.redis_sentinels:
             raise ValueError("REALTIME_REDIS_SENTINEL_MASTER needs REALTIME_REDIS_SENTINELS")
-        if self.redis_cluster_nodes:
-            raise ValueError(
-                "REALTIME_REDIS_CLUSTER_NODES: Redis Cluster is not supported by this version; "
-                "use REALTIME_REDIS_URL or REALTIME_REDIS_SENTINELS"
-            )
         return self
 
     @property
     def uses_redis(self) -> bool:
-        """Redis is configured (a URL or sentinels): else in-process broker and stores."""
-        return bool(self.redis_url or self.redis_sentinels)
+        """Redis is configured (a URL, sentinels or a cluster): else in-process broker and
+        stores."""
+        return bool(self.redis_url or self.redis_sentinels or self.redis_cluster_nodes)
 
     @property
     def redis_target(self) -> RedisTarget:
@@ -329,6 +327,11 @@ class Settings(BaseSettings):
         password = self.redis_password.get_secret_value() if self.redis_password else None
         if self.redis_url:
             return RedisTarget(url=self.redis_url, password=password)
+        if self.redis_cluster_nodes:
+            return RedisTarget(
+                cluster=tuple(_host_port(item) for item in self.redis_cluster_nodes),
+                password=password,
+            )
         assert self.redis_sentinels and self.redis_sentinel_master
         return RedisTarget(
             sentinels=tuple(_host_port(item) for item in self.redis_sentinels),

@@ -255,8 +255,12 @@ def sentinel_target(sentinel_set: SentinelSet) -> RedisTarget:
 
 
 def redis_where(kind: str, request: pytest.FixtureRequest) -> str | RedisTarget:
-    """Where a Redis part of a contract suite connects: ``sentinel`` (the shared set, flushed)
-    or any other Redis kind (a flushed DB of the session's Redis)."""
+    """Where a Redis part of a contract suite connects: ``sentinel`` (the shared set, flushed),
+    ``cluster`` (the shared Redis Cluster, flushed) or any other Redis kind (a flushed DB of
+    the session's Redis)."""
+    if kind == "cluster":
+        cluster: RedisTarget = request.getfixturevalue("cluster_target")
+        return cluster
     if kind == "sentinel":
         target: RedisTarget = request.getfixturevalue("sentinel_target")
         return target

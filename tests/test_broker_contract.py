@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from realtime.broker import Broker, BrokerUnavailable, MemoryBroker
 from realtime.redis_broker import RedisBroker
 from realtime.redis_client import RedisTarget, backoff_delay
+from realtime.redis_cluster_broker import RedisClusterBroker
 from realtime.resp import (
     RedisProtocolError,
     RedisReplyError,
@@ -29,12 +30,13 @@ from realtime.resp import (
     make_reader,
     pack_command,
 )
+from tests.redis_cluster import ClusterSet
 from tests.redis_sentinel import data_url, redis_where
 from tests.redis_server import RedisServer
 
 HAVE_HIREDIS = importlib.util.find_spec("hiredis") is not None
 REDIS_KINDS = ["redis-python", "redis-hiredis"]
-KINDS = ["memory", *REDIS_KINDS, "sentinel"]
+KINDS = ["memory", *REDIS_KINDS, "sentinel", "cluster"]
 
 
 class Collector:
@@ -67,10 +69,15 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> No
 MakeBroker = Callable[..., Awaitable[tuple[Broker, Collector]]]
 
 
-def _redis_broker(url: str | RedisTarget, kind: str, **options: Any) -> RedisBroker:
+def _redis_broker(
+    url: str | RedisTarget, kind: str, **options: Any
+) -> RedisBroker | RedisClusterBroker:
     parser: Literal["hiredis", "python"] = "hiredis" if kind == "redis-hiredis" else "python"
     options.setdefault("max_backoff", 0.5)
     options.setdefault("health_check_interval", 1.0)
+    if kind == "cluster":
+        assert isinstance(url, RedisTarget)
+        return RedisClusterBroker(url, **options)
     return RedisBroker(url, parser=parser, **options)
 
 
@@ -127,6 +134,18 @@ async def _numsub(url: str, channel: str) -> int:
     try:
         counts = await client.pubsub_numsub(b"rt:" + channel.encode())
         return int(counts[0][1])
+    finally:
+        await client.aclose()
+
+
+async def _shard_numsub(request: pytest.FixtureRequest, channel: str) -> int:
+    """Subscribers of ``channel``'s shard channel on the master of its slot."""
+    cluster: ClusterSet = request.getfixturevalue("redis_cluster")
+    key = b"rt:{%s}" % channel.encode()
+    client = aredis.Redis(port=cluster.master_of(key))
+    try:
+        counts = await client.execute_command("PUBSUB", "SHARDNUMSUB", key)
+        return int(counts[1])
     finally:
         await client.aclose()
 
@@ -232,7 +251,9 @@ async def test_concurrent_subscribe_unsubscribe_end_in_the_last_state(
         ops = [rng.choice([broker.subscribe, broker.unsubscribe]) for _ in range(rng.randint(2, 7))]
         await asyncio.gather(*(op(channel) for op in ops))
         want = ops[-1] == broker.subscribe
-        if kind != "memory":
+        if kind == "cluster":
+            assert await _shard_numsub(request, channel) == int(want)
+        elif kind != "memory":
             where = redis_where(kind, request)
             assert await _numsub(data_url(where, request), channel) == int(want)
         await broker.subscribe("marker")

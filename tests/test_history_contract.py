@@ -25,8 +25,9 @@ from realtime.history import (
     Publication,
     Published,
 )
-from realtime.redis_broker import CHANNEL_PREFIX, RedisBroker
+from realtime.redis_broker import RedisBroker
 from realtime.redis_client import RedisTarget
+from realtime.redis_cluster_broker import RedisClusterBroker
 from realtime.redis_history import RedisHistory, meta_key, stream_key
 from realtime.tiers import HistoryLimits
 from tests.redis_sentinel import redis_where
@@ -34,7 +35,7 @@ from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(30)
 
-KINDS = ["memory", "redis", "sentinel"]
+KINDS = ["memory", "redis", "sentinel", "cluster"]
 LIMITS = HistoryLimits(size=5, ttl_s=3600)
 
 
@@ -57,7 +58,7 @@ class Received:
 
 @asynccontextmanager
 async def make_history(
-    kind: str, url: str | None, *, result_ttl: float = 600.0, timeout: float = 4.5
+    kind: str, url: str | RedisTarget | None, *, result_ttl: float = 600.0, timeout: float = 4.5
 ) -> AsyncIterator[tuple[History, Received, Callable[[str], Any]]]:
     received = Received()
     if kind == "memory":
@@ -71,9 +72,13 @@ async def make_history(
             await broker.close()
         return
     assert url is not None
-    redis = RedisBroker(url, max_backoff=0.5, health_check_interval=1.0)
+    redis: RedisBroker | RedisClusterBroker
+    if isinstance(url, RedisTarget) and url.is_cluster:
+        redis = RedisClusterBroker(url, max_backoff=0.5, health_check_interval=1.0)
+    else:
+        redis = RedisBroker(url, max_backoff=0.5, health_check_interval=1.0)
     await redis.start(received)
-    history = RedisHistory(redis.command, CHANNEL_PREFIX, result_ttl=result_ttl, timeout=timeout)
+    history = RedisHistory(redis, result_ttl=result_ttl, timeout=timeout)
     try:
         yield history, received, redis.subscribe
     finally:

@@ -77,7 +77,8 @@ def test_settings_take_sentinels_as_section_12_names_them() -> None:
             "redis_sentinels": "127.0.0.1:26379",
             "redis_sentinel_master": "main",
         },
-        {"redis_cluster_nodes": "127.0.0.1:7000"},  # not supported yet: refused, not ignored
+        {"redis_cluster_nodes": "127.0.0.1:7000", "redis_url": "redis://127.0.0.1:6379/0"},
+        {"redis_cluster_nodes": "127.0.0.1"},  # no port
     ]
     for options in bad:
         with pytest.raises(ValueError):

@@ -5,7 +5,8 @@
 -- ARGV: 1 payload, 2 history size, 3 history ttl (s), 4 pub/sub channel, 5 meta ttl (s),
 --       6 a fresh epoch (used if the channel has none), 7 result ttl (ms),
 --       8 deadline (unix ms; 0 none): past it, nothing is done,
---       9 the server's replication id as the caller's connection read it ('' : ask INFO).
+--       9 PUBLISH or SPUBLISH (sharded pub/sub: the channel shares KEYS' hash tag),
+--       10 the server's replication id as the caller's connection read it ('' : ask INFO).
 -- Returns {offset, epoch, status}: status 0 published, 1 a duplicate (its first offset and
 -- epoch), 2 not done (the deadline had passed).
 local deadline = tonumber(ARGV[8])
@@ -23,7 +24,7 @@ if #KEYS == 3 then
 end
 -- The epoch changes when the meta is new or was written under another replication id
 -- (a failover or a restart: the top offset may have lost publications clients saw).
-local replid = ARGV[9]
+local replid = ARGV[10]
 if replid == '' then
   replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
 end
@@ -40,7 +41,11 @@ if offset == 1 then
 end
 redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], offset .. '-0', 'd', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('PUBLISH', ARGV[4], offset .. ' ' .. epoch .. ' ' .. ARGV[1])
+if ARGV[9] == 'SPUBLISH' then
+  redis.call('SPUBLISH', ARGV[4], offset .. ' ' .. epoch .. ' ' .. ARGV[1])
+else
+  redis.call('PUBLISH', ARGV[4], offset .. ' ' .. epoch .. ' ' .. ARGV[1])
+end
 if #KEYS == 3 then
   redis.call('HSET', KEYS[3], 'e', epoch, 's', offset)
   redis.call('PEXPIRE', KEYS[3], ARGV[7])
