@@ -1,0 +1,270 @@
+"""Redis Cluster: channels over shards with sharded pub/sub, and every part follows a
+failover without a restart (real three-master cluster with replicas, tests/redis_cluster.py;
+a master is SIGKILLed)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+import redis
+from redis.crc import key_slot
+
+from realtime.envelope import unpack_entry
+from realtime.redis_client import RedisTarget
+from realtime.redis_cluster_broker import RedisClusterBroker, SlotMap
+from realtime.settings import Settings
+from tests.redis_cluster import ClusterSet, running_cluster
+from tests.server import ServerProcess, connected, running_server
+
+pytestmark = pytest.mark.timeout(120)
+
+T = TypeVar("T")
+FAILOVER_TIMEOUT = 30.0
+ARTISTS = [f"artist:{name}" for name in ("newjeans", "ive", "aespa", "bts", "twice", "seventeen")]
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[ClusterSet]:
+    """A cluster of this test's own: one of its masters gets killed."""
+    with running_cluster() as cset:
+        yield cset
+
+
+async def _eventually(call: Callable[[], Awaitable[T]], timeout: float = FAILOVER_TIMEOUT) -> T:
+    """``call()``'s result once it stops raising."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await call()
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+def _shard_key(channel: str) -> bytes:
+    return b"rt:{%s}" % channel.encode()
+
+
+def _command(port: int, *args: str) -> Any:
+    client = redis.Redis(port=port, socket_timeout=5.0)
+    try:
+        return client.execute_command(*args)  # type: ignore[no-untyped-call]
+    finally:
+        client.close()
+
+
+def test_settings_take_cluster_seeds_as_section_12_names_them() -> None:
+    settings = Settings(redis_cluster_nodes="127.0.0.1:7000, 10.0.0.2:7001", redis_password="pw")
+    assert settings.uses_redis
+    assert settings.redis_target == RedisTarget(
+        cluster=(("127.0.0.1", 7000), ("10.0.0.2", 7001)), password="pw"
+    )
+    assert settings.redis_target.is_cluster
+    assert "pw" not in settings.redis_target.describe()
+
+
+def test_slot_map_routes_every_slot_to_its_master() -> None:
+    reply = [
+        [0, 5460, [b"127.0.0.1", 7000, b"id0"], [b"127.0.0.1", 7003, b"id3"]],
+        [10923, 16383, [b"", 7002, b"id2"]],
+        [5461, 10922, [b"127.0.0.1", 7001, b"id1"]],
+    ]
+    slots = SlotMap.parse(reply, ("10.0.0.9", 7002))
+    assert slots.master(0) == slots.master(5460) == ("127.0.0.1", 7000)
+    assert slots.master(5461) == ("127.0.0.1", 7001)
+    assert slots.master(16383) == ("10.0.0.9", 7002)  # an empty host: the node asked
+    assert slots.replicas == {("127.0.0.1", 7003)}
+    assert SlotMap.parse(reply[:1], ("h", 1)).master(6000) is None  # an uncovered slot
+    assert slots == SlotMap.parse(list(reversed(reply)), ("10.0.0.9", 7002))
+
+
+async def test_channels_spread_over_shards_one_subscriber_connection_each(
+    redis_cluster: ClusterSet, cluster_target: RedisTarget
+) -> None:
+    """Each master carries only the channels of its slots, and each server node holds one
+    pub/sub connection per master."""
+    env = redis_cluster.env()
+    async with running_server(env) as a, running_server(env) as b:
+        async with connected(a, "u-1") as on_a, connected(b, "u-2", binary=True) as on_b:
+            for client in (on_a, on_b):
+                for channel in ARTISTS:
+                    await client.command("subscribe", channel=channel)
+            for index, channel in enumerate(ARTISTS):
+                response = await b.publish(
+                    {"channel": channel, "event": "album.released", "data": {"i": index}}
+                )
+                assert response.status_code == 202, response.text
+            for client in (on_a, on_b):
+                got = {
+                    (e["channel"], e["data"]["i"])
+                    for e in [await client.next_pushed() for _ in ARTISTS]
+                }
+                assert got == {(channel, i) for i, channel in enumerate(ARTISTS)}
+            masters = redis_cluster.masters()
+            owners = {channel: redis_cluster.master_of(_shard_key(channel)) for channel in ARTISTS}
+            assert len(set(owners.values())) >= 2, owners  # the names do spread over shards
+            for port in masters:
+                subscribed = {
+                    c.decode() for c in _command(port, "PUBSUB", "SHARDCHANNELS", "rt:{artist:*")
+                }
+                assert subscribed == {
+                    _shard_key(c).decode() for c, owner in owners.items() if owner == port
+                }
+                assert not _command(port, "PUBSUB", "CHANNELS")  # nothing on classic pub/sub
+                clients = _command(port, "CLIENT", "LIST", "TYPE", "pubsub").decode().splitlines()
+                assert len(clients) == 2  # one per server node
+
+
+async def test_history_and_recovery_across_nodes_on_a_cluster(redis_cluster: ClusterSet) -> None:
+    env = redis_cluster.env()
+    async with running_server(env) as a, running_server(env) as b:
+        async with connected(a, "u-1") as client:
+            positions = {}
+            for channel in ARTISTS[:3]:
+                positions[channel] = (await client.command("subscribe", channel=channel))["result"]
+        # Published while the client is away, through the other node, with ids.
+        for channel in ARTISTS[:3]:
+            for i in range(3):
+                body = {"channel": channel, "event": "e", "id": f"{channel}-{i}", "data": {"i": i}}
+                first = await b.publish(body)
+                assert first.status_code == 202, first.text
+                again = await a.publish(body)  # the same id, on the other node: published once
+                assert again.status_code == 202 and again.json() == first.json(), again.text
+        async with connected(a, "u-1") as client:
+            for channel in ARTISTS[:3]:
+                start = positions[channel]
+                since = {"epoch": start["epoch"], "offset": start["offset"]}
+                result = (await client.command("subscribe", channel=channel, since=since))["result"]
+                assert result["recovered"] is True, result
+                assert [p["data"]["i"] for p in result["publications"]] == [0, 1, 2]
+
+
+async def test_a_cluster_broker_follows_a_failover_other_shards_unharmed(
+    own_cluster: ClusterSet,
+) -> None:
+    received: list[tuple[str, bytes]] = []
+    moves: list[float] = []
+    broker = RedisClusterBroker(own_cluster.target, max_backoff=0.5, health_check_interval=0.5)
+    await broker.start(lambda c, p: received.append((c, p)), on_reconnect=lambda: moves.append(1))
+    try:
+        assert broker.ready and len(broker.masters) == 3
+        for channel in ARTISTS:
+            await broker.subscribe(channel)
+        victim = ARTISTS[0]
+        old = own_cluster.kill_master_of(_shard_key(victim))
+        others = [c for c in ARTISTS if own_cluster.master_of(_shard_key(c)) != old]
+        assert others
+        # The other shards deliver while the victim's slot has no master.
+        for channel in others:
+            await broker.publish(channel, b"during")
+            await _eventually(lambda c=channel: _has(received, c, b"during"), timeout=5)  # type: ignore[misc]
+        new = await asyncio.to_thread(own_cluster.wait_failover, old, _shard_key(victim))
+
+        async def delivered() -> None:  # at most once: until moved to the new master
+            await broker.publish(victim, b"after")
+            await asyncio.sleep(0.1)
+            await _has(received, victim, b"after")
+
+        await _eventually(delivered)
+        assert broker.placement(victim) == ("127.0.0.1", new)
+        assert broker.channels == set(ARTISTS)
+        await _eventually(_ready(broker))
+        assert moves, "the hub is told to fill the moved channels' gaps"
+    finally:
+        await broker.close()
+
+
+def _ready(broker: RedisClusterBroker) -> Callable[[], Awaitable[None]]:
+    async def check() -> None:
+        assert broker.ready
+
+    return check
+
+
+async def _has(received: list[tuple[str, bytes]], channel: str, payload: bytes) -> None:
+    if (channel, payload) not in received:
+        raise AssertionError(f"{payload!r} on {channel} not received yet")
+
+
+@pytest.fixture
+async def two_nodes(own_cluster: ClusterSet) -> AsyncIterator[tuple[ServerProcess, ServerProcess]]:
+    env = own_cluster.env()
+    async with running_server(env) as a, running_server(env) as b:
+        yield a, b
+
+
+async def _publish(server: ServerProcess, channel: str, event: str) -> httpx.Response:
+    return await server.publish({"channel": channel, "event": event, "id": event, "data": {}})
+
+
+async def test_nodes_follow_a_failover_503_then_202_and_clients_resync(
+    own_cluster: ClusterSet, two_nodes: tuple[ServerProcess, ServerProcess]
+) -> None:
+    """While the slot has no master its publishes answer 503 (not published: the retry with
+    the same id publishes once); after the failover 202, without a node restart. The new
+    master's replication id changes the epoch: subscribers are told to resync (1001, then
+    ``recovered: false``), never fed offsets that may have been reused."""
+    a, b = two_nodes
+    channel = ARTISTS[0]
+    async with connected(a, "u-1") as client:
+        start = (await client.command("subscribe", channel=channel))["result"]
+        assert (await _publish(b, channel, "e1")).status_code == 202
+        assert (await client.next_pushed())["event"] == "e1"
+
+        old = own_cluster.kill_master_of(_shard_key(channel))
+        refused = await _publish(b, channel, "e2")
+        assert refused.status_code == 503, refused.text
+        await asyncio.to_thread(own_cluster.wait_failover, old, _shard_key(channel))
+
+        async def accepted() -> httpx.Response:
+            response = await _publish(b, channel, "e2")  # the same id, retried
+            assert response.status_code == 202, response.text
+            return response
+
+        await _eventually(accepted)
+        assert await client.close_code(timeout=FAILOVER_TIMEOUT) == 1001
+    new = own_cluster.master_of(_shard_key(channel))
+    kept = _command(new, "XRANGE", f"rt:h:{{{channel}}}", "-", "+")
+    entries = [unpack_entry(1, "", fields[b"d"]) for _, fields in kept]
+    events = [entry.message["event"] for entry in entries if entry is not None]
+    assert events.count("e2") == 1, events  # published once, not lost
+    since = {"epoch": start["epoch"], "offset": start["offset"] + 1}
+    async with connected(a, "u-1") as client:
+        result = (await client.command("subscribe", channel=channel, since=since))["result"]
+        assert result["recovered"] is False and result["epoch"] != start["epoch"]
+        assert (await _publish(b, channel, "e3")).status_code == 202
+        assert (await client.next_pushed())["event"] == "e3"
+    for node in (a, b):
+        async with node.http() as http:
+            assert (await _eventually(lambda h=http: _ready_status(h))) == 200  # type: ignore[misc]
+    assert "redis cluster" in a.log()
+
+
+async def _ready_status(http: httpx.AsyncClient) -> int:
+    response = await http.get("/readyz")
+    assert response.status_code == 200, response.text
+    return response.status_code
+
+
+def test_hash_tags_keep_a_channel_in_one_slot() -> None:
+    """The publish script's keys and its shard channel hash alike (channel names have no
+    braces: section 2's pattern)."""
+    from realtime.redis_history import meta_key, result_key, stream_key
+
+    for channel in ("artist:newjeans", "user:42", "artist:x.y-z_1"):
+        slots = {
+            key_slot(key)
+            for key in (
+                stream_key(channel),
+                meta_key(channel),
+                result_key(channel, "k"),
+                _shard_key(channel),
+            )
+        }
+        assert len(slots) == 1, (channel, slots)
