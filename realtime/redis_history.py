@@ -27,7 +27,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Final, Protocol
 
@@ -118,20 +118,28 @@ class RedisHistory:
         self._timeout = timeout
         self._closed = False
 
-    async def _run(self, script: _Script, keys: Sequence[bytes], args: Sequence[bytes]) -> object:
-        """EVALSHA (EVAL after NOSCRIPT); the last of ``args`` becomes the server's
-        replication id (the broker's ``replid_at``)."""
+    def _call(
+        self, script: _Script, keys: Sequence[bytes], args: Sequence[bytes], *, source: bool
+    ) -> Awaitable[object]:
+        """EVALSHA (EVAL with ``source``) of ``script``; the last of ``args`` becomes the
+        server's replication id (the broker's ``replid_at``)."""
         head = (b"%d" % len(keys), *keys, *args)
         wait = self._timeout + DEADLINE_MARGIN
         at = 2 + len(head) - 1
+        if source:
+            return self._command(b"EVAL", script.source, *head, timeout=wait, replid_at=at)
+        return self._command(b"EVALSHA", script.sha, *head, timeout=wait, replid_at=at)
+
+    async def _run(self, script: _Script, keys: Sequence[bytes], args: Sequence[bytes]) -> object:
+        """EVALSHA, and EVAL after NOSCRIPT (a restarted Redis)."""
         try:
-            return await self._command(b"EVALSHA", script.sha, *head, timeout=wait, replid_at=at)
+            return await self._call(script, keys, args, source=False)
         except BrokerUnavailable:
             raise
         except Exception as exc:  # an error reply
-            if not str(exc).startswith("NOSCRIPT"):
+            if not _noscript(exc):
                 raise
-        return await self._command(b"EVAL", script.source, *head, timeout=wait, replid_at=at)
+        return await self._call(script, keys, args, source=True)
 
     async def publish(self, items: Sequence[Publication]) -> list[Published | HistoryUnavailable]:
         if self._closed:
@@ -176,21 +184,42 @@ class RedisHistory:
     async def read(self, channel: str, since: int | None, limit: int) -> Page:
         if self._closed:
             raise HistoryUnavailable("history closed")
-        first = b"" if since is None else b"%d" % (since + 1)
-        args = (first, b"%d" % max(0, limit), new_epoch().encode(), b"%d" % META_TTL, b"")
-        try:
-            reply = await self._run(_READ, [stream_key(channel), meta_key(channel)], args)
-        except BrokerUnavailable as exc:
-            raise HistoryUnavailable(f"history read failed: {exc}") from exc
-        except Exception as exc:
-            raise HistoryUnavailable(f"history read failed: {exc}") from exc
-        if not isinstance(reply, list) or len(reply) != 3:
+        keys = [meta_key(channel)]
+        args = (new_epoch().encode(), b"%d" % META_TTL, b"")
+        entries_command: tuple[bytes, ...] = ()
+        if limit > 0:
+            stream, count = stream_key(channel), b"%d" % limit
+            if since is None:
+                entries_command = (b"XREVRANGE", stream, b"+", b"-", b"COUNT", count)
+            else:
+                first = b"%d-0" % (since + 1)
+                entries_command = (b"XRANGE", stream, first, b"+", b"COUNT", count)
+        for source in (False, True):
+            # Sent in this order in one tick: one write, the XRANGE runs right after the
+            # script on the same connection (the same master on a cluster: one slot).
+            calls = [self._call(_READ, keys, args, source=source)]
+            if entries_command:
+                calls.append(self._command(*entries_command))
+            replies = await asyncio.gather(*calls, return_exceptions=True)
+            if not source and _noscript(replies[0]):
+                continue  # EVAL, and the entries again: they were read before the position
+            for failed in replies:
+                if isinstance(failed, Exception):
+                    raise HistoryUnavailable(f"history read failed: {failed}") from failed
+                if isinstance(failed, BaseException):
+                    raise failed
+            break
+        reply, raw = replies[0], (replies[1] if entries_command else [])
+        if not isinstance(reply, list) or len(reply) != 2:
             raise HistoryUnavailable(f"unexpected history reply {reply!r:.100}")
-        epoch, top, raw = reply
+        epoch, top = reply[0], int(reply[1])
         entries = [_entry(item) for item in raw] if isinstance(raw, list) else []
         if since is None:
             entries.reverse()
-        return Page(Position(_text(epoch), int(top)), [e for e in entries if e is not None])
+        # A publication that landed between the two commands is past the position: left out.
+        return Page(
+            Position(_text(epoch), top), [e for e in entries if e is not None and e.offset <= top]
+        )
 
     @property
     def ready(self) -> bool:
@@ -198,6 +227,14 @@ class RedisHistory:
 
     async def close(self) -> None:
         self._closed = True
+
+
+def _noscript(reply: object) -> bool:
+    return (
+        isinstance(reply, Exception)
+        and not isinstance(reply, BrokerUnavailable)
+        and str(reply).startswith("NOSCRIPT")
+    )
 
 
 def _text(value: object) -> str:

@@ -28,7 +28,7 @@ from realtime.history import (
 from realtime.redis_broker import RedisBroker
 from realtime.redis_client import RedisTarget
 from realtime.redis_cluster_broker import RedisClusterBroker
-from realtime.redis_history import RedisHistory, meta_key, stream_key
+from realtime.redis_history import RedisHistory, meta_key
 from realtime.tiers import HistoryLimits
 from tests.redis_sentinel import redis_where
 from tests.redis_server import RedisServer
@@ -116,6 +116,34 @@ async def test_offsets_grow_by_one_and_are_delivered_framed(kind: str, url: str 
             ("artist:a", i + 1, empty.position.epoch, f"e{i}") for i in range(3)
         ]
         assert [m["offset"] for *_, m in received.items] == [1, 2, 3]
+
+
+async def test_reads_racing_publishes_stop_at_their_position(
+    kind: str, url: str | RedisTarget | None
+) -> None:
+    """A page holds exactly the publications up to its position, none past it, even while
+    other publications land (on Redis the entries are read right after the position)."""
+    async with make_history(kind, url) as (history, _, _sub):
+        await history.publish([item("artist:race", "e0")])
+
+        async def publish() -> None:
+            for i in range(1, 120):
+                await history.publish([item("artist:race", f"e{i}")])
+                await asyncio.sleep(0)
+
+        writer = asyncio.create_task(publish())
+        pages = []
+        while not writer.done():
+            pages.append(await history.read("artist:race", 0, 1000))
+            pages.append(await history.read("artist:race", None, 5))
+            await asyncio.sleep(0)  # the in-process history never waits: let the writer run
+        await writer
+        assert len(pages) > 4
+        for page in pages:
+            offsets = [e.offset for e in page.entries]
+            top = page.position.offset
+            assert offsets and offsets[-1] == top, (offsets, top)
+            assert offsets == list(range(offsets[0], top + 1))
 
 
 async def test_read_since_latest_and_the_size_bound(kind: str, url: str | None) -> None:
@@ -220,11 +248,10 @@ async def test_another_replication_id_starts_a_new_epoch_offsets_go_on(redis_url
             (published,) = await history.publish([item("artist:r", "e3")])
             assert isinstance(published, Published)
             assert (published.epoch, published.offset) == (after.epoch, 4)  # stable again
-        # A caller that does not know the id ('' as ARGV[5]): the script asks INFO itself.
+        # A caller that does not know the id ('' as ARGV[3]): the script asks INFO itself.
         await client.hset(meta_key("artist:r"), "r", "another")
         source = (Path(realtime.__file__).parent / "lua" / "history_read.lua").read_text()
-        keys = (stream_key("artist:r"), meta_key("artist:r"))
-        reply = await client.eval(source, 2, *keys, "", 0, "fresh-epoch", 60, "")
+        reply = await client.eval(source, 1, meta_key("artist:r"), "fresh-epoch", 60, "")
         assert reply[0] == b"fresh-epoch"
         assert await client.hget(meta_key("artist:r"), "r") == replid.encode()
     finally:
