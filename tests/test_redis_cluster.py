@@ -268,3 +268,62 @@ def test_hash_tags_keep_a_channel_in_one_slot() -> None:
             )
         }
         assert len(slots) == 1, (channel, slots)
+
+
+def _node_id(port: int) -> str:
+    return str(_command(port, "CLUSTER", "MYID").decode())
+
+
+def _migrate_slot(cluster: ClusterSet, slot: int, source: int, target: int) -> None:
+    """Move ``slot`` with its keys from the master on ``source`` to the one on ``target``,
+    as ``redis-cli --cluster reshard`` does."""
+    source_id, target_id = _node_id(source), _node_id(target)
+    _command(target, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", source_id)
+    _command(source, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", target_id)
+    while keys := _command(source, "CLUSTER", "GETKEYSINSLOT", str(slot), "100"):
+        names = [key.decode() for key in keys]
+        _command(source, "MIGRATE", "127.0.0.1", str(target), "", "0", "5000", "KEYS", *names)
+    for port in cluster.masters():
+        _command(port, "CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
+
+
+async def test_a_slot_moved_to_another_master_is_followed(own_cluster: ClusterSet) -> None:
+    """Resharding: the old master drops the shard channel (``sunsubscribe``), publishes are
+    answered MOVED; the broker re-reads the map, subscribes on the new master, and the
+    channel's history and offsets move with its keys."""
+    from realtime.history import Published
+    from realtime.redis_history import RedisHistory
+    from tests.test_history_contract import item
+
+    received: list[tuple[str, bytes]] = []
+    broker = RedisClusterBroker(own_cluster.target, max_backoff=0.5, health_check_interval=30)
+    await broker.start(lambda c, p: received.append((c, p)))
+    history = RedisHistory(broker)
+    channel = ARTISTS[1]
+    try:
+        await broker.subscribe(channel)
+        before = await history.publish([item(channel, f"e{i}") for i in range(3)])
+        assert [o.offset for o in before if isinstance(o, Published)] == [1, 2, 3]
+        slot = key_slot(_shard_key(channel))
+        source = own_cluster.master_of(_shard_key(channel))
+        target = next(port for port in own_cluster.masters() if port != source)
+        await asyncio.to_thread(_migrate_slot, own_cluster, slot, source, target)
+
+        async def moved() -> None:
+            assert broker.placement(channel) == ("127.0.0.1", target)
+
+        await _eventually(moved, timeout=10)  # told by the old master, not by the 30 s poll
+        after = await history.publish([item(channel, f"e{i}") for i in range(3, 5)])
+        assert [o.offset for o in after if isinstance(o, Published)] == [4, 5]
+        page = await history.read(channel, 0, 10)
+        assert [e.offset for e in page.entries] == [1, 2, 3, 4, 5]
+
+        async def all_delivered() -> None:
+            assert len([p for c, p in received if c == channel]) == 5
+
+        await _eventually(all_delivered, timeout=10)
+        offsets = [int(p.split(b" ", 1)[0]) for c, p in received if c == channel]
+        assert offsets == [1, 2, 3, 4, 5]
+    finally:
+        await history.close()
+        await broker.close()
