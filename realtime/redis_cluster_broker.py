@@ -9,10 +9,10 @@ Per master of the cluster, one sharded ``RedisBroker`` (its pub/sub connection, 
 pipelined command connection, its reconnects and health checks). A slot map (CLUSTER
 SLOTS, from any node that answers) routes each channel and each command to its master:
 
-- Re-read when a command is answered MOVED (then retried once on the new master: a
-  MOVED command did not run), when a master's pub/sub drops a channel (its slot moved:
-  Redis sends ``sunsubscribe``), when a command finds its master unreachable, and every
-  ``health_check_interval`` seconds (a failover).
+- Re-read when a command is answered MOVED (the command, which did not run, is retried
+  once on the master the reply names), when a master's pub/sub drops a channel (its
+  slot moved: Redis sends ``sunsubscribe``), when a command finds its master
+  unreachable, and every ``health_check_interval`` seconds (a failover).
 - After a re-read, every wanted channel whose slot changed master is subscribed on the
   new master and dropped from the old one; brokers of nodes that are no longer masters
   are closed. If any channel moved, ``on_reconnect`` is called, as after a reconnect:
@@ -49,6 +49,8 @@ Address = tuple[str, int]
 _SCRIPTS: Final = (b"EVALSHA", b"EVAL")
 #: A map older than this is re-read before a retry after MOVED (it may be stale).
 _REFRESH_MIN_INTERVAL: Final = 0.05
+#: Channels moved to a new master at once after a map change (their SSUBSCRIBEs pipelined).
+_MOVE_BATCH: Final = 500
 
 
 class SlotMap:
@@ -185,8 +187,9 @@ class RedisClusterBroker:
     ) -> object:
         """One command on the master of its key's slot (``RedisBroker.command``'s contract).
 
-        MOVED is retried once on the master the re-read map names; ASK once on the node
-        it names. Raises ``BrokerUnavailable`` when the master cannot be reached.
+        MOVED is retried once on the master it names (and the map re-read in the
+        background); ASK once on the node it names, after ASKING. Raises
+        ``BrokerUnavailable`` when the master cannot be reached.
         """
         if self._closed:
             raise BrokerUnavailable("broker closed")
@@ -206,12 +209,11 @@ class RedisClusterBroker:
                     raise BrokerUnavailable(f"redis {args[0].decode()} failed: {exc}") from exc
                 raise
             kind, address = redirect
+            other = await self._shard(address)
             if kind == "ASK":
-                other = await self._shard(address)
                 return await other.command(*args, timeout=timeout, replid_at=replid_at, asking=True)
-            await self._refresh(min_age=_REFRESH_MIN_INTERVAL)
-            shard = await self._shard_for(slot)
-            return await shard.command(*args, timeout=timeout, replid_at=replid_at)
+            self._stale.set()  # the slot has a new master: the map and subscriptions follow
+            return await other.command(*args, timeout=timeout, replid_at=replid_at)
 
     async def subscribe(self, channel: str) -> None:
         async with self._locks.hold(self.channel_key(channel)):
@@ -417,31 +419,26 @@ class RedisClusterBroker:
         """Move wanted channels to their slot's master; close brokers of ex-masters."""
         slots = self._map
         assert slots is not None
+        for master in slots.masters:  # new masters first: connected before channels move
+            with suppress(BrokerUnavailable):
+                await self._shard(master)
+        stray = [
+            channel
+            for channel in self._wanted
+            if (owner := slots.master(key_slot(self.channel_key(channel)))) is not None
+            and self._placed.get(channel) != owner
+        ]
         moved = 0
-        for channel in list(self._wanted):
-            master = slots.master(key_slot(self.channel_key(channel)))
-            if master is None or self._placed.get(channel) == master:
-                continue
-            async with self._locks.hold(self.channel_key(channel)):
-                if channel not in self._wanted:
-                    continue
-                old = self._placed.pop(channel, None)
-                if old is not None and (shard := self._shards.get(old)) is not None:
-                    await shard.unsubscribe(channel)
-                try:
-                    await self._place(channel)
-                except BrokerUnavailable:
-                    self._stale.set()  # not placed yet: the next pass tries again
-                    continue
-                moved += 1
+        for start in range(0, len(stray), _MOVE_BATCH):  # pipelined, a batch at a time
+            done = await asyncio.gather(
+                *(self._move(c) for c in stray[start : start + _MOVE_BATCH])
+            )
+            moved += sum(done)
         for address in [a for a in self._shards if a not in slots.masters]:
             if any(placed == address for placed in self._placed.values()):
                 continue
             shard = self._shards.pop(address)
             await shard.close()
-        for master in slots.masters:  # a new master: connect before it is needed
-            with suppress(BrokerUnavailable):
-                await self._shard(master)
         if moved:
             log.info("redis cluster: %d channels moved to their slot's new master", moved)
             if self._on_moved is not None:
@@ -449,6 +446,22 @@ class RedisClusterBroker:
                     self._on_moved()
                 except Exception:
                     log.exception("on_reconnect callback raised")
+
+    async def _move(self, channel: str) -> bool:
+        """Subscribe ``channel`` on its slot's master, dropped from the old one; False when
+        it is no longer wanted or cannot be placed now (the next pass tries again)."""
+        async with self._locks.hold(self.channel_key(channel)):
+            if channel not in self._wanted:
+                return False
+            old = self._placed.pop(channel, None)
+            if old is not None and (shard := self._shards.get(old)) is not None:
+                await shard.unsubscribe(channel)
+            try:
+                await self._place(channel)
+            except BrokerUnavailable:
+                self._stale.set()
+                return False
+            return True
 
 
 def _ignore(channel: str, payload: bytes) -> None:
