@@ -80,13 +80,14 @@ class ScriptBroker(Protocol):
 class _Script:
     __slots__ = ("sha", "source")
 
-    def __init__(self, name: str) -> None:
-        self.source = (_LUA / name).read_bytes()
+    def __init__(self, name: str, prelude: str | None = None) -> None:
+        head = (_LUA / prelude).read_bytes() if prelude else b""
+        self.source = head + (_LUA / name).read_bytes()
         self.sha = hashlib.sha1(self.source).hexdigest().encode()
 
 
-_PUBLISH = _Script("history_publish.lua")
-_READ = _Script("history_read.lua")
+_PUBLISH = _Script("history_publish.lua", "history_epoch.lua")
+_READ = _Script("history_read.lua", "history_epoch.lua")
 
 
 def stream_key(channel: str) -> bytes:

@@ -9,13 +9,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aredis
 
-import realtime
 from realtime.broker import MemoryBroker
 from realtime.envelope import pack_event, unpack
 from realtime.history import (
@@ -28,7 +26,7 @@ from realtime.history import (
 from realtime.redis_broker import RedisBroker
 from realtime.redis_client import RedisTarget
 from realtime.redis_cluster_broker import RedisClusterBroker
-from realtime.redis_history import RedisHistory, meta_key
+from realtime.redis_history import _READ, RedisHistory, meta_key
 from realtime.tiers import HistoryLimits
 from tests.redis_sentinel import redis_where
 from tests.redis_server import RedisServer
@@ -250,7 +248,7 @@ async def test_another_replication_id_starts_a_new_epoch_offsets_go_on(redis_url
             assert (published.epoch, published.offset) == (after.epoch, 4)  # stable again
         # A caller that does not know the id ('' as ARGV[3]): the script asks INFO itself.
         await client.hset(meta_key("artist:r"), "r", "another")
-        source = (Path(realtime.__file__).parent / "lua" / "history_read.lua").read_text()
+        source = _READ.source.decode()
         reply = await client.eval(source, 1, meta_key("artist:r"), "fresh-epoch", 60, "")
         assert reply[0] == b"fresh-epoch"
         assert await client.hget(meta_key("artist:r"), "r") == replid.encode()

@@ -1,4 +1,5 @@
--- One publication of a channel, atomically (realtime/redis_history.py).
+-- One publication of a channel, atomically (realtime/redis_history.py), after
+-- history_epoch.lua.
 -- KEYS[1] the channel's stream, KEYS[2] its meta hash (e: epoch, s: latest offset,
 -- r: the replication id of the master that set the epoch),
 -- KEYS[3] (optional) the result hash of the caller's idempotency key.
@@ -22,18 +23,7 @@ if #KEYS == 3 then
     return {tonumber(seen[2]), seen[1], 1}
   end
 end
--- The epoch changes when the meta is new or was written under another replication id
--- (a failover or a restart: the top offset may have lost publications clients saw).
-local replid = ARGV[10]
-if replid == '' then
-  replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
-end
-local meta = redis.call('HMGET', KEYS[2], 'e', 'r')
-local epoch = meta[1]
-if not epoch or meta[2] ~= replid then
-  epoch = ARGV[6]
-  redis.call('HSET', KEYS[2], 'e', epoch, 'r', replid)
-end
+local epoch = channel_epoch(KEYS[2], ARGV[6], ARGV[10]) -- history_epoch.lua
 local offset = redis.call('HINCRBY', KEYS[2], 's', 1)
 redis.call('EXPIRE', KEYS[2], ARGV[5])
 if offset == 1 then
