@@ -58,15 +58,18 @@ class ScalePlan:
     idle_s: float
 
 
-QUICK = ScalePlan(channels=40, per_channel=25, rate=400, seconds=8, idle_s=6)
-FULL = ScalePlan(channels=60, per_channel=50, rate=600, seconds=20, idle_s=10)
+#: Few subscribers per channel: a publication costs Redis the same whatever their number
+#: (one message per node's pub/sub connection), and the servers share CPU 0 with Redis.
+QUICK = ScalePlan(channels=40, per_channel=15, rate=600, seconds=8, idle_s=6)
+FULL = ScalePlan(channels=60, per_channel=20, rate=800, seconds=20, idle_s=10)
 
 
 # --------------------------------------------------------------------------- pure helpers
 
 
-def command_calls(info: str) -> dict[str, int]:
-    """``calls`` per command from the text of ``INFO commandstats``
+def command_calls(info: str, field: str = "calls") -> dict[str, int]:
+    """``field`` (``calls``, or ``usec``: microseconds spent in it, a script's including
+    the commands it called) per command from the text of ``INFO commandstats``
     (``cmdstat_evalsha:calls=12,usec=340,...``); names lower-cased."""
     calls: dict[str, int] = {}
     for line in info.splitlines():
@@ -75,7 +78,7 @@ def command_calls(info: str) -> dict[str, int]:
             continue
         for item in fields.split(","):
             key, _, value = item.partition("=")
-            if key == "calls":
+            if key == field:
                 calls[name.removeprefix("cmdstat_").lower()] = int(value)
     return calls
 
@@ -105,8 +108,10 @@ def _per_1000(value: float, of: float) -> float | None:
 # --------------------------------------------------------------------------- one topology
 
 
-def _redis_stats(ports: list[int]) -> list[dict[str, int]]:
-    return [command_calls(redis_cli(port, "INFO", "commandstats")) for port in ports]
+def _redis_stats(ports: list[int]) -> list[tuple[dict[str, int], dict[str, int]]]:
+    """Per Redis: calls and usec per command so far."""
+    infos = [redis_cli(port, "INFO", "commandstats") for port in ports]
+    return [(command_calls(info), command_calls(info, "usec")) for info in infos]
 
 
 async def _drain(fleets: list[FleetLike], before: int, owed: int) -> tuple[dict[str, Any], Any]:
@@ -154,7 +159,9 @@ async def measure(
         after, hist = await _drain(fleets, before["delivered"], owed)
         cpu = [proc_cpu_seconds([pid]) - c for pid, c in zip(pids, cpu0, strict=True)]
         server_cpu, wall = proc_cpu_seconds(servers.pids) - server0, time.time() - t0
-        calls = [calls_delta(a, b) for a, b in zip(calls0, _redis_stats(ports), strict=True)]
+        calls1 = _redis_stats(ports)
+        calls = [calls_delta(a[0], b[0]) for a, b in zip(calls0, calls1, strict=True)]
+        usec = [calls_delta(a[1], b[1]) for a, b in zip(calls0, calls1, strict=True)]
     finally:
         await close_all(fleets)
     delivered = after["delivered"] - before["delivered"]
@@ -172,12 +179,20 @@ async def measure(
             "net_cpu_us_per_publication": round(1e6 * net_s / n, 1) if n else None,
             "publications": n,
             "scripts": count(c, SCRIPT_COMMANDS),
+            # time inside scripts (their commands included) per script run: the work a
+            # script does, without the event loop and I/O around it
+            "us_per_script": round(count(u, SCRIPT_COMMANDS) / count(c, SCRIPT_COMMANDS), 1)
+            if count(c, SCRIPT_COMMANDS)
+            else None,
             "share": round(n / total_pubs, 3) if total_pubs else None,
             "cpu_us_per_publication": round(1e6 * cpu_s / n, 1) if n else None,
             "cpu_us_per_delivery": round(1e6 * cpu_s / delivered, 2) if delivered else None,
             "calls": c,
+            "usec": u,
         }
-        for port, cpu_s, idle_s, net_s, n, c in zip(ports, cpu, idle, net, pubs, calls, strict=True)
+        for port, cpu_s, idle_s, net_s, n, c, u in zip(
+            ports, cpu, idle, net, pubs, calls, usec, strict=True
+        )
     ]
     busiest = max(per_redis, key=lambda r: r["cpu_s"])
     busiest_net = max(r["net_cpu_s"] for r in per_redis)
@@ -219,7 +234,8 @@ async def measure(
         log(
             f"    redis :{r['port']} cpu {r['cpu_s']} s ({r['cpu_percent']}%, idle "
             f"{r['idle_cpu_percent']}%), {r['publications']:,} publications ({r['share']}), "
-            f"{r['scripts']:,} scripts, {r['cpu_us_per_publication']} µs/publication, "
+            f"{r['scripts']:,} scripts ({r['us_per_script']} µs inside each), "
+            f"{r['cpu_us_per_publication']} µs/publication, "
             f"{r['cpu_us_per_delivery']} µs/delivery"
         )
     return out
@@ -284,14 +300,15 @@ def scaleout_lines(s: dict[str, Any]) -> list[str]:
         "servers and Redis on CPU 0, load on CPU 1)",
         "",
         "| topology | Redis | CPU-s | idle CPU % | publications | share | scripts "
-        "| CPU-µs per publication | CPU-µs per delivery | CPU-µs per publication beyond idle |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| µs inside a script | CPU-µs per publication | CPU-µs per delivery "
+        "| CPU-µs per publication beyond idle |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key in ("one", "cluster"):
         t = s[key]
         lines += [
             f"| {t['topology']} | :{r['port']} | {r['cpu_s']} | {r['idle_cpu_percent']} "
-            f"| {r['publications']:,} | {r['share']} | {r['scripts']:,} "
+            f"| {r['publications']:,} | {r['share']} | {r['scripts']:,} | {r['us_per_script']} "
             f"| {r['cpu_us_per_publication']} | {r['cpu_us_per_delivery']} "
             f"| {r['net_cpu_us_per_publication']} |"
             for r in t["redis"]

@@ -33,6 +33,15 @@ def test_command_calls_reads_each_command_s_calls() -> None:
     }
 
 
+def test_command_calls_reads_another_field() -> None:
+    assert command_calls(INFO, "usec") == {
+        "evalsha": 210345,
+        "publish": 0,
+        "spublish": 70,
+        "script|exists": 5,
+    }
+
+
 def test_command_calls_ignores_other_sections_and_blank_lines() -> None:
     assert command_calls("# Server\r\nredis_version:7.0.15\r\n\r\n") == {}
 
