@@ -37,7 +37,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, cast
 
@@ -601,7 +601,7 @@ class PublishResult:
 async def publish(
     host: str,
     port: int,
-    channel: str,
+    channel: str | Sequence[str],
     rate: float,
     duration: float,
     *,
@@ -609,11 +609,27 @@ async def publish(
     lanes: int = 8,
     batch: int = 1,
     api_key: str = DEV_API_KEY,
+    ids: str = "",
 ) -> PublishResult:
-    """Publish ``rate`` events/s for ``duration`` s, open loop; owns its lane tasks."""
+    """Publish ``rate`` events/s for ``duration`` s, open loop; owns its lane tasks.
+    Several channels: event ``i`` goes to ``channel[i % len]``. ``ids``: every event
+    carries the id ``ids + str(i)`` (history and idempotency on)."""
     result = PublishResult()
     queue: asyncio.Queue[float] = asyncio.Queue()  # bounded by rate * duration items
     pad = "x" * payload
+    channels = [channel] if isinstance(channel, str) else list(channel)
+    numbers = itertools.count()
+
+    def item(t: float) -> dict[str, Any]:
+        i = next(numbers)
+        event: dict[str, Any] = {
+            "channel": channels[i % len(channels)],
+            "event": "bench",
+            "data": {"t": t, "pad": pad},
+        }
+        if ids:
+            event["id"] = f"{ids}{i}"
+        return event
 
     async def lane() -> None:
         reader, writer = await asyncio.open_connection(host, port)
@@ -622,10 +638,7 @@ async def publish(
                 due = [await queue.get()]
                 while len(due) < batch and not queue.empty():
                     due.append(queue.get_nowait())
-                items = [
-                    {"channel": channel, "event": "bench", "data": {"t": t, "pad": pad}}
-                    for t in due
-                ]
+                items = [item(t) for t in due]
                 body = json.dumps(items[0] if len(items) == 1 else items).encode()
                 if time.time() - due[0] > 0.05:
                     result.late += len(due)

@@ -889,6 +889,10 @@ def markdown(results: dict[str, Any]) -> str:
             f"{b.get('latency_ms', {}).get('p99')} ms",
         ]
     lines += _recovery_lines(results)
+    if "scaleout" in results:
+        from bench.scaleout import scaleout_lines
+
+        lines += scaleout_lines(results["scaleout"])
     return "\n".join(lines) + "\n"
 
 
@@ -1054,6 +1058,10 @@ async def main_async(mode: Mode, only: list[str] | None, log: Any) -> dict[str, 
         # the same herd spread over 5 s: what the listen queue makes of 0.5 s
         results["fleet_resume_spread"] = await fleet_resume(mode.fleet, log, backoff_base=5.0)
         pin_self(1)
+    if not only or "scaleout" in only:
+        from bench.scaleout import scaleout  # it imports this module
+
+        results["scaleout"] = await scaleout(mode, log)
     results["seconds"] = round(time.time() - started)
     return results
 
@@ -1065,7 +1073,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--only",
         action="append",
         help="memory, redis, redis2, baseline, node-ws, scaling, http, held, http-ids, idle, "
-        "resume-latency, fleet-resume, hostile (repeat)",
+        "resume-latency, fleet-resume, hostile, scaleout (repeat)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument(
