@@ -115,6 +115,9 @@ class WebSocketEndpoint:
             return
         codec, accepted = choice
         await websocket.accept(subprotocol=accepted)
+        # Not kept alive in this frame for the connection's life: its cached headers hold the
+        # handshake's header list (per-connection memory of an idle connection).
+        del websocket
         await Connection(node, wire, receive, codec, client).run()
 
 

@@ -307,7 +307,6 @@ class Connection:
         except BackendUnavailable:
             self._connect_unavailable(command.id)
             return False
-        node.hub.add_user(self)
         self._apply_tier(tier, initial=True)
         user_channel = f"user:{self.user}"
         wanted: dict[str, p.Since | None] = {user_channel: None}
@@ -510,7 +509,6 @@ class Connection:
         node.expiry_timers.cancel(self)
         if self.batcher is not None:
             node.metrics.connections.labels(self.tier.name).dec()
-        node.hub.remove_user(self)
         if node.stats_feed is not None:
             node.stats_feed.discard(self)
         for channel in list(self.subscriptions):

@@ -9,7 +9,7 @@ interval keeps each of those collections small (a second of new connections, not
 
 The cost: an object frozen while reachable that later dies in a reference cycle is not
 collected until the next *full* collection. Our own long-lived objects avoid that — a
-finished connection breaks its cycles (``RealtimeWSProtocol._finished``,
+finished connection breaks its cycles (``RealtimeWSProtocol._release``,
 ``RealtimeHttpToolsProtocol``; tests/test_gc.py) — but libraries' objects may not (an
 HTTP client's requests in flight, say). So every ``full_interval`` seconds the node
 thaws, collects everything and freezes again: one pause that walks every object,

@@ -129,24 +129,12 @@ class Hub:
         self._unsettled: dict[str, int] = {}
         #: channel -> the offset of the last publication this node received on it
         self.last_offset: dict[str, int] = {}
-        #: user -> that user's subscribers on this node
-        self.users: dict[str, set[Subscriber]] = {}
         self._subscribing: dict[str, asyncio.Future[None]] = {}
         self._events_out = metrics.messages_out.labels("event")
         self._notifications_out = metrics.messages_out.labels("notification")
         self._latency = metrics.latency
 
     # ------------------------------------------------------------------ registry
-
-    def add_user(self, conn: Subscriber) -> None:
-        self.users.setdefault(conn.user, set()).add(conn)
-
-    def remove_user(self, conn: Subscriber) -> None:
-        conns = self.users.get(conn.user)
-        if conns is not None:
-            conns.discard(conn)
-            if not conns:
-                del self.users[conn.user]
 
     async def subscribe(self, conn: Subscriber, channel: str) -> None:
         """Add ``conn`` to ``channel``, held (see the module docstring); on the node's first

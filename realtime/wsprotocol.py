@@ -15,12 +15,18 @@ import asyncio
 import logging
 import math
 import weakref
-from collections.abc import Generator
-from typing import Any, Protocol
+from collections.abc import Callable, Coroutine, Generator
+from typing import Any, Literal, Protocol, cast
 
+from uvicorn.config import Config
+from uvicorn.logging import TRACE_LOG_LEVEL
+from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.server import ServerState
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.protocol import Protocol as SansIOProtocol
 from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 from realtime.door import DOOR_STATE, Door, Ticket, Why
 
@@ -38,6 +44,8 @@ FEED_SLICE = 8 * 1024
 CONTROL_BUFFER_BYTES = 64 * 1024
 #: Longest close reason in bytes (RFC 6455: a control frame's payload is at most 125).
 MAX_CLOSE_REASON_BYTES = 123
+#: Scope keys only the handshake reads, dropped once accepted (per-connection memory).
+_HANDSHAKE_ONLY = ("asgi", "headers", "raw_path", "state", "subprotocols")
 #: Per-connection lines (accepted, open, closed) go here; the app sets it to WARNING
 #: unless the log level is debug, so 100,000 connections do not mean 200,000 log lines.
 WS_LOG = logging.getLogger("realtime.ws")
@@ -80,14 +88,18 @@ class Inbox:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def get(self) -> Any:
+    async def get(self, taken: Callable[[], None] | None = None) -> Any:
+        """The next item; ``taken`` is called once it is out of the queue."""
         while not self._items:
             waiter = self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await waiter
             finally:
                 self._waiter = None
-        return self._items.pop(0)
+        item = self._items.pop(0)
+        if taken is not None:
+            taken()
+        return item
 
     def empty(self) -> bool:
         return not self._items
@@ -177,35 +189,179 @@ _wheels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PingWheel] = (
 )
 
 
+class ClientPings:
+    """The pings one client sent: how many in the current one-second window and when it
+    ends, whether reading is paused for a flood (over ``PINGS_PER_SECOND``) and how often
+    it was, and the unparsed rest of a read that crossed the limit."""
+
+    __slots__ = ("count", "floods", "paused", "stash", "window_end")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.window_end = 0.0
+        self.paused = False
+        self.floods = 0
+        self.stash: bytes | None = None
+
+
+class _Share:
+    """What uvicorn's protocol keeps per connection that is the same for every connection of
+    one server: held once per server, read through the class (``_Shared``)."""
+
+    __slots__ = (
+        "app",
+        "app_state",
+        "asgi_version",
+        "config",
+        "connections",
+        "default_headers",
+        "loop",
+        "ping_interval",
+        "ping_timeout",
+        "root_path",
+        "tasks",
+    )
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.config = config
+        self.app = config.loaded_app
+        self.loop = loop
+        self.root_path = config.root_path
+        self.asgi_version = config.asgi_version
+        self.app_state = app_state
+        self.connections = server_state.connections
+        self.tasks = server_state.tasks
+        self.default_headers = server_state.default_headers
+        self.ping_interval = config.ws_ping_interval
+        self.ping_timeout = config.ws_ping_timeout
+
+
+class _Shared:
+    """A protocol attribute read from its server's ``_Share`` (a class-level descriptor)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return self if obj is None else getattr(obj._share, self.name)
+
+
+_shares: weakref.WeakKeyDictionary[ServerState, _Share] = weakref.WeakKeyDictionary()
+
+
+def _share_of(
+    config: Config,
+    server_state: ServerState,
+    app_state: dict[str, Any],
+    loop: asyncio.AbstractEventLoop,
+) -> _Share:
+    share = _shares.get(server_state)
+    if (
+        share is None
+        or share.config is not config
+        or share.app_state is not app_state
+        or share.loop is not loop
+    ):
+        share = _shares[server_state] = _Share(config, server_state, app_state, loop)
+    return share
+
+
+#: uvicorn's per-connection starting values, as class attributes: an instance holds only
+#: what changed (see ``RealtimeWSProtocol.__init__``).
+_DEFAULTS: dict[str, Any] = {
+    "logger": WS_LOG,
+    "transport": None,
+    "client": None,
+    "handshake_initiated": False,
+    "handshake_complete": False,
+    "close_sent": False,
+    "disconnected": False,
+    "close_timer": None,
+    "close_timeout": 10.0,
+    "initial_response": None,
+    "read_paused": False,
+    "ping_timer": None,
+    "pong_timer": None,
+    "pending_ping_payload": None,
+    "ping_sent_at": 0.0,
+    "last_ping_rtt": 0.0,
+    "curr_msg_data_type": "bytes",
+}
+
+
 class RealtimeWSProtocol(WebSocketsSansIOProtocol):
     """A WebSocketsSansIOProtocol with a direct write path. See the module docstring."""
 
     listener: WireListener | None = None
-    paused: bool = False
-    #: How many of (socket lost, ASGI task ended) have happened; see ``_finished``.
-    finished_parts: int = 0
-    #: Set while a close frame of ours is on its way; the transport is aborted after the timeout.
-    closing: bool = False
     #: The PingWheel bucket this connection's next ping waits in.
     ping_bucket: int | None = None
     #: This connection's place in its address's count (realtime/door.py), from the HTTP side.
     ticket: Ticket | None = None
-    #: Client pings in the current one-second window, and when it ends.
-    pings: int = 0
-    ping_window_end: float = 0.0
-    #: reading paused until the ping window ends (over PINGS_PER_SECOND), and how often
-    flood_paused: bool = False
-    floods: int = 0
-    #: the unparsed rest of a read that crossed the ping limit (see ``data_received``)
-    stash: bytes | None = None
+    #: The client's pings, from its first one (most connections never send one).
+    client_pings: ClientPings | None = None
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.logger = WS_LOG
-        self.conn.logger = WS_LOG
-        # Per-connection memory: lighter receive queue and write gate than asyncio's.
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        """uvicorn's ``__init__``, per-connection memory aside: it sets 34 attributes per
+        instance, and past 29 CPython gives up the instance's compact attribute storage
+        (values shared with the class's keys) for a dict of its own, 1.6 KB. Here an
+        instance holds only its own parts; what its server's connections share is in one
+        ``_Share``, and the starting values are class attributes (``_DEFAULTS``)."""
+        if not config.loaded:
+            config.load()
+        self._share = _share_of(config, server_state, app_state, _loop or asyncio.get_event_loop())
+        extensions = []
+        if config.ws_per_message_deflate:  # realtime.cli turns it off (compressed per recipient)
+            extensions = [
+                ServerPerMessageDeflateFactory(
+                    server_max_window_bits=12,
+                    client_max_window_bits=12,
+                    compress_settings={"memLevel": 5},
+                )
+            ]
+        self.conn = ServerProtocol(
+            extensions=extensions, max_size=config.ws_max_size, logger=WS_LOG
+        )
+        # Lighter receive queue and write gate than asyncio's.
         self.queue = Inbox()  # type: ignore[assignment]
         self.writable = Flag()  # type: ignore[assignment]
+        self.frames: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """uvicorn's, except that ``server`` and ``scheme`` are read from the transport when
+        the handshake's scope is made, not kept (two names fewer, see ``__init__``)."""
+        self.transport = cast(asyncio.Transport, transport)
+        self.connections.add(self)
+        self.client = get_remote_addr(self.transport)
+        if self.logger.level <= TRACE_LOG_LEVEL:
+            prefix = f"{self.client[0]}:{self.client[1]} - " if self.client else ""
+            self.logger.log(TRACE_LOG_LEVEL, "%sWebSocket connection made", prefix)
+
+    @property
+    def server(self) -> tuple[str, int | None] | None:  # type: ignore[override]
+        return get_local_addr(self.transport) if self.transport is not None else None
+
+    @property
+    def scheme(self) -> Literal["wss", "ws"]:  # type: ignore[override]
+        return "wss" if self.transport is not None and is_ssl(self.transport) else "ws"
+
+    @property
+    def paused(self) -> bool:
+        """The transport's buffer is over its high-water mark (uvicorn's write gate closed)."""
+        return not self.writable.is_set()
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -223,9 +379,24 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
     async def send(self, message: Any) -> None:
         await super().send(message)
         if message["type"] == "websocket.accept" and self.handshake_complete:
-            # Nothing reads the handshake's request, response or headers after this.
+            # Nothing reads the handshake's request, response, headers or the scope's other
+            # handshake parts after this (uvicorn's close log lines read client and path).
             self.request = self.response = None  # type: ignore[assignment]
-            self.scope["headers"] = []
+            scope: dict[str, Any] = self.scope  # type: ignore[assignment]
+            for key in _HANDSHAKE_ONLY:
+                scope.pop(key, None)
+            scope["extensions"].pop("websocket.http.response", None)
+
+    def receive(self) -> Coroutine[Any, Any, Any]:
+        """The next ASGI event. Not a coroutine of its own (uvicorn's is): one frame less
+        kept alive per idle connection while the app waits."""
+        inbox: Inbox = self.queue  # type: ignore[assignment]
+        return inbox.get(self._taken)
+
+    def _taken(self) -> None:
+        if self.read_paused and self.queue.empty():
+            self.read_paused = False
+            self.transport.resume_reading()
 
     # ------------------------------------------------------------------ keepalive
 
@@ -247,8 +418,9 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
         """Feed the parser at most ``FEED_SLICE`` bytes at a time once open: a ping flood
         pauses reading after the slice that crossed the limit, and the rest of the read
         waits unparsed (``stash``, at most one read) until the pause is over."""
-        if self.stash is not None:
-            self.stash += data
+        pings = self.client_pings
+        if pings is not None and pings.stash is not None:
+            pings.stash += data
             return
         if len(data) <= FEED_SLICE or not self.handshake_complete:
             super().data_received(data)
@@ -258,10 +430,11 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
             super().data_received(bytes(view[start : start + FEED_SLICE]))
             if self.transport.is_closing():
                 return
-            if self.flood_paused:
+            pings = self.client_pings
+            if pings is not None and pings.paused:
                 rest = view[start + FEED_SLICE :]
                 if rest:
-                    self.stash = bytes(rest)
+                    pings.stash = bytes(rest)
                 return
 
     def send_receive_event_to_app(self) -> None:
@@ -286,28 +459,31 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
         socket already holds ``CONTROL_BUFFER_BYTES`` (then it is aborted)."""
         data = b"".join(self.conn.data_to_send())
         now = self.loop.time()
-        if now >= self.ping_window_end:
-            self.ping_window_end = now + 1.0
-            self.pings = 0
-        self.pings += 1
-        if self.pings > PINGS_PER_SECOND:
-            if self.pings == PINGS_PER_SECOND + 1:
+        pings = self.client_pings
+        if pings is None:
+            pings = self.client_pings = ClientPings()
+        if now >= pings.window_end:
+            pings.window_end = now + 1.0
+            pings.count = 0
+        pings.count += 1
+        if pings.count > PINGS_PER_SECOND:
+            if pings.count == PINGS_PER_SECOND + 1:
                 door = self.app_state.get(DOOR_STATE)
                 if isinstance(door, Door):
                     client = self.client[0] if self.client else ""
                     door.count(Why.PING_FLOOD, "ws", client)
-                if not self.flood_paused and not self.transport.is_closing():
+                if not pings.paused and not self.transport.is_closing():
                     # The rest of the flood is not even read: the socket waits (parsing a
                     # flood of frames would cost the node its CPU), to the end of this
                     # second the first time, twice as long each time after (at most
                     # FLOOD_PAUSE_MAX s; a pause past the next keepalive ping ends in the
                     # close of a connection that did not answer it).
-                    self.flood_paused = True
+                    pings.paused = True
                     self.transport.pause_reading()
-                    pause = min(2.0**self.floods - 1.0, FLOOD_PAUSE_MAX)
-                    self.floods += 1
-                    self.ping_window_end += pause
-                    self.loop.call_at(self.ping_window_end, self._flood_over)
+                    pause = min(2.0**pings.floods - 1.0, FLOOD_PAUSE_MAX)
+                    pings.floods += 1
+                    pings.window_end += pause
+                    self.loop.call_at(pings.window_end, self._flood_over)
             return
         if not data:
             return
@@ -320,27 +496,27 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
             self.transport.write(data)
 
     def _flood_over(self) -> None:
-        self.flood_paused = False
+        pings = self.client_pings
+        assert pings is not None  # (a flood pause is armed by handle_ping)
+        pings.paused = False
         if self.transport.is_closing():
-            self.stash = None
+            pings.stash = None
             return
-        stash, self.stash = self.stash, None
+        stash, pings.stash = pings.stash, None
         if stash:
             self.data_received(stash)  # may pause again (and stash the rest again)
-        if not self.flood_paused and not self.read_paused and not self.transport.is_closing():
+        if not pings.paused and not self.read_paused and not self.transport.is_closing():
             self.transport.resume_reading()
 
     # ------------------------------------------------------------------ outbound
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        self.paused = True
         if self.listener is not None:
             self.listener.on_pause()
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        self.paused = False
         if self.listener is not None:
             self.listener.on_resume()
 
@@ -359,8 +535,7 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
             return
         self.transport.write(b"".join(self.conn.data_to_send()))
         self.close_sent = True
-        self.closing = True
-        if self.floods:
+        if self.client_pings is not None and self.client_pings.floods:
             # A ping flooder's close reply would come after megabytes of unread pings:
             # closed without waiting for it (a reset if it sends on).
             self.transport.close()
@@ -392,17 +567,23 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
         super().connection_lost(exc)
         if listener is not None:
             listener.on_lost()
-        self._finished()
+        if getattr(self, "scope", None) is None:  # no ASGI task runs (none began, or it ended)
+            self._release()
 
-    async def run_asgi(self) -> None:
-        try:
-            await super().run_asgi()
-        finally:
-            self._finished()
+    def on_task_complete(self, task: asyncio.Task[None]) -> None:
+        """The ASGI task ended (a done callback, not a coroutine wrapping it: no frame of
+        ours kept alive per connection while its app runs). Its scope goes (its extensions
+        hold this protocol); a scope of None tells ``connection_lost`` the task ended."""
+        super().on_task_complete(task)
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            scope.clear()
+        self.scope = None  # type: ignore[assignment]
+        if self.disconnected:
+            self._release()
 
-    def _finished(self) -> None:
-        """Called once the socket is lost and once the ASGI task ends; the second call
-        releases the connection.
+    def _release(self) -> None:
+        """Called once both the socket is lost and the ASGI task ended (or never began).
 
         It breaks the reference cycles a finished connection would otherwise keep
         (protocol <-> transport, protocol <-> its scope, websockets' protocol <-> its
@@ -410,12 +591,12 @@ class RealtimeWSProtocol(WebSocketsSansIOProtocol):
         would too, but the server freezes long-lived objects (``gc.freeze()``) to keep
         full collections short, and a frozen cycle is never collected.
         """
-        self.finished_parts += 1
-        if self.finished_parts < 2:
-            return
         # (connection_lost has stopped the keepalive and the close timer.)
-        scope = getattr(self, "scope", None)
-        if scope is not None:
-            scope.clear()  # its extensions hold this protocol
         self.conn.parser = _finished_parser()
         self.transport.set_protocol(_DETACHED)
+
+
+for _name in _Share.__slots__:
+    setattr(RealtimeWSProtocol, _name, _Shared(_name))
+for _name, _value in _DEFAULTS.items():
+    setattr(RealtimeWSProtocol, _name, _value)

@@ -8,6 +8,7 @@ when an upgrade moves one of these names, this test fails naming it, before prod
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
 import tomllib
@@ -21,6 +22,8 @@ from websockets.protocol import Protocol as SansIOProtocol
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.version import version as websockets_version
+
+from realtime.wsprotocol import RealtimeWSProtocol
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +40,9 @@ METHODS: list[tuple[type, str, list[str]]] = [
     (WebSocketsSansIOProtocol, "resume_writing", ["self"]),
     (WebSocketsSansIOProtocol, "shutdown", ["self"]),
     (WebSocketsSansIOProtocol, "connection_lost", ["self", "exc"]),
-    (WebSocketsSansIOProtocol, "run_asgi", ["self"]),
+    (WebSocketsSansIOProtocol, "on_task_complete", ["self", "task"]),
+    (WebSocketsSansIOProtocol, "receive", ["self"]),
+    (WebSocketsSansIOProtocol, "connection_made", ["self", "transport"]),
     (WebSocketsSansIOProtocol, "handle_ping", ["self"]),
     (HttpToolsProtocol, "handle_websocket_upgrade", ["self"]),
     (HttpToolsProtocol, "connection_made", ["self", "transport"]),
@@ -138,6 +143,53 @@ def test_instance_attributes_are_still_set(owner: type, names: list[str]) -> Non
         f"{owner.__module__}.{owner.__qualname__} no longer sets {missing}: "
         "realtime/wsprotocol.py reads or replaces them"
     )
+
+
+def _set_on_self(cls: type, *, init: bool) -> set[str]:
+    """The names ``cls``'s ``__init__`` (``init``), or its other methods, assign to ``self``."""
+    names: set[str] = set()
+    for fn in ast.walk(ast.parse(inspect.getsource(cls))):
+        if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        if (fn.name == "__init__") != init:
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, ast.AugAssign | ast.AnnAssign):
+                targets = [node.target]
+            else:
+                continue
+            for target in targets:
+                for t in target.elts if isinstance(target, ast.Tuple) else [target]:
+                    if isinstance(t, ast.Attribute) and ast.unparse(t.value) == "self":
+                        names.add(t.attr)
+    return names
+
+
+def test_uvicorn_starting_values_are_all_provided() -> None:
+    """RealtimeWSProtocol.__init__ replaces uvicorn's: every attribute uvicorn's sets is
+    one the class provides (a server-wide ``_Share`` slot, a default, a property) or
+    ours sets."""
+    ours = _set_on_self(RealtimeWSProtocol, init=True)
+    missing = {
+        name
+        for name in _set_on_self(WebSocketsSansIOProtocol, init=True)
+        if name not in ours and not hasattr(RealtimeWSProtocol, name)
+    }
+    assert not missing, f"uvicorn's __init__ sets {sorted(missing)}; ours does not"
+
+
+def test_a_connection_keeps_its_compact_attribute_storage() -> None:
+    """CPython 3.11 keeps an instance's attributes in a compact array shared with its class's
+    keys while the class's instances set at most 29 names between them; past that, each
+    instance that sets another gets a dict of its own (1.6 KB per idle connection)."""
+    names = _set_on_self(RealtimeWSProtocol, init=True)
+    names |= _set_on_self(RealtimeWSProtocol, init=False)
+    names |= _set_on_self(WebSocketsSansIOProtocol, init=False)
+    names |= {"ticket", "client"}  # set by realtime/httpprotocol.py at the upgrade
+    names.add("ping_bucket")  # set by the PingWheel
+    assert len(names) <= 29, sorted(names)
 
 
 def test_states_and_parser_class() -> None:
