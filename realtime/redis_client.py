@@ -9,15 +9,17 @@ checks it is one; a connection to a demoted master (READONLY) or a dead one is
 dropped, so the next command reaches the new master without a restart. On a cluster
 the client is redis-py's ``RedisCluster``: each command goes to the master of its
 keys' slot (keys of one script share a hash tag), following MOVED and ASK and
-re-reading the slot map after a failover. ``redis_errors`` turns a Redis or socket
-error into the caller's ``BackendUnavailable`` subclass; ``backoff_delay`` paces
+re-reading the slot map after a failover; ``eval_per_slot`` runs one script for many
+keys of different slots (one call per slot, one round trip per master).
+``redis_errors`` turns a Redis, cluster or socket error into the caller's
+``BackendUnavailable`` subclass; ``backoff_delay`` paces
 reconnects (``RedisBroker``'s); ``lua_script`` reads a script of realtime/lua/.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -28,13 +30,16 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from realtime.backend import BackendUnavailable
 
 __all__ = [
     "RedisTarget",
     "backoff_delay",
+    "eval_per_slot",
+    "is_cluster_client",
     "lua_script",
     "make_client",
     "make_sentinel",
@@ -179,12 +184,52 @@ def make_client(
     )
 
 
+def is_cluster_client(client: object) -> bool:
+    """Whether ``client`` (as ``redis_client`` made it) is a Redis Cluster client."""
+    return isinstance(client, RedisCluster)
+
+
+#: One script call: its keys (all in one slot) and its ARGV.
+ScriptCall = tuple[Sequence[str], Sequence[Any]]
+
+
+async def eval_per_slot(
+    client: aredis.Redis, script: AsyncScript, calls: Sequence[ScriptCall]
+) -> list[Any]:
+    """``script``'s reply to each of ``calls`` on a cluster client, in order; a call that
+    failed has its exception in its place (the others are unaffected).
+
+    The calls go in one ``ClusterPipeline``: one round trip per master holding their
+    slots. A master that lacks the script (a replica just promoted: the script cache is
+    not replicated) answers NOSCRIPT without running it; the script is then loaded on
+    every master and those calls alone are sent again. An error of a whole round trip
+    (a connection lost) is raised.
+    """
+    cluster = cast(RedisCluster, client)
+    replies: list[Any] = [None] * len(calls)
+    todo = list(range(len(calls)))
+    for attempt in range(2):
+        async with cluster.pipeline(transaction=False) as pipe:
+            for i in todo:
+                keys, args = calls[i]
+                # Queues it: AsyncScript takes a ClusterPipeline, its annotation omits it.
+                await script(keys=keys, args=args, client=pipe)  # type: ignore[arg-type]
+            results = await pipe.execute(raise_on_error=False)
+        for i, result in zip(todo, results, strict=True):
+            replies[i] = result
+        todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
+        if not todo or attempt:
+            break
+        await cluster.script_load(script.script)
+    return replies
+
+
 @contextmanager
 def redis_errors(what: str, error_class: type[BackendUnavailable]) -> Iterator[None]:
     """Re-raise a Redis or socket error in the block as ``error_class``."""
     try:
         yield
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
         raise error_class(f"redis {what} failed: {exc}") from exc
 
 
