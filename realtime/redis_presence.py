@@ -21,10 +21,21 @@ from realtime.redis_client import (
     redis_errors,
 )
 
-__all__ = ["RedisConnectionRegistry"]
+__all__ = ["RedisConnectionRegistry", "user_key"]
 
 CONNS_PREFIX = "rt:presence:"
 TIER_PREFIX = "rt:tier:"
+#: On a cluster the keys carry a hash tag ``{p<n>}``, ``n`` one of ``CLUSTER_BUCKETS``
+#: chosen by the user: a batch needs at most that many script calls (one per slot).
+CLUSTER_BUCKETS = 64
+
+
+def user_key(prefix: str, user: str, *, cluster: bool) -> str:
+    """The key of ``user`` under ``prefix`` (``CONNS_PREFIX`` or ``TIER_PREFIX``)."""
+    if not cluster:
+        return prefix + user
+    return f"{prefix}{{p{key_slot(user.encode()) % CLUSTER_BUCKETS}}}:{user}"
+
 
 # realtime/lua/: each script says its KEYS, ARGV and reply.
 _ADD = lua_script("presence_add.lua")
@@ -174,8 +185,9 @@ class RedisConnectionRegistry:
     ``max_batch`` users (drop expired, add, count, for each user in turn), so the
     pool of ``make_client`` stays free for the heartbeat. ``refresh`` sends its
     entries ``max_batch`` per Lua call. On a Redis Cluster a script's keys must share
-    a slot: each batch is split by slot into calls sent in one pipeline (one round
-    trip per master); the keys are the same as on one Redis. Bounds: ``max_pending``
+    a slot: the keys carry one of ``CLUSTER_BUCKETS`` hash tags (``user_key``) and
+    each batch is split by slot into at most that many calls, sent in one pipeline
+    (one round trip per master). Bounds: ``max_pending``
     waiting callers per operation, each of ``add``, ``remove`` and ``set_tier``
     (beyond: ``PresenceUnavailable`` at once), ``timeout`` s per call.
     """
@@ -202,6 +214,9 @@ class RedisConnectionRegistry:
         tier = self._client.register_script(_SET_TIER)
         self._tiers = batch(partial(self._send, tier, [round(TIER_TTL * 1000)]), "set_tier")
 
+    def _key(self, prefix: str, user: str) -> str:
+        return user_key(prefix, user, cluster=self._cluster)
+
     async def _send(
         self, script: AsyncScript, head: list[int], keys: list[str], args: list[str]
     ) -> list[Any]:
@@ -222,15 +237,15 @@ class RedisConnectionRegistry:
         return out
 
     async def add(self, user: str, conn_id: str) -> int:
-        return int(await self._adds.call(CONNS_PREFIX + user, conn_id))
+        return int(await self._adds.call(self._key(CONNS_PREFIX, user), conn_id))
 
     async def remove(self, user: str, conn_id: str) -> None:
-        await self._removes.call(CONNS_PREFIX + user, conn_id)
+        await self._removes.call(self._key(CONNS_PREFIX, user), conn_id)
 
     async def refresh(self, entries: list[tuple[str, str]]) -> None:
         for start in range(0, len(entries), self._max_batch):
             chunk = entries[start : start + self._max_batch]
-            keys = [CONNS_PREFIX + user for user, _ in chunk]
+            keys = [self._key(CONNS_PREFIX, user) for user, _ in chunk]
             with redis_errors("presence refresh", PresenceUnavailable):
                 replies = await self._send(
                     self._add_script, [self._ttl_ms], keys, [conn_id for _, conn_id in chunk]
@@ -240,11 +255,11 @@ class RedisConnectionRegistry:
                 raise PresenceUnavailable(f"redis presence refresh failed: {failed}")
 
     async def set_tier(self, user: str, tier: str) -> None:
-        await self._tiers.call(TIER_PREFIX + user, tier)
+        await self._tiers.call(self._key(TIER_PREFIX, user), tier)
 
     async def tier_of(self, user: str) -> str | None:
         with redis_errors("presence tier_of", PresenceUnavailable):
-            value = await self._client.get(TIER_PREFIX + user)
+            value = await self._client.get(self._key(TIER_PREFIX, user))
         return value.decode() if isinstance(value, bytes) else None
 
     async def close(self) -> None:

@@ -17,9 +17,10 @@ from realtime.channel_presence import Counts, Member
 from realtime.redis_channel_presence import RedisChannelPresence
 from realtime.redis_client import RedisTarget, redis_client
 from realtime.redis_persistence import PersistenceCheck
-from realtime.redis_presence import CONNS_PREFIX, RedisConnectionRegistry
+from realtime.redis_presence import CONNS_PREFIX, RedisConnectionRegistry, user_key
 from realtime.redis_ratelimit import KEY_PREFIX, RedisRateLimiter
 from tests.redis_cluster import ClusterSet, eventually, running_cluster
+from tests.server import running_server
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -146,7 +147,11 @@ async def _follow_a_failover(cset: ClusterSet) -> None:
     presence = RedisChannelPresence(target, timeout=2.0)
     doomed = cset.master_of(STORE_KEY)
     # A user and a channel whose keys are on the master that dies, as the store's are.
-    user = next(f"u{i}" for i in range(10_000) if cset.master_of(CONNS_PREFIX + f"u{i}") == doomed)
+    user = next(
+        f"u{i}"
+        for i in range(10_000)
+        if cset.master_of(user_key(CONNS_PREFIX, f"u{i}", cluster=True)) == doomed
+    )
     limited = next(f"k{i}" for i in range(10_000) if cset.master_of(KEY_PREFIX + f"k{i}") == doomed)
     channel = next(
         f"artist:{i}" for i in range(10_000) if cset.master_of(f"rt:p:{{artist:{i}}}:c") == doomed
@@ -180,9 +185,30 @@ async def _follow_a_failover(cset: ClusterSet) -> None:
         assert await eventually(lambda: presence.counts(channel)) == Counts(1, 1)
         client = redis.Redis(port=new_port)
         try:  # and they wrote to the new master
-            assert client.exists(STORE_KEY) and client.exists(CONNS_PREFIX + user)
+            assert client.exists(STORE_KEY) and client.exists(
+                user_key(CONNS_PREFIX, user, cluster=True)
+            )
         finally:
             client.close()
     finally:
         for part in (store, registry, limiter, presence):
             await part.close()
+
+
+async def test_a_node_on_a_cluster_keeps_its_notifications_in_the_stores_slot(
+    redis_cluster: ClusterSet, cluster_target: RedisTarget
+) -> None:
+    """The app needs nothing cluster-specific: its store takes the cluster prefix itself and
+    /readyz tells the least durable master."""
+    async with running_server(redis_cluster.env()) as server, server.http() as http:
+        device = {"user": "u1", "platform": "ios", "token": "tok-e2e"}
+        assert (await http.post("/v1/devices", json=device)).is_success
+        note = {"id": "e2e-1", "user": "u1", "priority": "normal", "title": "t", "body": "b"}
+        assert (await http.post("/v1/notifications", json=note)).status_code == 202
+        field = (await http.get("/readyz")).json()["redis_persistence"]
+        masters = {f"127.0.0.1:{port}" for port in redis_cluster.masters()}
+        assert field["node"] in masters and "keeps nothing" in field["warning"]
+    keys = [key for keys in _keys_by_master(redis_cluster).values() for key in keys]
+    store_keys = [key for key in keys if key.startswith(b"rt:notif:")]
+    assert f"{CLUSTER_PREFIX}devices:u1".encode() in store_keys
+    assert {key_slot(key) for key in store_keys} == {key_slot(STORE_KEY.encode())}

@@ -17,7 +17,7 @@ from realtime.presence import (
     PresenceUnavailable,
 )
 from realtime.redis_client import RedisTarget
-from realtime.redis_presence import CONNS_PREFIX, RedisConnectionRegistry
+from realtime.redis_presence import CLUSTER_BUCKETS, CONNS_PREFIX, RedisConnectionRegistry, user_key
 from tests.redis_cluster import ClusterSet
 from tests.redis_sentinel import redis_where
 from tests.redis_server import RedisServer
@@ -125,13 +125,13 @@ async def test_concurrent_adds_see_distinct_counts(make_registry: MakeRegistry) 
 async def test_cluster_batches_span_every_master_and_survive_a_lost_script_cache(
     redis_cluster: ClusterSet, cluster_target: RedisTarget
 ) -> None:
-    """One batch holds users of every master: split by slot, each user's count is its own;
-    masters that lost the scripts (as a promoted replica has none) get them again."""
+    """One batch holds users of every master: split by slot (one call per hash tag), each
+    user's count is its own; masters that lost the scripts (as a promoted replica has none)
+    get them again."""
     registry = RedisConnectionRegistry(cluster_target)
-    users = [f"u{i}" for i in range(60)]
-    assert {redis_cluster.master_of(CONNS_PREFIX + u) for u in users} == set(
-        redis_cluster.masters()
-    )
+    users = [f"u{i}" for i in range(300)]
+    keys = [user_key(CONNS_PREFIX, u, cluster=True) for u in users]
+    assert {redis_cluster.master_of(key) for key in keys} == set(redis_cluster.masters())
     try:
         for round_ in range(1, 3):
             counts = await asyncio.gather(
@@ -143,12 +143,29 @@ async def test_cluster_batches_span_every_master_and_survive_a_lost_script_cache
                 admin = redis_cluster.client(port)
                 admin.script_flush()
                 admin.close()
-        await registry.refresh([(u, "c3") for u in users])
+        _cluster_stats(redis_cluster, reset=True)
+        await registry.refresh([(u, "c3") for u in users])  # 300 users: one call per tag
+        assert 0 < _cluster_stats(redis_cluster) <= 2 * CLUSTER_BUCKETS  # (each again: NOSCRIPT)
         await asyncio.gather(*(registry.remove(u, "c1") for u in users))
-        assert [await registry.add(u, "c4") for u in users] == [3] * len(users)
+        assert await asyncio.gather(*(registry.add(u, "c4") for u in users)) == [3] * len(users)
         assert {await registry.tier_of(u) for u in users} == {"t2"}
     finally:
         await registry.close()
+
+
+def _cluster_stats(cset: ClusterSet, *, reset: bool = False) -> int:
+    """EVALSHA calls on the cluster's masters since the last reset."""
+    calls = 0
+    for port in cset.masters():
+        admin = cset.client(port)
+        try:
+            if reset:
+                admin.config_resetstat()
+            stat = admin.info("commandstats").get("cmdstat_evalsha", {})
+            calls += int(stat.get("calls", 0)) if isinstance(stat, dict) else 0
+        finally:
+            admin.close()
+    return calls
 
 
 async def test_redis_keys_expire_with_their_entries(redis_url: str) -> None:
