@@ -18,6 +18,7 @@ reconnects (``RedisBroker``'s); ``lua_script`` reads a script of realtime/lua/.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -196,32 +197,55 @@ ScriptCall = tuple[Sequence[str], Sequence[Any]]
 async def eval_per_slot(
     client: aredis.Redis, script: AsyncScript, calls: Sequence[ScriptCall]
 ) -> list[Any]:
-    """``script``'s reply to each of ``calls`` on a cluster client, in order; a call that
-    failed has its exception in its place (the others are unaffected).
+    """``script``'s reply to each of ``calls`` (each with at least one key) on a cluster
+    client, in order; a call that failed has its exception in its place.
 
-    The calls go in one ``ClusterPipeline``: one round trip per master holding their
-    slots. A master that lacks the script (a replica just promoted: the script cache is
-    not replicated) answers NOSCRIPT without running it; the script is then loaded on
-    every master and those calls alone are sent again. An error of a whole round trip
-    (a connection lost) is raised.
+    The calls go in one ``ClusterPipeline`` per master holding their slots, all at once:
+    one round trip per master, and a master that is down fails its calls alone. A master
+    that lacks the script (a replica just promoted: the script cache is not replicated)
+    answers NOSCRIPT without running it; the script is then loaded on every master and
+    those calls alone are sent again.
     """
     cluster = cast(RedisCluster, client)
     replies: list[Any] = [None] * len(calls)
     todo = list(range(len(calls)))
     for attempt in range(2):
-        async with cluster.pipeline(transaction=False) as pipe:
-            for i in todo:
-                keys, args = calls[i]
-                # Queues it: AsyncScript takes a ClusterPipeline, its annotation omits it.
-                await script(keys=keys, args=args, client=pipe)  # type: ignore[arg-type]
-            results = await pipe.execute(raise_on_error=False)
-        for i, result in zip(todo, results, strict=True):
-            replies[i] = result
+        await cluster.initialize()  # the slot map: read once, then again when due
+        by_node: dict[str, list[int]] = {}
+        for i in todo:
+            try:
+                node = cluster.get_node_from_key(calls[i][0][0])
+            except RedisClusterException as exc:  # the slot is served by no master
+                replies[i] = exc
+                continue
+            by_node.setdefault("" if node is None else node.name, []).append(i)
+        groups = list(by_node.values())
+        sent = [_pipelined(cluster, script, [calls[i] for i in group]) for group in groups]
+        results = await asyncio.gather(*sent, return_exceptions=True)
+        for group, result in zip(groups, results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result
+            for j, i in enumerate(group):
+                replies[i] = result if isinstance(result, Exception) else result[j]
         todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
         if not todo or attempt:
             break
-        await cluster.script_load(script.script)
+        try:
+            await cluster.script_load(script.script)
+        except (RedisError, RedisClusterException):
+            break  # a master is down: its calls keep their NOSCRIPT
     return replies
+
+
+async def _pipelined(
+    cluster: RedisCluster, script: AsyncScript, calls: Sequence[ScriptCall]
+) -> list[Any]:
+    async with cluster.pipeline(transaction=False) as pipe:
+        for keys, args in calls:
+            # Queues it: AsyncScript takes a ClusterPipeline, its annotation omits it.
+            await script(keys=keys, args=args, client=pipe)  # type: ignore[arg-type]
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+    return results
 
 
 @contextmanager

@@ -147,10 +147,16 @@ async def _follow_a_failover(cset: ClusterSet) -> None:
     presence = RedisChannelPresence(target, timeout=2.0)
     doomed = cset.master_of(STORE_KEY)
     # A user and a channel whose keys are on the master that dies, as the store's are.
-    user = next(
+    on_doomed = [
         f"u{i}"
-        for i in range(10_000)
+        for i in range(200)
         if cset.master_of(user_key(CONNS_PREFIX, f"u{i}", cluster=True)) == doomed
+    ]
+    user, other = on_doomed[:2]
+    healthy = next(
+        f"h{i}"
+        for i in range(200)
+        if cset.master_of(user_key(CONNS_PREFIX, f"h{i}", cluster=True)) != doomed
     )
     limited = next(f"k{i}" for i in range(10_000) if cset.master_of(KEY_PREFIX + f"k{i}") == doomed)
     channel = next(
@@ -167,6 +173,12 @@ async def _follow_a_failover(cset: ClusterSet) -> None:
         await store.add_device(device)
 
         cset.kill_master_of(STORE_KEY)
+        # One batch, users of the dead master and of a live one: the dead master fails
+        # its own calls alone (an attempt made before the failover ends).
+        _, live = await asyncio.gather(
+            registry.add(other, "o1"), registry.add(healthy, "h1"), return_exceptions=True
+        )
+        assert live == 1
         new_port = await asyncio.to_thread(cset.wait_failover, doomed, STORE_KEY)
 
         # The same objects, no restart: each reaches the new master by itself.
