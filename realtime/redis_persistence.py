@@ -122,7 +122,8 @@ def assess(config: Mapping[str, str] | None, info: Mapping[str, Any] | None) -> 
 
 
 class PersistenceCheck:
-    """Asks the Redis at ``target`` (the master, under Sentinel) how it persists."""
+    """Asks the Redis at ``target`` (the master under Sentinel, every master of a cluster)
+    how it persists."""
 
     def __init__(
         self,
