@@ -19,7 +19,13 @@ crash between two steps cannot lose or duplicate an entry. Dead-lettering a pois
 undecodable entry is two of them, the claim then the settle (see store.py), and is just as safe:
 a crash in between leaves the entry pending, to be dead-lettered by a later claim.
 Durability across a Redis restart needs Redis persistence (AOF with ``appendfsync always``
-for no loss at all); the scripts assume one Redis (not a cluster).
+for no loss at all).
+
+On a Redis Cluster (the client a ``RedisCluster``) every key of the store carries one hash
+tag (default prefix ``rt:notif:{n}:``), so the whole store is one slot on one master: each
+script's keys, declared or built inside Lua from the prefix, are in that slot, and the
+store follows that master through failovers. On one Redis the keys keep their names
+(``rt:notif:``), so queued notifications survive an upgrade.
 
 The scripts are notifications/lua/*.lua (package data), read at import. Poison entries,
 dead letters and the removal of dead consumers: see store.py.
@@ -35,13 +41,20 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import (
+    MovedError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 
 from notifications.models import (
     PRIORITIES,
@@ -74,7 +87,16 @@ from notifications.store import (
     report_dead_letter,
 )
 
-__all__ = ["RedisNotificationStore"]
+__all__ = ["CLUSTER_PREFIX", "PREFIX", "RedisNotificationStore"]
+
+#: What a command may raise when Redis cannot answer (a cluster's slot not served: the
+#: second).
+_ERRORS = (RedisError, RedisClusterException)
+
+#: The keys' prefix on one Redis (or under Sentinel), and on a Redis Cluster: one hash
+#: tag, so every key of the store is in one slot.
+PREFIX = "rt:notif:"
+CLUSTER_PREFIX = "rt:notif:{n}:"
 
 # The store's logger, shared with memory_store.py (operators filter on ``notifications.store``).
 log = logging.getLogger("notifications.store")
@@ -174,13 +196,21 @@ class RedisNotificationStore:
     ``consumer_idle_timeout`` must exceed ``lease_timeout``; keep it well beyond. ``inf`` (or
     any timeout too large to count in milliseconds) turns the housekeeping off.
     ``on_dead_letter``: see store.py's module docstring.
+
+    ``client``: a ``redis.asyncio.Redis`` (one Redis, or a Sentinel master) or a
+    ``RedisCluster``. ``prefix`` defaults to ``PREFIX``, on a cluster ``CLUSTER_PREFIX``;
+    on a cluster a prefix without a hash tag is refused (``ValueError``).
+    ``wait_replicas``: writes that must survive the master's death (enqueue, add_device)
+    are answered only once that many replicas have them (``WAIT`` on the connection of
+    the write, on the master serving the store's slot on a cluster), else
+    ``QueueUnavailable``: the caller retries with the same id.
     """
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis | RedisCluster,
         *,
-        prefix: str = "rt:notif:",
+        prefix: str | None = None,
         group: str = "routers",
         max_depth: int = DEFAULT_MAX_DEPTH,
         lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
@@ -200,7 +230,13 @@ class RedisNotificationStore:
         check_max_deliveries(max_deliveries)
         if not consumer_idle_timeout > lease_timeout:  # not <=: refuses NaN too
             raise ValueError("consumer_idle_timeout must exceed lease_timeout")
-        self._redis = client
+        self._cluster = client if isinstance(client, RedisCluster) else None
+        if prefix is None:
+            prefix = PREFIX if self._cluster is None else CLUSTER_PREFIX
+        elif self._cluster is not None and not _hash_tag(prefix):
+            raise ValueError(f"on a Redis Cluster the prefix needs a hash tag: {prefix!r}")
+        # Both clients have every command the store sends; typed as the one-Redis client.
+        self._redis = cast(aioredis.Redis, client)
         self._prefix = prefix
         self._group = group
         self._max_depth = max_depth
@@ -266,7 +302,7 @@ class RedisNotificationStore:
         self, notification: Notification, *, idempotency_window: float | None = None
     ) -> Enqueued:
         i = self._index(notification.priority)
-        idem = "" if idempotency_window is None else f"{self._prefix}idem:{notification.id}"
+        idem = f"{self._prefix}idem:{notification.id}"  # used only with a window
         window_ms = 0 if idempotency_window is None else max(1, int(idempotency_window * 1000))
         try:
             (status, depth), acked = await self._replicated(
@@ -280,7 +316,7 @@ class RedisNotificationStore:
                     notification.id,
                 ],
             )
-        except RedisError as exc:
+        except _ERRORS as exc:
             raise _unreachable(exc) from exc
         if int(status) < 0:
             raise queue_full(notification.priority, int(depth), self._max_depth)
@@ -299,12 +335,41 @@ class RedisNotificationStore:
         """
         if not self._wait_replicas:
             return await script(keys=keys, args=args), self._wait_replicas
+        if self._cluster is not None:
+            return await self._replicated_in_cluster(self._cluster, script, keys, args)
         pipe = self._redis.pipeline(transaction=False)
         await script(keys=keys, args=args, client=pipe)
         pipe.incr(self._wait_key)
         pipe.execute_command("WAIT", self._wait_replicas, self._wait_ms)
         results = await pipe.execute()
         return results[0], int(results[-1])
+
+    async def _replicated_in_cluster(
+        self, cluster: RedisCluster, script: AsyncScript, keys: list[str], args: list[Any]
+    ) -> tuple[Any, int]:
+        """``_replicated`` on a cluster: the script, INCR and WAIT in one pipeline to the
+        master of the store's slot, which sends them on one connection. Redirections are
+        not followed (a redirected write would leave WAIT on the old master): a MOVED
+        (the script did not run) updates the slot map and the three are sent once more, as
+        after a NOSCRIPT (a promoted replica has no script cache)."""
+        for attempt in range(2):
+            await cluster.initialize()  # the slot map: read once, then again when due
+            node = cluster.get_node_from_key(self._wait_key)
+            async with cluster.pipeline(transaction=False) as pipe:
+                await script(keys=keys, args=args, client=pipe)  # type: ignore[arg-type]
+                pipe.incr(self._wait_key)
+                pipe.execute_command("WAIT", self._wait_replicas, self._wait_ms, target_nodes=node)
+                results = await pipe.execute(raise_on_error=False, allow_redirections=False)
+            failed = next((r for r in results if isinstance(r, Exception)), None)
+            if failed is None:
+                return results[0], int(results[-1])
+            if attempt or not isinstance(failed, NoScriptError | MovedError):
+                raise failed
+            if isinstance(failed, NoScriptError):
+                await cluster.script_load(script.script)
+            else:  # the cluster client follows the MOVED and learns the slot's master
+                await cluster.exists(self._wait_key)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _check_acked(self, acked: int) -> None:
         if acked < self._wait_replicas:
@@ -338,7 +403,7 @@ class RedisNotificationStore:
                 lease = await self._lease_or_bury(consumer, reply)
                 if lease is not None:
                     return lease
-        except RedisError as exc:
+        except _ERRORS as exc:
             raise _unreachable(exc) from exc
 
     async def _claim_step(self, consumer: str, now: float) -> list[Any]:
@@ -412,7 +477,7 @@ class RedisNotificationStore:
             owned = await self._touch_script(
                 keys=[self._streams[i]], args=[self._group, lease.consumer, lease.ref]
             )
-        except RedisError as exc:
+        except _ERRORS as exc:
             raise _unreachable(exc) from exc
         return bool(int(owned))
 
@@ -434,7 +499,7 @@ class RedisNotificationStore:
             retry = (retry_at, member)
         try:
             owned = await self._settle_entry(i, lease.consumer, lease.ref, retry, dead_letters)
-        except RedisError as exc:
+        except _ERRORS as exc:
             raise _unreachable(exc) from exc
         if retry_at is not None and (self._next_due is None or retry_at < self._next_due):
             self._next_due = retry_at
@@ -477,7 +542,7 @@ class RedisNotificationStore:
         streams = dict(zip(self._streams, self._last_ids, strict=True))
         try:
             await self._redis.xread(streams, count=1, block=max(1, int(timeout * 1000)))  # type: ignore[arg-type]
-        except RedisError as exc:
+        except _ERRORS as exc:
             raise _unreachable(exc) from exc
 
     async def depth(self) -> dict[Priority, int]:
@@ -487,7 +552,7 @@ class RedisNotificationStore:
                     pipe.xlen(stream)
                     pipe.zcard(delayed)
                 counts = await pipe.execute()
-        except RedisError as exc:
+        except _ERRORS as exc:
             raise _unreachable(exc) from exc
         return {p: int(counts[2 * i]) + int(counts[2 * i + 1]) for i, p in enumerate(PRIORITIES)}
 
@@ -496,7 +561,7 @@ class RedisNotificationStore:
             return []
         try:
             entries = await self._redis.xrevrange(self._dead_key, count=limit)
-        except RedisError as exc:
+        except _ERRORS as exc:
             raise _unreachable(exc) from exc
         return [DeadLetter.from_map(json.loads(_fields_of(e[1])["d"])) for e in entries or []]
 
@@ -513,7 +578,7 @@ class RedisNotificationStore:
                     self._prefix,
                 ],
             )
-        except RedisError as exc:
+        except _ERRORS as exc:
             raise _unreachable(exc) from exc
         self._check_acked(acked)
 
@@ -523,14 +588,14 @@ class RedisNotificationStore:
             removed = await self._remove_device_script(
                 keys=[f"{self._prefix}device:{key}"], args=[key, self._prefix]
             )
-        except RedisError as exc:
+        except _ERRORS as exc:
             raise _unreachable(exc) from exc
         return bool(int(removed))
 
     async def devices(self, user: str) -> list[Device]:
         try:
             members = await self._redis.zrange(f"{self._prefix}devices:{user}", 0, -1)
-        except RedisError as exc:
+        except _ERRORS as exc:
             raise _unreachable(exc) from exc
         devices = []
         for member in members:
@@ -541,12 +606,19 @@ class RedisNotificationStore:
     async def ping(self) -> bool:
         try:
             return bool(await self._redis.ping())
-        except RedisError:
+        except _ERRORS:
             return False
 
     async def close(self) -> None:
         if self._owns_client:
             await self._redis.aclose()
+
+
+def _hash_tag(key: str) -> str:
+    """``key``'s hash tag (what Redis Cluster hashes), "" if none."""
+    start = key.find("{")
+    end = key.find("}", start + 1)
+    return key[start + 1 : end] if start >= 0 and end > start + 1 else ""
 
 
 def _dumps_list(value: list[str]) -> str:

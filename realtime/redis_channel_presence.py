@@ -5,6 +5,8 @@ Per channel ``<ch>`` (hash tag ``{<ch>}``, so each script stays in one slot):
 clock), ``rt:p:{<ch>}:u`` a HASH of user -> live members, ``rt:p:{<ch>}:s`` a HASH of
 session -> info (user channels). Every read and join first removes expired members
 with the leave's bookkeeping (lua/channel_presence_*.lua), so counts never drift.
+``refresh`` sends one join per channel in one pipeline (on a cluster: one round trip
+per master holding the channels).
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ from realtime.channel_presence import (
     Counts,
     Member,
 )
-from realtime.redis_client import RedisTarget, lua_script, make_client, redis_errors
+from realtime.redis_client import (
+    RedisTarget,
+    ScriptCall,
+    eval_per_slot,
+    is_cluster_client,
+    lua_script,
+    make_client,
+    redis_errors,
+)
 
 # Join and read start by removing expired members (one prune, written once).
 _PRUNE = lua_script("channel_presence_prune.lua")
@@ -47,6 +57,7 @@ class RedisChannelPresence:
         self.ttl = ttl
         self._ttl_ms = max(1, round(ttl * 1000))
         self._client = make_client(url, timeout=timeout)
+        self._cluster = is_cluster_client(self._client)
         self._join = self._client.register_script(_JOIN)
         self._leave = self._client.register_script(_LEAVE)
         self._read = self._client.register_script(_READ)
@@ -65,13 +76,22 @@ class RedisChannelPresence:
         by_channel: dict[str, list[Member]] = {}
         for member in members:
             by_channel.setdefault(member.channel, []).append(member)
+        calls: list[ScriptCall] = []
+        for channel, group in by_channel.items():
+            args: list[str | int] = [self._ttl_ms]
+            for member in group:
+                args += [member.user, member.session, _info(member)]
+            calls.append((_keys(channel), args))
         with redis_errors("presence refresh", ChannelPresenceUnavailable):
+            if self._cluster:
+                replies = await eval_per_slot(self._client, self._join, calls)
+                failed = next((r for r in replies if isinstance(r, Exception)), None)
+                if failed is not None:
+                    raise failed
+                return
             async with self._client.pipeline(transaction=False) as pipe:
-                for channel, group in by_channel.items():
-                    args: list[str | int] = [self._ttl_ms]
-                    for member in group:
-                        args += [member.user, member.session, _info(member)]
-                    await self._join(keys=_keys(channel), args=args, client=pipe)
+                for keys, call_args in calls:
+                    await self._join(keys=keys, args=call_args, client=pipe)
                 await pipe.execute()
 
     async def _read_as(self, channel: str, what: str) -> Any:

@@ -9,15 +9,18 @@ checks it is one; a connection to a demoted master (READONLY) or a dead one is
 dropped, so the next command reaches the new master without a restart. On a cluster
 the client is redis-py's ``RedisCluster``: each command goes to the master of its
 keys' slot (keys of one script share a hash tag), following MOVED and ASK and
-re-reading the slot map after a failover. ``redis_errors`` turns a Redis or socket
-error into the caller's ``BackendUnavailable`` subclass; ``backoff_delay`` paces
+re-reading the slot map after a failover; ``eval_per_slot`` runs one script for many
+keys of different slots (one call per slot, one round trip per master).
+``redis_errors`` turns a Redis, cluster or socket error into the caller's
+``BackendUnavailable`` subclass; ``backoff_delay`` paces
 reconnects (``RedisBroker``'s); ``lua_script`` reads a script of realtime/lua/.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -28,13 +31,16 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from realtime.backend import BackendUnavailable
 
 __all__ = [
     "RedisTarget",
     "backoff_delay",
+    "eval_per_slot",
+    "is_cluster_client",
     "lua_script",
     "make_client",
     "make_sentinel",
@@ -179,12 +185,75 @@ def make_client(
     )
 
 
+def is_cluster_client(client: object) -> bool:
+    """Whether ``client`` (as ``redis_client`` made it) is a Redis Cluster client."""
+    return isinstance(client, RedisCluster)
+
+
+#: One script call: its keys (all in one slot) and its ARGV.
+ScriptCall = tuple[Sequence[str], Sequence[Any]]
+
+
+async def eval_per_slot(
+    client: aredis.Redis, script: AsyncScript, calls: Sequence[ScriptCall]
+) -> list[Any]:
+    """``script``'s reply to each of ``calls`` (each with at least one key) on a cluster
+    client, in order; a call that failed has its exception in its place.
+
+    The calls go in one ``ClusterPipeline`` per master holding their slots, all at once:
+    one round trip per master, and a master that is down fails its calls alone. A master
+    that lacks the script (a replica just promoted: the script cache is not replicated)
+    answers NOSCRIPT without running it; the script is then loaded on every master and
+    those calls alone are sent again.
+    """
+    cluster = cast(RedisCluster, client)
+    replies: list[Any] = [None] * len(calls)
+    todo = list(range(len(calls)))
+    for attempt in range(2):
+        await cluster.initialize()  # the slot map: read once, then again when due
+        by_node: dict[str, list[int]] = {}
+        for i in todo:
+            try:
+                node = cluster.get_node_from_key(calls[i][0][0])
+            except RedisClusterException as exc:  # the slot is served by no master
+                replies[i] = exc
+                continue
+            by_node.setdefault("" if node is None else node.name, []).append(i)
+        groups = list(by_node.values())
+        sent = [_pipelined(cluster, script, [calls[i] for i in group]) for group in groups]
+        results = await asyncio.gather(*sent, return_exceptions=True)
+        for group, result in zip(groups, results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result
+            for j, i in enumerate(group):
+                replies[i] = result if isinstance(result, Exception) else result[j]
+        todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
+        if not todo or attempt:
+            break
+        try:
+            await cluster.script_load(script.script)
+        except (RedisError, RedisClusterException):
+            break  # a master is down: its calls keep their NOSCRIPT
+    return replies
+
+
+async def _pipelined(
+    cluster: RedisCluster, script: AsyncScript, calls: Sequence[ScriptCall]
+) -> list[Any]:
+    async with cluster.pipeline(transaction=False) as pipe:
+        for keys, args in calls:
+            # Queues it: AsyncScript takes a ClusterPipeline, its annotation omits it.
+            await script(keys=keys, args=args, client=pipe)  # type: ignore[arg-type]
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+    return results
+
+
 @contextmanager
 def redis_errors(what: str, error_class: type[BackendUnavailable]) -> Iterator[None]:
     """Re-raise a Redis or socket error in the block as ``error_class``."""
     try:
         yield
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
         raise error_class(f"redis {what} failed: {exc}") from exc
 
 

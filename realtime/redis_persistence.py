@@ -6,19 +6,23 @@ turns Redis's persistence settings into a ``Persistence``: durable only with
 saying what a crash loses. ``PersistenceCheck`` asks Redis (``CONFIG GET``; where
 CONFIG is renamed away or forbidden, ``INFO persistence``, which tells AOF on or off
 only), logs a WARNING once per new finding, and serves the finding to ``/readyz``
-as information: it never makes the node unready.
+as information: it never makes the node unready. On a Redis Cluster every master is
+asked and the finding is the least durable master's (``node`` names it): a crash of
+any master loses what its slots hold.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from realtime.redis_client import RedisTarget, make_client
 
@@ -42,6 +46,7 @@ class Persistence:
     aof: bool | None = None
     appendfsync: str | None = None
     save: str | None = None  # RDB snapshot rules ("" none)
+    node: str | None = None  # on a cluster: the master ("host:port") this is about
 
     @property
     def durable(self) -> bool:
@@ -51,6 +56,23 @@ class Persistence:
     @property
     def warning(self) -> str | None:
         """What a crash of Redis loses, in words; None when nothing."""
+        warning = self._loss()
+        if warning is None or self.node is None:
+            return warning
+        return f"{warning} (Redis Cluster master {self.node})"
+
+    @property
+    def severity(self) -> int:
+        """How much a crash may lose, to compare masters: 0 nothing, up to 6 unknown."""
+        if self.source == "unreachable":
+            return 6
+        if self.durable:
+            return 0
+        if self.aof is True:
+            return 1 if self.appendfsync == "everysec" else 2
+        return 3 if self.save else 4 if self.save is None else 5
+
+    def _loss(self) -> str | None:
         if self.source == "unreachable":
             return f"Redis persistence unknown (unreachable): a crash may lose {_LOSES}"
         if self.durable:
@@ -80,6 +102,7 @@ class Persistence:
             "appendfsync": self.appendfsync,
             "save": self.save,
             "source": self.source,
+            "node": self.node,
             "warning": self.warning,
         }
 
@@ -99,7 +122,8 @@ def assess(config: Mapping[str, str] | None, info: Mapping[str, Any] | None) -> 
 
 
 class PersistenceCheck:
-    """Asks the Redis at ``target`` (the master, under Sentinel) how it persists."""
+    """Asks the Redis at ``target`` (the master under Sentinel, every master of a cluster)
+    how it persists."""
 
     def __init__(
         self,
@@ -117,7 +141,7 @@ class PersistenceCheck:
 
     async def check(self) -> Persistence:
         """Ask Redis now; log a WARNING when the finding's warning is new (once)."""
-        found = assess(*await self._ask())
+        found = await self._find()
         self._found, self._found_at = found, self._clock()
         warning = found.warning
         if warning != self._warned:
@@ -128,14 +152,37 @@ class PersistenceCheck:
                 log.info("Redis persistence: AOF with appendfsync always")
         return found
 
-    async def _ask(self) -> tuple[dict[str, str] | None, dict[str, Any] | None]:
+    async def _find(self) -> Persistence:
+        """The finding of the one Redis, or of the least durable master of a cluster."""
+        if not isinstance(self._client, RedisCluster):
+            return assess(*await self._ask())
+        cluster = self._client
+        try:
+            await cluster.initialize()  # no-op once the slot map is known
+        except (RedisError, RedisClusterException):
+            return Persistence("unreachable")
+        primaries = cluster.get_primaries()
+        if not primaries:
+            return Persistence("unreachable")
+        found = await asyncio.gather(*(self._ask(node) for node in primaries))
+        by_node = [
+            dataclasses.replace(assess(*answer), node=node.name)
+            for node, answer in zip(primaries, found, strict=True)
+        ]
+        return max(by_node, key=lambda p: p.severity)
+
+    async def _ask(
+        self, node: ClusterNode | None = None
+    ) -> tuple[dict[str, str] | None, dict[str, Any] | None]:
+        """CONFIG GET (else INFO persistence) of the one Redis or of the cluster's ``node``."""
         client = self._client
+        target: dict[str, Any] = {} if node is None else {"target_nodes": node}
         try:
             try:
-                raw = await client.config_get("appendonly", "appendfsync", "save")
+                raw = await client.config_get("appendonly", "appendfsync", "save", **target)
             except ResponseError:  # CONFIG renamed away or forbidden by an ACL
-                return None, dict(await client.info("persistence"))
-        except RedisError:
+                return None, dict(await client.info("persistence", **target))
+        except (RedisError, RedisClusterException):
             return None, None
         return {_text(k): _text(v) for k, v in raw.items()}, None
 

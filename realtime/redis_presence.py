@@ -4,36 +4,60 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
 from redis.commands.core import AsyncScript
+from redis.crc import key_slot
 
 from realtime.presence import DEFAULT_TTL, TIER_TTL, PresenceUnavailable
-from realtime.redis_client import RedisTarget, lua_script, make_client, redis_errors
+from realtime.redis_client import (
+    RedisTarget,
+    eval_per_slot,
+    is_cluster_client,
+    lua_script,
+    make_client,
+    redis_errors,
+)
 
-__all__ = ["RedisConnectionRegistry"]
+__all__ = ["RedisConnectionRegistry", "user_key"]
 
 CONNS_PREFIX = "rt:presence:"
 TIER_PREFIX = "rt:tier:"
+#: On a cluster the keys carry a hash tag ``{p<n>}``, ``n`` one of ``CLUSTER_BUCKETS``
+#: chosen by the user: a batch needs at most that many script calls (one per slot).
+CLUSTER_BUCKETS = 64
+
+
+def user_key(prefix: str, user: str, *, cluster: bool) -> str:
+    """The key of ``user`` under ``prefix`` (``CONNS_PREFIX`` or ``TIER_PREFIX``)."""
+    if not cluster:
+        return prefix + user
+    return f"{prefix}{{p{key_slot(user.encode()) % CLUSTER_BUCKETS}}}:{user}"
+
 
 # realtime/lua/: each script says its KEYS, ARGV and reply.
 _ADD = lua_script("presence_add.lua")
 _REMOVE = lua_script("presence_remove.lua")
 _SET_TIER = lua_script("presence_set_tier.lua")
 
+#: Sends one many-keys script call: (keys, one arg per key) -> one reply per key, in order;
+#: a reply may be the exception of the part of the call that failed (on a cluster).
+Send = Callable[[list[str], list[str]], Awaitable[list[Any]]]
+
 
 class _Batch:
     """Concurrent calls of one many-keys script, sent together.
 
     ``call(key, arg)`` queues its key and waits; one task (started on demand,
-    ended when nothing is queued) sends what is queued as one EVALSHA of up to
-    ``max_batch`` keys, ``ARGV = [param if given, arg for each key]``, one round
-    trip in flight at a time: calls made during a round trip go together in the
-    next, so N concurrent calls cost about ``N / max_batch`` round trips and one
-    pooled connection instead of N. Each caller gets the script's reply for its
-    key, or ``PresenceUnavailable`` when its round trip fails (the others are
-    unaffected).
+    ended when nothing is queued) sends what is queued with ``send`` (one EVALSHA
+    of up to ``max_batch`` keys; on a cluster one per slot, in one round trip per
+    master), one round trip in flight at a time: calls made during a round trip go
+    together in the next, so N concurrent calls cost about ``N / max_batch`` round
+    trips and one pooled connection instead of N. Each caller gets the script's
+    reply for its key, or ``PresenceUnavailable`` when its part of the round trip
+    fails (the others are unaffected).
 
     Bounds: at most ``max_pending`` callers wait, queued or in the round trip
     (beyond, ``PresenceUnavailable`` at once: Redis is not keeping up); callers that
@@ -46,18 +70,10 @@ class _Batch:
     """
 
     def __init__(
-        self,
-        script: AsyncScript,
-        what: str,
-        param: int | None = None,
-        *,
-        max_batch: int,
-        max_pending: int,
-        timeout: float,
+        self, send: Send, what: str, *, max_batch: int, max_pending: int, timeout: float
     ) -> None:
-        self._script = script
+        self._send = send
         self._what = what
-        self._head = [] if param is None else [param]
         self._max_batch = max_batch
         self._max_pending = max_pending
         self._timeout = timeout
@@ -114,9 +130,8 @@ class _Batch:
             self._sending = [future for _, _, future in batch]
             try:
                 with redis_errors(f"presence {self._what}", PresenceUnavailable):
-                    replies = await self._script(
-                        keys=[key for key, _, _ in batch],
-                        args=[*self._head, *(arg for _, arg, _ in batch)],
+                    replies = await self._send(
+                        [key for key, _, _ in batch], [arg for _, arg, _ in batch]
                     )
                 answered = list(zip(self._sending, replies, strict=True))
             except Exception as exc:
@@ -125,7 +140,13 @@ class _Batch:
                         future.set_exception(_for_one_caller(exc))
             else:
                 for future, reply in answered:
-                    if not future.done():
+                    if future.done():
+                        continue
+                    if isinstance(reply, Exception):
+                        future.set_exception(
+                            PresenceUnavailable(f"redis presence {self._what} failed: {reply}")
+                        )
+                    else:
                         future.set_result(reply)
             self._sending = []
 
@@ -163,9 +184,12 @@ class RedisConnectionRegistry:
     (``_Batch``): the concurrent calls of a connect flood share one Lua call per
     ``max_batch`` users (drop expired, add, count, for each user in turn), so the
     pool of ``make_client`` stays free for the heartbeat. ``refresh`` sends its
-    entries ``max_batch`` per Lua call. Bounds: ``max_pending`` waiting callers per
-    operation, each of ``add``, ``remove`` and ``set_tier`` (beyond:
-    ``PresenceUnavailable`` at once), ``timeout`` s per call.
+    entries ``max_batch`` per Lua call. On a Redis Cluster a script's keys must share
+    a slot: the keys carry one of ``CLUSTER_BUCKETS`` hash tags (``user_key``) and
+    each batch is split by slot into at most that many calls, sent in one pipeline
+    (one round trip per master). Bounds: ``max_pending``
+    waiting callers per operation, each of ``add``, ``remove`` and ``set_tier``
+    (beyond: ``PresenceUnavailable`` at once), ``timeout`` s per call.
     """
 
     def __init__(
@@ -181,33 +205,61 @@ class RedisConnectionRegistry:
         self._ttl_ms = max(1, round(ttl * 1000))
         self._max_batch = max_batch
         self._client = make_client(url, timeout=timeout)
+        self._cluster = is_cluster_client(self._client)
         self._add_script = self._client.register_script(_ADD)
         batch = partial(_Batch, max_batch=max_batch, max_pending=max_pending, timeout=timeout)
-        self._adds = batch(self._add_script, "add", self._ttl_ms)
-        self._removes = batch(self._client.register_script(_REMOVE), "remove")
-        self._tiers = batch(
-            self._client.register_script(_SET_TIER), "set_tier", round(TIER_TTL * 1000)
-        )
+        self._adds = batch(partial(self._send, self._add_script, [self._ttl_ms]), "add")
+        remove = self._client.register_script(_REMOVE)
+        self._removes = batch(partial(self._send, remove, []), "remove")
+        tier = self._client.register_script(_SET_TIER)
+        self._tiers = batch(partial(self._send, tier, [round(TIER_TTL * 1000)]), "set_tier")
+
+    def _key(self, prefix: str, user: str) -> str:
+        return user_key(prefix, user, cluster=self._cluster)
+
+    async def _send(
+        self, script: AsyncScript, head: list[int], keys: list[str], args: list[str]
+    ) -> list[Any]:
+        """``script`` on ``keys``, ``ARGV = [*head, arg for each key]``: one reply per key."""
+        if not self._cluster:
+            return list(await script(keys=keys, args=[*head, *args]))
+        by_slot: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            by_slot.setdefault(key_slot(key.encode()), []).append(i)
+        groups = list(by_slot.values())
+        calls = [([keys[i] for i in group], [*head, *(args[i] for i in group)]) for group in groups]
+        out: list[Any] = [None] * len(keys)
+        for group, reply in zip(
+            groups, await eval_per_slot(self._client, script, calls), strict=True
+        ):
+            for j, i in enumerate(group):
+                out[i] = reply if isinstance(reply, Exception) else reply[j]
+        return out
 
     async def add(self, user: str, conn_id: str) -> int:
-        return int(await self._adds.call(CONNS_PREFIX + user, conn_id))
+        return int(await self._adds.call(self._key(CONNS_PREFIX, user), conn_id))
 
     async def remove(self, user: str, conn_id: str) -> None:
-        await self._removes.call(CONNS_PREFIX + user, conn_id)
+        await self._removes.call(self._key(CONNS_PREFIX, user), conn_id)
 
     async def refresh(self, entries: list[tuple[str, str]]) -> None:
         for start in range(0, len(entries), self._max_batch):
             chunk = entries[start : start + self._max_batch]
-            args: list[str | int] = [self._ttl_ms, *(conn_id for _, conn_id in chunk)]
+            keys = [self._key(CONNS_PREFIX, user) for user, _ in chunk]
             with redis_errors("presence refresh", PresenceUnavailable):
-                await self._add_script(keys=[CONNS_PREFIX + user for user, _ in chunk], args=args)
+                replies = await self._send(
+                    self._add_script, [self._ttl_ms], keys, [conn_id for _, conn_id in chunk]
+                )
+            failed = next((r for r in replies if isinstance(r, Exception)), None)
+            if failed is not None:
+                raise PresenceUnavailable(f"redis presence refresh failed: {failed}")
 
     async def set_tier(self, user: str, tier: str) -> None:
-        await self._tiers.call(TIER_PREFIX + user, tier)
+        await self._tiers.call(self._key(TIER_PREFIX, user), tier)
 
     async def tier_of(self, user: str) -> str | None:
         with redis_errors("presence tier_of", PresenceUnavailable):
-            value = await self._client.get(TIER_PREFIX + user)
+            value = await self._client.get(self._key(TIER_PREFIX, user))
         return value.decode() if isinstance(value, bytes) else None
 
     async def close(self) -> None:

@@ -8,7 +8,7 @@ port whose cluster bus port (port + 10000) is free too; the cluster is made by
 - ``cluster_target`` (function): a ``RedisTarget`` of the shared cluster, every master
   flushed.
 - ``RedisCluster.start()`` / ``running_cluster()``: a cluster of one's own, for a test
-  that kills a master.
+  that kills a master; ``eventually`` retries a call until the parts have followed it.
 
 Nodes are tuned for tests: a master is failed over after 2 s without answers
 (``cluster-node-timeout 2000``); a replica may take over however stale it is.
@@ -16,14 +16,16 @@ Nodes are tuned for tests: a master is failed over after 2 s without answers
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import redis
@@ -32,7 +34,9 @@ from redis.crc import key_slot
 from realtime.redis_client import RedisTarget
 from tests.redis_server import RedisServer, find_redis_server
 
-__all__ = ["ClusterSet", "cluster_target", "redis_cluster", "running_cluster"]
+__all__ = ["ClusterSet", "cluster_target", "eventually", "redis_cluster", "running_cluster"]
+
+T = TypeVar("T")
 
 _READY_TIMEOUT = 60.0
 _BUS_OFFSET = 10_000
@@ -176,6 +180,13 @@ class ClusterSet:
                 return port
         raise AssertionError(f"no master serves slot {slot}")
 
+    def replica_of(self, port: int) -> int:
+        """The port of a replica of the master at ``port``."""
+        slots = self._ask("CLUSTER", "SLOTS")
+        assert isinstance(slots, list)
+        entry = next(entry for entry in slots if int(entry[2][1]) == port)
+        return int(entry[3][1])
+
     def node(self, port: int) -> _Node:
         return next(node for node in self.nodes if node.port == port)
 
@@ -244,6 +255,18 @@ class ClusterSet:
         for node in self.nodes:
             node.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def eventually(call: Callable[[], Awaitable[T]], timeout: float = 30.0) -> T:
+    """``call()``'s result once it stops raising (the parts reconnect on their own)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await call()
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 @contextmanager

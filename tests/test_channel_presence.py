@@ -22,7 +22,7 @@ from tests.redis_server import RedisServer
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture(params=["memory", "redis", "sentinel"])
+@pytest.fixture(params=["memory", "redis", "sentinel", "cluster"])
 async def presence(request: pytest.FixtureRequest) -> AsyncIterator[ChannelPresence]:
     made: ChannelPresence = (
         MemoryChannelPresence(ttl=0.6)

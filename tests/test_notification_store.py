@@ -47,7 +47,7 @@ def note(id: str, priority: Priority = Priority.NORMAL, **kw: Any) -> Notificati
     return Notification(id=id, priority=priority, **fields)
 
 
-@pytest.fixture(params=["memory", "redis", "sentinel"])
+@pytest.fixture(params=["memory", "redis", "sentinel", "cluster"])
 async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreFactory]:
     """Builds stores of the parametrized kind; Redis ones share one flushed DB (like nodes)."""
     made: list[NotificationStore] = []

@@ -16,14 +16,16 @@ from realtime.presence import (
     MemoryConnectionRegistry,
     PresenceUnavailable,
 )
-from realtime.redis_presence import RedisConnectionRegistry
+from realtime.redis_client import RedisTarget
+from realtime.redis_presence import CLUSTER_BUCKETS, CONNS_PREFIX, RedisConnectionRegistry, user_key
+from tests.redis_cluster import ClusterSet
 from tests.redis_sentinel import redis_where
 from tests.redis_server import RedisServer
 
 MakeRegistry = Callable[..., ConnectionRegistry]
 
 
-@pytest.fixture(params=["memory", "redis", "sentinel"])
+@pytest.fixture(params=["memory", "redis", "sentinel", "cluster"])
 async def make_registry(request: pytest.FixtureRequest) -> AsyncIterator[MakeRegistry]:
     """Registries of one kind; Redis ones share one Redis (several nodes)."""
     registries: list[ConnectionRegistry] = []
@@ -117,6 +119,53 @@ async def test_concurrent_adds_see_distinct_counts(make_registry: MakeRegistry) 
         assert sorted(counts) == list(range(1, 21))  # atomic across nodes
     else:
         assert sorted(counts) == sorted([*range(1, 11), *range(1, 11)])
+
+
+@pytest.mark.timeout(30)
+async def test_cluster_batches_span_every_master_and_survive_a_lost_script_cache(
+    redis_cluster: ClusterSet, cluster_target: RedisTarget
+) -> None:
+    """One batch holds users of every master: split by slot (one call per hash tag), each
+    user's count is its own; masters that lost the scripts (as a promoted replica has none)
+    get them again."""
+    registry = RedisConnectionRegistry(cluster_target)
+    users = [f"u{i}" for i in range(300)]
+    keys = [user_key(CONNS_PREFIX, u, cluster=True) for u in users]
+    assert {redis_cluster.master_of(key) for key in keys} == set(redis_cluster.masters())
+    try:
+        for round_ in range(1, 3):
+            counts = await asyncio.gather(
+                *(registry.add(u, f"c{round_}") for u in users),
+                *(registry.set_tier(u, f"t{round_}") for u in users),
+            )
+            assert counts[: len(users)] == [round_] * len(users)
+            for port in redis_cluster.masters():  # as after a failover: no script cached
+                admin = redis_cluster.client(port)
+                admin.script_flush()
+                admin.close()
+        _cluster_stats(redis_cluster, reset=True)
+        await registry.refresh([(u, "c3") for u in users])  # 300 users: one call per tag
+        assert 0 < _cluster_stats(redis_cluster) <= 2 * CLUSTER_BUCKETS  # (each again: NOSCRIPT)
+        await asyncio.gather(*(registry.remove(u, "c1") for u in users))
+        assert await asyncio.gather(*(registry.add(u, "c4") for u in users)) == [3] * len(users)
+        assert {await registry.tier_of(u) for u in users} == {"t2"}
+    finally:
+        await registry.close()
+
+
+def _cluster_stats(cset: ClusterSet, *, reset: bool = False) -> int:
+    """EVALSHA calls on the cluster's masters since the last reset."""
+    calls = 0
+    for port in cset.masters():
+        admin = cset.client(port)
+        try:
+            if reset:
+                admin.config_resetstat()
+            stat = admin.info("commandstats").get("cmdstat_evalsha", {})
+            calls += int(stat.get("calls", 0)) if isinstance(stat, dict) else 0
+        finally:
+            admin.close()
+    return calls
 
 
 async def test_redis_keys_expire_with_their_entries(redis_url: str) -> None:

@@ -107,7 +107,7 @@ def test_memory_limiter_drops_idle_keys_and_bounds_logs() -> None:
 MakeLimiter = Callable[[], RateLimiter]
 
 
-@pytest.fixture(params=["memory", "redis", "sentinel"])
+@pytest.fixture(params=["memory", "redis", "sentinel", "cluster"])
 async def make_limiter(request: pytest.FixtureRequest) -> AsyncIterator[MakeLimiter]:
     """Limiters of one kind; Redis ones share one Redis (several nodes)."""
     limiters: list[RateLimiter] = []

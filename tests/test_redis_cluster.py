@@ -5,9 +5,8 @@ a master is SIGKILLed)."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -19,11 +18,11 @@ from realtime.redis_client import RedisTarget
 from realtime.redis_cluster_broker import RedisClusterBroker, SlotMap
 from realtime.settings import Settings
 from tests.redis_cluster import ClusterSet, running_cluster
+from tests.redis_cluster import eventually as _eventually
 from tests.server import ServerProcess, connected, running_server
 
 pytestmark = pytest.mark.timeout(120)
 
-T = TypeVar("T")
 FAILOVER_TIMEOUT = 30.0
 ARTISTS = [f"artist:{name}" for name in ("newjeans", "ive", "aespa", "bts", "twice", "seventeen")]
 
@@ -33,18 +32,6 @@ def own_cluster() -> Iterator[ClusterSet]:
     """A cluster of this test's own: one of its masters gets killed."""
     with running_cluster() as cset:
         yield cset
-
-
-async def _eventually(call: Callable[[], Awaitable[T]], timeout: float = FAILOVER_TIMEOUT) -> T:
-    """``call()``'s result once it stops raising."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return await call()
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
 
 
 def _shard_key(channel: str) -> bytes:

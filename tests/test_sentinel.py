@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -24,12 +24,12 @@ from realtime.redis_persistence import PersistenceCheck
 from realtime.redis_presence import RedisConnectionRegistry
 from realtime.redis_ratelimit import RedisRateLimiter
 from realtime.settings import Settings
+from tests.redis_cluster import eventually as _eventually
 from tests.redis_sentinel import MASTER_NAME, SentinelSet, running_set
 from tests.server import ServerProcess, connected, running_server
 
 pytestmark = pytest.mark.timeout(120)
 
-T = TypeVar("T")
 FAILOVER_TIMEOUT = 30.0
 
 
@@ -38,18 +38,6 @@ def own_set() -> Iterator[SentinelSet]:
     """A Sentinel set of this test's own: its master gets killed."""
     with running_set() as sset:
         yield sset
-
-
-async def _eventually(call: Callable[[], Awaitable[T]], timeout: float = FAILOVER_TIMEOUT) -> T:
-    """``call()``'s result once it stops raising (the parts reconnect on their own)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return await call()
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
 
 
 async def _failover(sset: SentinelSet) -> int:
