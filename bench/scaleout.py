@@ -137,14 +137,10 @@ async def measure(
     channels = [f"artist:scale-{c}" for c in range(sp.channels)]
     fleets: list[FleetLike] = []
     try:
-        # One handshake at a time, on both topologies: the Redis presence registry
-        # (realtime/redis_presence.py) batches concurrent connects' users into one EVALSHA
-        # whose keys span slots, which a Redis Cluster refuses (those connects fail).
-        for c, ch in enumerate(channels):
-            first = c * sp.per_channel
-            fleets += await connect(
-                [plan(servers.port, sp.per_channel, ch, first=first, probe_every=5, in_flight=1)]
-            )
+        fleets = await connect([
+            plan(servers.port, sp.per_channel, ch, first=c * sp.per_channel, probe_every=5)
+            for c, ch in enumerate(channels)
+        ])  # fmt: skip
         subscribers = [(await f.snap())["connected"] for f in fleets]
         per_node = _per_process_connections(servers)
         tag = f"s{time.time_ns()}-"
