@@ -940,8 +940,17 @@ def markdown(results: dict[str, Any]) -> str:
                 "max passing S=1000, max passing S=5000, KiB per idle connection, deliveries "
                 "per CPU-second at S=5000 R=40): "
                 + "; ".join(
-                    f"{name} {r['deliveries_per_cpu_s']}x, {r['max_1000']}x, {r['max_5000']}x, "
-                    f"{r['kib_per_idle']}x, {r.get('cpu_5000_r40')}x"
+                    f"{name} "
+                    + ", ".join(
+                        "-" if r.get(key) is None else f"{r[key]}x"
+                        for key in (
+                            "deliveries_per_cpu_s",
+                            "max_1000",
+                            "max_5000",
+                            "kib_per_idle",
+                            "cpu_5000_r40",
+                        )
+                    )
                     for name, r in to_peer.items()
                 ),
             ]
