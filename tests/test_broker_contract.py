@@ -144,7 +144,7 @@ async def _shard_numsub(request: pytest.FixtureRequest, channel: str) -> int:
     key = b"rt:{%s}" % channel.encode()
     client = aredis.Redis(port=cluster.master_of(key))
     try:
-        counts = await client.execute_command("PUBSUB", "SHARDNUMSUB", key)
+        counts = await client.execute_command("PUBSUB", "SHARDNUMSUB", key)  # type: ignore[no-untyped-call]
         return int(counts[1])
     finally:
         await client.aclose()
