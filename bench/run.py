@@ -8,7 +8,11 @@ Targets (each started fresh, pinned to CPU 0; the load runs in this process on C
 - ``baseline``: bench/baseline_server.py (Starlette + uvicorn, a set of sockets, a send loop);
 - ``node-ws``: bench/peers/node_ws/server.js (Node's ``ws``, serialize once, loop ``send``), the
   peers table's fastest server measured in the same run; skipped, with a note, without ``node``
-  and ``npm``.
+  and ``npm``;
+- ``socketify``: bench/peers/socketify/server.py (µWebSockets' C++ pub/sub on its native libuv
+  loop) and ``picows``: bench/peers/picows/server.py (picows' Cython protocol on uvloop,
+  serialize once, loop ``send``), from their own venv (the ``bench-peers`` group of uv.lock,
+  installed into bench/peers/.venv on first use); skipped, with a note, where that fails.
 
 Per target: deliveries per second of server CPU (S=1000, R=50 msg/s), a ramp of
 R at S=1000 and at S=5000 (a step passes when >= 99% of the deliveries owed
@@ -66,6 +70,11 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 LOGS = Path(tempfile.gettempdir()) / "piggybong-bench"
 NODE_WS = ROOT / "bench" / "peers" / "node_ws"
+#: The Python peers' venv: the ``bench-peers`` dependency group alone, never in .venv.
+PEERS_VENV = ROOT / "bench" / "peers" / ".venv"
+PY_PEERS = ("socketify", "picows")
+#: Every peer, in report order; ratios to each are reported.
+PEERS = ("node-ws", *PY_PEERS)
 PASS_P99_MS = 250.0
 PASS_DELIVERED = 0.99
 
@@ -93,7 +102,15 @@ class Mode:
     blast_s: float
     hostile_s: float = 10
     fleet: int = 10_000
-    targets: tuple[str, ...] = ("memory", "redis", "redis2", "baseline", "node-ws")
+    targets: tuple[str, ...] = (
+        "memory",
+        "redis",
+        "redis2",
+        "baseline",
+        "node-ws",
+        "socketify",
+        "picows",
+    )
 
 
 FULL = Mode(
@@ -150,6 +167,8 @@ class Servers:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
     port: int = 0
+    #: where ``POST /v1/publish`` is served when not on ``port`` (the picows peer)
+    publish_port: int = 0
 
     @property
     def pids(self) -> list[int]:
@@ -199,15 +218,22 @@ def start_servers(
     cpus: Sequence[str | None] = ("0",),
     door_limits: Sequence[str] = LOAD_DOOR,
 ) -> Servers:
-    """``procs`` server processes of ``kind`` ("realtime", "baseline", "node-ws") on one port."""
+    """``procs`` server processes of ``kind`` ("realtime", "baseline", or a peer) on one port."""
     port = free_port()
     servers = Servers(port=port)
+    if kind == "picows":
+        servers.publish_port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     for i in range(procs):
         if kind == "baseline":
             cmd = [sys.executable, "-m", "bench.baseline_server", "--port", str(port)]
         elif kind == "node-ws":
             cmd = ["node", str(NODE_WS / "server.js"), "--port", str(port)]
+        elif kind in PY_PEERS:
+            cmd = [str(PEERS_VENV / "bin" / "python"), "-m", f"bench.peers.{kind}.server"]
+            cmd += ["--port", str(port)]
+            if servers.publish_port:
+                cmd += ["--http-port", str(servers.publish_port)]
         else:
             cmd = [
                 sys.executable,
@@ -235,6 +261,8 @@ def start_servers(
         servers.logs.append(log)
     for proc in servers.procs:
         _wait_port(port, proc)
+        if servers.publish_port:
+            _wait_port(servers.publish_port, proc)
     time.sleep(0.5 if procs == 1 else 1.5)  # every process listening and subscribed
     return servers
 
@@ -282,8 +310,55 @@ def node_ws_missing() -> str | None:
             text=True,
         )
         if done.returncode != 0:
-            return "npm ci failed: " + (done.stderr.strip().splitlines() or ["?"])[-1]
+            return "npm ci failed: " + _last_line(done.stderr)
     return None
+
+
+def py_peer_missing(name: str) -> str | None:
+    """Why the Python peer ``name`` cannot run here, or None: its venv is made on first use
+    from uv.lock (the ``bench-peers`` group alone, pinned with hashes), then imported."""
+    python = PEERS_VENV / "bin" / "python"
+    if not python.exists():
+        uv = Path(sys.executable).parent / "uv"
+        done = subprocess.run(
+            [
+                str(uv if uv.exists() else shutil.which("uv") or "uv"),
+                "sync",
+                "--locked",
+                "--only-group",
+                "bench-peers",
+                "--no-install-project",
+                "--quiet",
+                "--python",
+                sys.executable,
+            ],
+            cwd=ROOT,
+            env=dict(
+                os.environ, UV_PROJECT_ENVIRONMENT=str(PEERS_VENV), UV_PYTHON_DOWNLOADS="never"
+            ),
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            return "uv sync --only-group bench-peers failed: " + _last_line(done.stderr)
+    done = subprocess.run(
+        [str(python), "-c", f"import {name}"], check=False, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        return f"import {name} failed: " + _last_line(done.stderr)
+    return None
+
+
+def _last_line(text: str) -> str:
+    return (text.strip().splitlines() or ["?"])[-1]
+
+
+def peer_missing(name: str) -> str | None:
+    """Why the peer ``name`` cannot run here (None: it can; so can every non-peer)."""
+    if name == "node-ws":
+        return node_ws_missing()
+    return py_peer_missing(name) if name in PY_PEERS else None
 
 
 # --------------------------------------------------------------------------- steps
@@ -316,7 +391,8 @@ async def step(
     cpu0, t0, own0 = proc_cpu_seconds(servers.pids), time.time(), time.process_time()
     writes0 = proc_write_calls(servers.pids)
     extra0 = proc_cpu_seconds(extra_pids)
-    sent = await publish(HOST, servers.port, channel, rate, duration, lanes=lanes, batch=batch)
+    at = servers.publish_port or servers.port
+    sent = await publish(HOST, at, channel, rate, duration, lanes=lanes, batch=batch)
     owed = sent.accepted * subscribers
     deadline = time.time() + 3.0
     hist = Histogram()  # each snap hands over (and resets) the latencies since the last
@@ -406,7 +482,7 @@ async def target(name: str, log: Any) -> AsyncIterator[tuple[Servers, list[int]]
     """Servers for ``name``, pinned to CPU 0, with Redis's pid when there is one."""
     redis_proc = None
     try:
-        if name in ("baseline", "node-ws"):
+        if name == "baseline" or name in PEERS:
             servers = start_servers(name)
         elif name == "memory":
             servers = start_servers("realtime")
@@ -767,8 +843,18 @@ def ratios(results: dict[str, Any], to: str = "baseline") -> dict[str, dict[str,
             "kib_per_idle": _div(
                 res["idle"]["kib_per_connection"], base["idle"]["kib_per_connection"]
             ),
+            "cpu_5000_r40": _div(_cpu_at(res["ramp_5000"], 40), _cpu_at(base["ramp_5000"], 40)),
         }
     return out
+
+
+def _at(steps: list[dict[str, Any]], rate: int) -> dict[str, Any] | None:
+    return next((s for s in steps if s["rate"] == rate), None)
+
+
+def _cpu_at(steps: list[dict[str, Any]], rate: int) -> int | None:
+    found = _at(steps, rate)
+    return found["deliveries_per_cpu_s"] if found else None
 
 
 def _max(steps: list[dict[str, Any]]) -> int | None:
@@ -828,22 +914,46 @@ def markdown(results: dict[str, Any]) -> str:
             f" | {with_ratio(res['idle']['kib_per_connection'], 'kib_per_idle')}"
             f" | {_top_efficiency(res['ramp_1000'])} |"
         )
-    to_node = {
-        name: r
-        for name, r in results.get("ratios_to_node_ws", {}).items()
-        if name not in ("node-ws", "baseline")
-    }
-    if to_node:
+    at_40 = {name: _at(res["ramp_5000"], 40) for name, res in results["targets"].items()}
+    if any(at_40.values()):
         lines += [
             "",
-            "Ratios to `node-ws` in the same run (deliveries per CPU-second, max "
-            "passing S=1000, max passing S=5000, KiB per idle connection): "
+            "S=5000, R=40 (200,000 deliveries/s owed): deliveries per server CPU-second, "
+            "p99 ms, pass: "
             + "; ".join(
-                f"{name} {r['deliveries_per_cpu_s']}x, {r['max_1000']}x, {r['max_5000']}x, "
-                f"{r['kib_per_idle']}x"
-                for name, r in to_node.items()
+                f"{name} {s['deliveries_per_cpu_s']:,}, {s['latency_ms']['p99']}, "
+                f"{'pass' if s['passed'] else 'FAIL'}"
+                for name, s in at_40.items()
+                if s and s["deliveries_per_cpu_s"]
             ),
         ]
+    for peer in PEERS:
+        to_peer = {
+            name: r
+            for name, r in results.get(f"ratios_to_{peer.replace('-', '_')}", {}).items()
+            if name not in (*PEERS, "baseline")
+        }
+        if to_peer:
+            lines += [
+                "",
+                f"Ratios to `{peer}` in the same run (deliveries per CPU-second at S=1000 R=50, "
+                "max passing S=1000, max passing S=5000, KiB per idle connection, deliveries "
+                "per CPU-second at S=5000 R=40): "
+                + "; ".join(
+                    f"{name} "
+                    + ", ".join(
+                        "-" if r.get(key) is None else f"{r[key]}x"
+                        for key in (
+                            "deliveries_per_cpu_s",
+                            "max_1000",
+                            "max_5000",
+                            "kib_per_idle",
+                            "cpu_5000_r40",
+                        )
+                    )
+                    for name, r in to_peer.items()
+                ),
+            ]
     gcs = {
         name: res["gc_while_connecting"]
         for name, res in results["targets"].items()
@@ -1027,13 +1137,14 @@ async def main_async(mode: Mode, only: list[str] | None, log: Any) -> dict[str, 
     for name in mode.targets:
         if only and name not in only:
             continue
-        if name == "node-ws" and (why := node_ws_missing()):
-            log(f"== node-ws skipped: {why}")
-            results["skipped"] = {name: why}
+        if why := peer_missing(name):
+            log(f"== {name} skipped: {why}")
+            results.setdefault("skipped", {})[name] = why
             continue
         results["targets"][name] = await side_by_side(name, mode, log)
     results["ratios"] = ratios(results)
-    results["ratios_to_node_ws"] = ratios(results, "node-ws")
+    for peer in PEERS:
+        results[f"ratios_to_{peer.replace('-', '_')}"] = ratios(results, peer)
     if not only or "scaling" in only:
         results["scaling"] = await scaling(mode, log)
     if not only or "http" in only:
@@ -1072,8 +1183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         action="append",
-        help="memory, redis, redis2, baseline, node-ws, scaling, http, held, http-ids, idle, "
-        "resume-latency, fleet-resume, hostile, scaleout (repeat)",
+        help="memory, redis, redis2, baseline, node-ws, socketify, picows, scaling, http, held, "
+        "http-ids, idle, resume-latency, fleet-resume, hostile, scaleout (repeat)",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     parser.add_argument(

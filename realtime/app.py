@@ -61,7 +61,7 @@ from realtime.settings import NOTIFICATION_LEASE_TIMEOUT, Settings
 from realtime.stats import StatsSampler
 from realtime.tiers import load_policy
 from realtime.timers import Timers
-from realtime.writer import FlushQueue, OutboxLimits
+from realtime.writer import DIRECT_MAX, FlushQueue, OutboxLimits
 from realtime.wsprotocol import EXTENSION
 
 log = logging.getLogger("realtime")
@@ -284,12 +284,14 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         broker,
         lambda: [m for conn in connections if not conn.closed for m in conn.members()],
     )
+    flushes = FlushQueue(direct_max=DIRECT_MAX)
     hub = Hub(
         broker,
         history,
         policy,
         metrics,
         check_interval=POSITION_CHECK_INTERVAL if settings.uses_redis else None,
+        flushes=flushes,
     )
     node = Node(
         node_id=settings.node_id or f"{socket.gethostname()}-{os.getpid()}",
@@ -303,7 +305,7 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         presence=presence,
         board=board,
         metrics=metrics,
-        flushes=FlushQueue(),
+        flushes=flushes,
         outbox_limits=OutboxLimits(
             settings.outbox_max_messages, settings.outbox_max_bytes, settings.close_timeout
         ),

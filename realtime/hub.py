@@ -40,6 +40,7 @@ from realtime.protocol import CODECS, CloseCode, Codec, is_spending, spending_it
 if TYPE_CHECKING:
     from realtime.metrics import Metrics
     from realtime.tiers import Tier, TierPolicy
+    from realtime.writer import FlushQueue
 
 
 #: Publications read per history call while a node fills a gap.
@@ -106,8 +107,11 @@ class Hub:
         metrics: Metrics,
         *,
         check_interval: float | None = None,
+        flushes: FlushQueue | None = None,
     ) -> None:
         self.broker = broker
+        #: the node's flush queue, told of each fan-out (None: every frame coalesces)
+        self.flushes = flushes
         self.history = history
         self.policy = policy
         self.metrics = metrics
@@ -459,9 +463,10 @@ class Hub:
                     self.metrics.filtered.labels(conn.tier.name).inc()
         return targets
 
-    @staticmethod
-    def _fan_out(targets: tuple[Subscriber, ...], message: dict[str, Any], counter: Any) -> None:
-        write_to_all(targets, message)
+    def _fan_out(
+        self, targets: tuple[Subscriber, ...], message: dict[str, Any], counter: Any
+    ) -> None:
+        write_to_all(targets, message, self.flushes)
         counter.inc(len(targets))
 
 
@@ -477,23 +482,33 @@ class Recipient(Protocol):
     def fail(self, exc: BaseException, where: str, /) -> None: ...
 
 
-def write_to_all(targets: tuple[Recipient, ...], message: dict[str, Any]) -> None:
-    """Encode ``message`` at most once per codec and give the same frame to every target.
+def write_to_all(
+    targets: tuple[Recipient, ...], message: dict[str, Any], flushes: FlushQueue | None = None
+) -> None:
+    """Encode ``message`` at most once per codec and give the same frame to every target;
+    with the node's ``flushes``, written at once when the node keeps up (see
+    realtime/writer.py), else coalesced.
 
     A message one codec cannot encode (refused at entry; only a bug lets one through) goes
     to the other codec's targets and is logged; a target whose write raises is failed
     (closed 1011), the others get the frame all the same."""
     frames: list[bytes | None] = [None, None]
-    for conn in targets:
-        index = conn.codec.index
-        data = frames[index]
-        if data is None:
-            data = frames[index] = _encode(index, message)
-        if data:
-            try:
-                conn.writer.write(data)
-            except Exception as exc:
-                conn.fail(exc, "fan-out")
+    if flushes is not None:
+        flushes.begin_fan_out(len(targets))
+    try:
+        for conn in targets:
+            index = conn.codec.index
+            data = frames[index]
+            if data is None:
+                data = frames[index] = _encode(index, message)
+            if data:
+                try:
+                    conn.writer.write(data)
+                except Exception as exc:
+                    conn.fail(exc, "fan-out")
+    finally:
+        if flushes is not None:
+            flushes.end_fan_out()
 
 
 def _encode(index: int, message: dict[str, Any]) -> bytes:

@@ -4,10 +4,15 @@ A ``Writer`` turns complete frames into socket writes, in order, without a task
 or an await: while its socket takes data a frame joins the writer's pending
 frames, and the node's ``FlushQueue`` (one ``call_soon`` while any writer has
 pending frames) hands each writer's frames to its socket in one write, 128
-writers per loop iteration (sooner, at ``FLUSH_BYTES``). While the socket is
-paused a frame waits in the bounded outbox instead; at the bound the
-connection is closed with 4008 and the outbox dropped. ``resume`` writes the
-outbox, coalesced, in order. Once closed, a writer writes nothing more.
+writers per loop iteration (sooner, at ``FLUSH_BYTES``): the busier the node,
+the more frames share a write. A fan-out to a node that is keeping up (no
+writer waits in the queue, none for ``QUIET_S``, at most ``DIRECT_MAX``
+subscribers: ``FlushQueue.begin_fan_out``) has nothing to coalesce with, and
+its frames are written at once instead, to every writer with nothing pending
+or queued. While the socket is paused a frame waits in the bounded outbox
+instead; at the bound the connection is closed with 4008 and the outbox
+dropped. ``resume`` writes the outbox, coalesced, in order. Once closed, a
+writer writes nothing more.
 
 The writer knows its socket only through ``write`` (the transport's) and a
 ``Socket``'s ``close_with``: the real one is ``RealtimeWSProtocol``, tests pass
@@ -33,6 +38,11 @@ if TYPE_CHECKING:
 FLUSH_SLICE: Final = 128
 #: Pending bytes at which a writer writes at once instead of waiting for the flush.
 FLUSH_BYTES: Final = 64 * 1024
+#: The largest fan-out written at once (a larger one goes through the queue, in slices).
+DIRECT_MAX: Final = 1024
+#: Seconds since the last fan-out after which a node counts as keeping up: a message that
+#: arrives sooner (a list publish, a busy node) is coalesced with what follows.
+QUIET_S: Final = 0.001
 #: Largest single write when the outbox is flushed on resume.
 RESUME_CHUNK_BYTES: Final = 256 * 1024
 #: The outbox of a writer that never queued: takes nothing (maxlen 0), costs nothing.
@@ -62,17 +72,41 @@ class OutboxLimits:
 
 class FlushQueue:
     """The writers with pending frames on one node, flushed in slices, in the order they got
-    their first pending frame. Bounded by the node's writers (each is queued at most once)."""
+    their first pending frame. Bounded by the node's writers (each is queued at most once).
 
-    __slots__ = ("_loop", "_pending", "_scheduled")
+    ``direct``: True during a fan-out whose frames are written at once (``begin_fan_out``);
+    never with ``direct_max`` 0 (a queue made without it always coalesces).
+    """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    __slots__ = ("_direct_max", "_loop", "_pending", "_quiet_after", "_scheduled", "direct")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop | None = None, *, direct_max: int = 0
+    ) -> None:
         self._pending: deque[Writer] = deque()
         self._scheduled = False
         self._loop = loop
+        self._direct_max = direct_max
+        self._quiet_after = 0.0
+        self.direct = False
 
     def __len__(self) -> int:
         return len(self._pending)
+
+    def begin_fan_out(self, count: int) -> None:
+        """A message is about to go to ``count`` writers: written at once when the node keeps
+        up (nothing waits in the queue, no fan-out for ``QUIET_S``) and ``count`` is at most
+        ``direct_max``; otherwise coalesced. ``end_fan_out`` must follow."""
+        self.direct = (
+            0 < count <= self._direct_max
+            and not self._pending
+            and self._running_loop().time() >= self._quiet_after
+        )
+
+    def end_fan_out(self) -> None:
+        self.direct = False
+        if self._direct_max:
+            self._quiet_after = self._running_loop().time() + QUIET_S
 
     def add(self, writer: Writer) -> None:
         """``writer`` has a first pending frame: it is flushed with the others, in turn."""
@@ -80,12 +114,15 @@ class FlushQueue:
         if not self._scheduled:
             self._schedule()
 
-    def _schedule(self) -> None:
-        self._scheduled = True
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        loop.call_soon(self.flush)
+        return loop
+
+    def _schedule(self) -> None:
+        self._scheduled = True
+        self._running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         """One write per pending writer, ``FLUSH_SLICE`` writers now, the rest next iteration.
@@ -159,8 +196,9 @@ class Writer:
         self.close_timer: asyncio.TimerHandle | None = None
 
     def write(self, data: bytes) -> None:
-        """Take one complete frame: written with the next flush, or queued while the socket
-        is paused (4008 at the outbox's bound). Nothing happens once closed."""
+        """Take one complete frame: written at once in a direct fan-out when nothing of this
+        writer waits, else with the next flush, or queued while the socket is paused (4008
+        at the outbox's bound). Nothing happens once closed."""
         if self.closed:
             return
         pending = self.pending
@@ -173,9 +211,18 @@ class Writer:
         if self.outbox or self.paused:
             self._queue(data)
             return
+        flushes = self._flushes
+        if flushes.direct:  # at once (``_transmit`` inlined: this runs once per delivery)
+            try:
+                self._write(data)
+            except RuntimeError:
+                self._finish()
+            except Exception as exc:  # as the flush queue would: this writer's alone
+                self.fail(exc)
+            return
         pending.append(data)
         self.pending_bytes = len(data)
-        self._flushes.add(self)
+        flushes.add(self)
 
     def _queue(self, data: bytes) -> None:
         outbox = self.outbox

@@ -28,7 +28,7 @@ from realtime.metrics import Metrics
 from realtime.protocol import JSON, MSGPACK, CloseCode, Codec, notification_message
 from realtime.settings import Settings
 from realtime.tiers import FREE, PAID, Tier, TierPolicy
-from realtime.writer import FLUSH_BYTES, FLUSH_SLICE, FlushQueue, OutboxLimits, Writer
+from realtime.writer import FLUSH_BYTES, FLUSH_SLICE, QUIET_S, FlushQueue, OutboxLimits, Writer
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -116,6 +116,86 @@ async def test_flush_writes_a_slice_per_iteration_and_late_frames_join(metrics: 
             assert sock.writes == [b"a", b"b"]
         else:
             assert sock.writes == [b"ab"]
+
+
+def fan_out(flushes: FlushQueue, writers: list[Writer], data: bytes) -> None:
+    """As the hub's ``write_to_all`` tells the flush queue of a fan-out."""
+    flushes.begin_fan_out(len(writers))
+    try:
+        for writer in writers:
+            writer.write(data)
+    finally:
+        flushes.end_fan_out()
+
+
+async def test_a_fan_out_to_a_node_that_keeps_up_is_written_at_once(metrics: Metrics) -> None:
+    flushes = FlushQueue(direct_max=3)
+    pairs = [make_writer(flushes, metrics) for _ in range(3)]
+    writers, socks = [w for w, _ in pairs], [s for _, s in pairs]
+    fan_out(flushes, writers, b"a")
+    assert all(sock.writes == [b"a"] for sock in socks)  # nothing to coalesce with
+    fan_out(flushes, writers, b"b")  # right after another: what follows joins it
+    fan_out(flushes, writers, b"c")
+    assert all(sock.writes == [b"a"] for sock in socks) and len(flushes) == 3
+    await asyncio.sleep(0)
+    assert all(sock.writes == [b"a", b"bc"] for sock in socks)
+    await asyncio.sleep(QUIET_S * 2)
+    fan_out(flushes, [*writers, make_writer(flushes, metrics)[0]], b"d")  # over direct_max
+    assert all(sock.writes == [b"a", b"bc"] for sock in socks)
+    await asyncio.sleep(0)
+    assert all(sock.writes == [b"a", b"bc", b"d"] for sock in socks)
+    await asyncio.sleep(QUIET_S * 2)
+    flushes.add(make_writer(flushes, metrics)[0])  # a writer waits: everyone coalesces
+    fan_out(flushes, writers, b"e")
+    assert all(sock.writes == [b"a", b"bc", b"d"] for sock in socks)
+    await asyncio.sleep(0)
+    assert all(sock.writes == [b"a", b"bc", b"d", b"e"] for sock in socks)
+    await asyncio.sleep(QUIET_S * 2)
+    fan_out(flushes, writers[1:], b"f")
+    writers[0].write(b"g")  # outside a fan-out (a reply, a pong): coalesced as ever
+    assert socks[0].writes[-1] == b"e" and socks[1].writes[-1] == b"f"
+    assert not FlushQueue().direct  # without direct_max: never at once
+
+
+async def test_a_write_at_once_never_overtakes_what_waits(metrics: Metrics) -> None:
+    flushes = FlushQueue(direct_max=10)
+    paused, paused_sock = make_writer(flushes, metrics, max_messages=100, max_bytes=10_000)
+    paused.pause()
+    paused.write(frame(1))  # to the outbox
+    flushes.direct = True  # (as in a fan-out that is written at once)
+    paused.write(frame(2))
+    assert paused_sock.writes == []
+    paused.resume()
+    paused.write(frame(3))
+    assert paused_sock.writes == [frame(1) + frame(2), frame(3)]
+    flushes.direct = False
+    waiting, waiting_sock = make_writer(flushes, metrics)
+    waiting.write(frame(4))
+    flushes.direct = True
+    waiting.write(frame(5))  # joins its pending frame, not ahead of it
+    flushes.direct = False
+    assert waiting_sock.writes == []
+    await asyncio.sleep(0)
+    assert waiting_sock.writes == [frame(4) + frame(5)]
+
+
+async def test_a_write_at_once_to_a_closed_socket_closes_the_writer(metrics: Metrics) -> None:
+    flushes = FlushQueue(direct_max=10)
+    writer, sock = make_writer(flushes, metrics)
+    sock.broken = True
+    fan_out(flushes, [writer], b"x")
+    assert writer.closed  # at once, not at a flush
+    writer.write(b"y")
+    assert writer.pending == [] and sock.writes == []
+
+    def wrong(data: bytes) -> None:
+        raise TypeError("a bug in the write path")
+
+    sock = FakeSocket()
+    writer = Writer(wrong, sock, flushes, OutboxLimits(5, 1000), metrics)
+    await asyncio.sleep(QUIET_S * 2)
+    fan_out(flushes, [writer], b"x")  # a fault is this writer's alone, closed 1011
+    assert writer.closed and sock.closes == [(1011, "internal error")]
 
 
 async def test_order_is_kept_across_pause_and_resume(metrics: Metrics) -> None:
