@@ -47,6 +47,9 @@ log = logging.getLogger("realtime.redis_broker")
 
 Address = tuple[str, int]
 _SCRIPTS: Final = (b"EVALSHA", b"EVAL")
+#: Error replies of a cluster that did nothing and may accept the command later: no master
+#: for the slot, or a multi-key command on a slot being migrated (some keys moved already).
+_RETRY_LATER: Final = ("CLUSTERDOWN", "TRYAGAIN", "MOVED", "ASK")
 #: A map older than this is re-read before a retry after MOVED (it may be stale).
 _REFRESH_MIN_INTERVAL: Final = 0.05
 #: Channels moved to a new master at once after a map change (their SSUBSCRIBEs pipelined).
@@ -189,31 +192,36 @@ class RedisClusterBroker:
 
         MOVED is retried once on the master it names (and the map re-read in the
         background); ASK once on the node it names, after ASKING. Raises
-        ``BrokerUnavailable`` when the master cannot be reached.
+        ``BrokerUnavailable`` when the master cannot be reached, and when the cluster did
+        nothing but may later (CLUSTERDOWN, TRYAGAIN mid-migration, a second redirection).
         """
         if self._closed:
             raise BrokerUnavailable("broker closed")
         key = args[3] if args[0] in _SCRIPTS and args[2] != b"0" else args[1]
-        slot = key_slot(key)
-        shard = await self._shard_for(slot)
+        shard = await self._shard_for(key_slot(key))
         try:
-            return await shard.command(*args, timeout=timeout, replid_at=replid_at)
+            try:
+                return await shard.command(*args, timeout=timeout, replid_at=replid_at)
+            except RedisReplyError as exc:
+                redirect = _redirect(exc)
+                if redirect is None:
+                    raise
+                kind, address = redirect
+                other = await self._shard(address)
+                if kind == "MOVED":
+                    self._stale.set()  # the slot has a new master: the map and channels follow
+                asking = kind == "ASK"
+                return await other.command(
+                    *args, timeout=timeout, replid_at=replid_at, asking=asking
+                )
         except BrokerUnavailable:
             self._stale.set()  # the master may have failed over
             raise
         except RedisReplyError as exc:
-            redirect = _redirect(exc)
-            if redirect is None:
-                if str(exc).startswith(("CLUSTERDOWN", "TRYAGAIN")):
-                    self._stale.set()
-                    raise BrokerUnavailable(f"redis {args[0].decode()} failed: {exc}") from exc
-                raise
-            kind, address = redirect
-            other = await self._shard(address)
-            if kind == "ASK":
-                return await other.command(*args, timeout=timeout, replid_at=replid_at, asking=True)
-            self._stale.set()  # the slot has a new master: the map and subscriptions follow
-            return await other.command(*args, timeout=timeout, replid_at=replid_at)
+            if str(exc).startswith(_RETRY_LATER):  # nothing was done: 503, retry later
+                self._stale.set()
+                raise BrokerUnavailable(f"redis {args[0].decode()} failed: {exc}") from exc
+            raise
 
     async def subscribe(self, channel: str) -> None:
         async with self._locks.hold(self.channel_key(channel)):

@@ -265,17 +265,28 @@ def _node_id(port: int) -> str:
     return str(_command(port, "CLUSTER", "MYID").decode())
 
 
-def _migrate_slot(cluster: ClusterSet, slot: int, source: int, target: int) -> None:
-    """Move ``slot`` with its keys from the master on ``source`` to the one on ``target``,
-    as ``redis-cli --cluster reshard`` does."""
-    source_id, target_id = _node_id(source), _node_id(target)
-    _command(target, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", source_id)
-    _command(source, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", target_id)
+def _migrate_keys(slot: int, source: int, target: int) -> None:
+    """The first half of a reshard: ``slot`` migrating from the master on ``source`` to the
+    one on ``target``, its keys moved (the source answers ASK for them now)."""
+    _command(target, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", _node_id(source))
+    _command(source, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", _node_id(target))
     while keys := _command(source, "CLUSTER", "GETKEYSINSLOT", str(slot), "100"):
         names = [key.decode() for key in keys]
         _command(source, "MIGRATE", "127.0.0.1", str(target), "", "0", "5000", "KEYS", *names)
+
+
+def _assign_slot(cluster: ClusterSet, slot: int, target: int) -> None:
+    """The second half: every master says ``target`` serves ``slot``."""
+    target_id = _node_id(target)
     for port in cluster.masters():
         _command(port, "CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
+
+
+def _migrate_slot(cluster: ClusterSet, slot: int, source: int, target: int) -> None:
+    """Move ``slot`` with its keys from the master on ``source`` to the one on ``target``,
+    as ``redis-cli --cluster reshard`` does."""
+    _migrate_keys(slot, source, target)
+    _assign_slot(cluster, slot, target)
 
 
 async def test_a_slot_moved_to_another_master_is_followed(own_cluster: ClusterSet) -> None:
@@ -315,6 +326,61 @@ async def test_a_slot_moved_to_another_master_is_followed(own_cluster: ClusterSe
         await _eventually(all_delivered, timeout=10)
         offsets = [int(p.split(b" ", 1)[0]) for c, p in received if c == channel]
         assert offsets == [1, 2, 3, 4, 5]
+    finally:
+        await history.close()
+        await broker.close()
+
+
+async def test_a_publish_during_a_migration_follows_ask_and_the_gap_is_told(
+    own_cluster: ClusterSet,
+) -> None:
+    """Mid-reshard the old master answers ASK for the moved keys: a publish runs on the new
+    master (ASKING), once, with the next offset; one whose idempotency key is new there is
+    refused TRYAGAIN (some of its keys are not moved yet): not published, and its retry
+    after the reshard publishes it once. The ASKed publication's SPUBLISH reaches nobody
+    (the node is subscribed on the old master), so once the channel moves the hub is told
+    to fill the gap from history (``on_reconnect``)."""
+    from realtime.history import HistoryUnavailable, Published
+    from realtime.redis_history import RedisHistory
+    from tests.test_history_contract import item
+
+    received: list[tuple[str, bytes]] = []
+    moves: list[int] = []
+    broker = RedisClusterBroker(own_cluster.target, max_backoff=0.5, health_check_interval=30)
+    await broker.start(lambda c, p: received.append((c, p)), on_reconnect=lambda: moves.append(1))
+    history = RedisHistory(broker)
+    channel = ARTISTS[2]
+
+    def live() -> list[int]:
+        return [int(p.split(b" ", 1)[0]) for c, p in received if c == channel]
+
+    try:
+        await broker.subscribe(channel)
+        await history.publish([item(channel, f"e{i}") for i in range(2)])
+        slot = key_slot(_shard_key(channel))
+        source = own_cluster.master_of(_shard_key(channel))
+        target = next(port for port in own_cluster.masters() if port != source)
+        await asyncio.to_thread(_migrate_keys, slot, source, target)
+        (during,) = await history.publish([item(channel, "e2")])
+        assert isinstance(during, Published) and during.offset == 3
+        (refused,) = await history.publish([item(channel, "e3", key="k3")])
+        assert isinstance(refused, HistoryUnavailable) and "TRYAGAIN" in str(refused)
+        await asyncio.to_thread(_assign_slot, own_cluster, slot, target)
+
+        async def moved() -> None:
+            assert broker.placement(channel) == ("127.0.0.1", target) and moves
+
+        await _eventually(moved, timeout=10)
+        assert live() == [1, 2]  # offset 3 is for the hub's gap fill
+        (retried,) = await history.publish([item(channel, "e3", key="k3")])
+        assert isinstance(retried, Published) and retried.offset == 4 and not retried.duplicate
+        page = await history.read(channel, 0, 10)
+        assert [e.offset for e in page.entries] == [1, 2, 3, 4]
+
+        async def delivered() -> None:
+            assert live() == [1, 2, 4]
+
+        await _eventually(delivered, timeout=10)
     finally:
         await history.close()
         await broker.close()
