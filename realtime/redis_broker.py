@@ -48,7 +48,7 @@ from realtime.resp import (
     make_reader,
 )
 
-__all__ = ["CHANNEL_PREFIX", "RedisBroker"]
+__all__ = ["CHANNEL_PREFIX", "KeyedLock", "RedisBroker", "ignore_message", "shard_channel_key"]
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class RedisBroker:
     def channel_key(self, channel: str) -> bytes:
         """The Redis channel of ``channel``."""
         if self.sharded:
-            return b"rt:{%s}" % channel.encode()
+            return shard_channel_key(channel)
         return CHANNEL_PREFIX + channel.encode()
 
     async def publish(self, channel: str, payload: bytes) -> None:
@@ -239,7 +239,7 @@ class RedisBroker:
         """The publisher connection; concurrent callers share one connection attempt."""
         attempt = self._publisher_attempt
         if attempt is None:
-            attempt = asyncio.ensure_future(self._open({}, _ignore_message, replid=True))
+            attempt = asyncio.ensure_future(self._open({}, ignore_message, replid=True))
             self._publisher_attempt = attempt
             attempt.add_done_callback(self._publisher_opened)
         return await asyncio.shield(attempt)
@@ -525,8 +525,14 @@ class RedisBroker:
         return f"{address[0]}:{address[1]}"
 
 
-def _ignore_message(channel: str, payload: bytes) -> None:
-    """The publisher connection subscribes to nothing."""
+def shard_channel_key(channel: str) -> bytes:
+    """The shard channel of ``channel`` on a Redis Cluster: hash-tagged, in the slot of the
+    channel's history keys (realtime/redis_history.py)."""
+    return b"rt:{%s}" % channel.encode()
+
+
+def ignore_message(channel: str, payload: bytes) -> None:
+    """A connection that subscribes to nothing (a publisher, a slot-map reader)."""
 
 
 def _chunks(items: list[bytes], size: int) -> Iterator[list[bytes]]:

@@ -37,7 +37,7 @@ from typing import Final, Literal
 from redis.crc import key_slot
 
 from realtime.broker import BrokerUnavailable, MessageHandler
-from realtime.redis_broker import KeyedLock, RedisBroker
+from realtime.redis_broker import KeyedLock, RedisBroker, ignore_message, shard_channel_key
 from realtime.redis_client import RedisTarget, backoff_delay
 from realtime.resp import ConnectionLost, RedisReplyError, RespConnection, make_reader
 
@@ -124,7 +124,6 @@ def _redirect(exc: RedisReplyError) -> tuple[str, Address] | None:
 class RedisClusterBroker:
     """The Broker seam over a Redis Cluster; see the module docstring."""
 
-    sharded = True
     publish_command = b"SPUBLISH"
 
     def __init__(
@@ -177,7 +176,7 @@ class RedisClusterBroker:
         self._task = asyncio.create_task(self._watch(), name="redis-cluster-topology")
 
     def channel_key(self, channel: str) -> bytes:
-        return b"rt:{%s}" % channel.encode()
+        return shard_channel_key(channel)
 
     async def publish(self, channel: str, payload: bytes) -> None:
         try:
@@ -386,7 +385,7 @@ class RedisClusterBroker:
         loop = asyncio.get_running_loop()
         reader = make_reader(self._parser)()
         _, conn = await loop.create_connection(
-            lambda: RespConnection(reader, {}, _ignore), address[0], address[1]
+            lambda: RespConnection(reader, {}, ignore_message), address[0], address[1]
         )
         try:
             if self._password is not None:
@@ -470,7 +469,3 @@ class RedisClusterBroker:
                 self._stale.set()
                 return False
             return True
-
-
-def _ignore(channel: str, payload: bytes) -> None:
-    """A map-reading connection subscribes to nothing."""

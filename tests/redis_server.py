@@ -25,12 +25,13 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import redis
 
-__all__ = ["RedisServer", "redis_server", "redis_url"]
+__all__ = ["RedisServer", "command", "redis_server", "redis_url"]
 
 ENV_URL = "REALTIME_TEST_REDIS_URL"
 _SEARCH_DIRS = ("/usr/bin", "/usr/local/bin", "/usr/sbin")
@@ -216,6 +217,15 @@ class RedisServer:
         self._proc = None
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def command(port: int, *args: str) -> Any:
+    """One command to the Redis server on 127.0.0.1:``port`` (no password), its reply."""
+    client = redis.Redis(port=port, socket_timeout=5.0)
+    try:
+        return client.execute_command(*args)  # type: ignore[no-untyped-call]
+    finally:
+        client.close()
 
 
 @pytest.fixture(scope="session")

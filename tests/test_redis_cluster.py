@@ -7,11 +7,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
-from typing import Any
 
 import httpx
 import pytest
-import redis
 from redis.crc import key_slot
 
 from realtime.envelope import unpack_entry
@@ -20,6 +18,7 @@ from realtime.redis_cluster_broker import RedisClusterBroker, SlotMap
 from realtime.settings import Settings
 from tests.redis_cluster import ClusterSet, running_cluster
 from tests.redis_cluster import eventually as _eventually
+from tests.redis_server import command as _command
 from tests.server import ServerProcess, connected, running_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -37,14 +36,6 @@ def own_cluster() -> Iterator[ClusterSet]:
 
 def _shard_key(channel: str) -> bytes:
     return b"rt:{%s}" % channel.encode()
-
-
-def _command(port: int, *args: str) -> Any:
-    client = redis.Redis(port=port, socket_timeout=5.0)
-    try:
-        return client.execute_command(*args)  # type: ignore[no-untyped-call]
-    finally:
-        client.close()
 
 
 def test_settings_take_cluster_seeds_as_section_12_names_them() -> None:

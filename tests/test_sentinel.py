@@ -26,6 +26,7 @@ from realtime.redis_ratelimit import RedisRateLimiter
 from realtime.settings import Settings
 from tests.redis_cluster import eventually as _eventually
 from tests.redis_sentinel import MASTER_NAME, SentinelSet, running_set
+from tests.redis_server import command as _command
 from tests.server import ServerProcess, connected, running_server
 
 pytestmark = pytest.mark.timeout(120)
@@ -257,14 +258,6 @@ async def _accepted(server: ServerProcess, event: str) -> httpx.Response:
     response = await _publish(server, event)
     assert response.status_code == 202, response.text
     return response
-
-
-def _command(port: int, *args: str) -> Any:
-    client = redis.Redis(port=port, socket_timeout=5.0)
-    try:
-        return client.execute_command(*args)  # type: ignore[no-untyped-call]
-    finally:
-        client.close()
 
 
 def _wait_replicated(port: int, timeout: float = 30.0) -> None:
