@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
+import realtime
 from notifications.apns import ApnsAdapter
 from notifications.breaker import BreakerState, CircuitBreaker
 from notifications.fcm import FcmAdapter
@@ -419,11 +420,12 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
             stack.push_async_callback(freezer.close)
             stack.callback(setattr, node, "draining", True)
             log.info(
-                "node %s ready: listening on %s:%d, %s broker",
+                "node %s ready: listening on %s:%d, %s broker, per-delivery path %s",
                 node.node_id,
                 settings.host,
                 settings.port,
                 _kind(settings),
+                realtime.NATIVE,
             )
             # uvicorn hands the lifespan state to its protocols: the door at the socket.
             yield {DOOR_STATE: node.door}

@@ -108,6 +108,7 @@ class Connection:
             node.outbox_limits,
             node.metrics,
             paused=wire.paused,
+            codec_index=codec.index,
         )
 
     @property

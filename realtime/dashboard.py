@@ -40,9 +40,9 @@ from starlette.routing import Route
 from realtime.auth import DEFAULT_TIER, Principal
 from realtime.broker import Broker, BrokerUnavailable
 from realtime.envelope import new_event_id
-from realtime.hub import Recipient, write_to_all
 from realtime.protocol import Error, ErrorCode, http_error_body
 from realtime.stats import StatsSampler
+from realtime.writer import Recipient, write_to_all
 
 if TYPE_CHECKING:
     from realtime.node import Node

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from realtime.broker import Broker, BrokerUnavailable
 from realtime.envelope import KIND_EVENT, KIND_PRESENCE, Delivery, unpack, unpack_entry
 from realtime.history import History, HistoryUnavailable
-from realtime.node import LogThrottle
-from realtime.protocol import CODECS, CloseCode, Codec, is_spending, spending_item
+from realtime.protocol import CloseCode, Codec, is_spending, spending_item
+from realtime.writer import FrameSink, write_to_all
 
 if TYPE_CHECKING:
     from realtime.metrics import Metrics
@@ -49,18 +49,6 @@ FILL_PAGE = 1000
 POSITION_CHECK_INTERVAL = 15.0
 
 log = logging.getLogger("realtime.hub")
-
-
-class FrameSink(Protocol):
-    """Where the hub puts a subscriber's frames (``realtime.writer.Writer``)."""
-
-    def write(self, data: bytes, /) -> None:
-        """Take one complete frame; never blocks, never raises."""
-        ...
-
-    def close(self, code: CloseCode, reason: str = "", /) -> None:
-        """Close the subscriber's connection after what it was given."""
-        ...
 
 
 class Subscriber(Hashable, Protocol):
@@ -468,58 +456,3 @@ class Hub:
     ) -> None:
         write_to_all(targets, message, self.flushes)
         counter.inc(len(targets))
-
-
-class Recipient(Protocol):
-    """What ``write_to_all`` needs of a connection."""
-
-    @property
-    def codec(self) -> Codec: ...
-
-    @property
-    def writer(self) -> FrameSink: ...
-
-    def fail(self, exc: BaseException, where: str, /) -> None: ...
-
-
-def write_to_all(
-    targets: tuple[Recipient, ...], message: dict[str, Any], flushes: FlushQueue | None = None
-) -> None:
-    """Encode ``message`` at most once per codec and give the same frame to every target;
-    with the node's ``flushes``, written at once when the node keeps up (see
-    realtime/writer.py), else coalesced.
-
-    A message one codec cannot encode (refused at entry; only a bug lets one through) goes
-    to the other codec's targets and is logged; a target whose write raises is failed
-    (closed 1011), the others get the frame all the same."""
-    frames: list[bytes | None] = [None, None]
-    if flushes is not None:
-        flushes.begin_fan_out(len(targets))
-    try:
-        for conn in targets:
-            index = conn.codec.index
-            data = frames[index]
-            if data is None:
-                data = frames[index] = _encode(index, message)
-            if data:
-                try:
-                    conn.writer.write(data)
-                except Exception as exc:
-                    conn.fail(exc, "fan-out")
-    finally:
-        if flushes is not None:
-            flushes.end_fan_out()
-
-
-def _encode(index: int, message: dict[str, Any]) -> bytes:
-    codec = CODECS[index]
-    try:
-        return codec.encode(message)
-    except Exception as exc:
-        _unencodable.exception(
-            codec.name, exc, "a message could not be encoded for %s; not sent", codec.name
-        )
-        return b""
-
-
-_unencodable = LogThrottle(log, 10.0)

@@ -28,8 +28,8 @@ from realtime.channel_presence import (
     Member,
 )
 from realtime.envelope import pack_presence_change
-from realtime.hub import Recipient, write_to_all
 from realtime.protocol import presence_message
+from realtime.writer import Recipient, write_to_all
 
 if TYPE_CHECKING:
     from realtime.broker import Broker

@@ -1,4 +1,5 @@
-"""The write side of one connection, and the node's flush queue.
+"""The write side of connections: one connection's ``Writer``, the node's flush queue, and
+``write_to_all``, which gives one message to many writers, encoded once per codec.
 
 A ``Writer`` turns complete frames into socket writes, in order, without a task
 or an await: while its socket takes data a frame joins the writer's pending
@@ -17,6 +18,9 @@ writer writes nothing more.
 The writer knows its socket only through ``write`` (the transport's) and a
 ``Socket``'s ``close_with``: the real one is ``RealtimeWSProtocol``, tests pass
 a fake.
+
+This module is the per-delivery path: ``realtime/native.py`` compiles it with mypyc when the
+machine can (the interpreted module is used otherwise; both pass the same tests).
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from realtime.node import LogThrottle
-from realtime.protocol import CloseCode
+from realtime.protocol import CODECS, CloseCode, Codec
 
 if TYPE_CHECKING:
     from realtime.metrics import Metrics
@@ -50,6 +54,30 @@ _NO_OUTBOX: Final[deque[bytes]] = deque(maxlen=0)
 
 #: ``write(data)``: hand bytes to the socket; raises RuntimeError once the socket is closed.
 WriteBytes = Callable[[bytes], None]
+
+
+class FrameSink(Protocol):
+    """Where a fan-out puts a subscriber's frames (a ``Writer``; tests pass fakes)."""
+
+    def write(self, data: bytes, /) -> None:
+        """Take one complete frame; never blocks, never raises."""
+        ...
+
+    def close(self, code: CloseCode, reason: str = "", /) -> None:
+        """Close the subscriber's connection after what it was given."""
+        ...
+
+
+class Recipient(Protocol):
+    """What ``write_to_all`` needs of a connection."""
+
+    @property
+    def codec(self) -> Codec: ...
+
+    @property
+    def writer(self) -> FrameSink: ...
+
+    def fail(self, exc: BaseException, where: str, /) -> None: ...
 
 
 class Socket(Protocol):
@@ -161,6 +189,7 @@ class Writer:
         "_write",
         "close_timer",
         "closed",
+        "codec_index",
         "limits",
         "outbox",
         "outbox_bytes",
@@ -178,8 +207,11 @@ class Writer:
         metrics: Metrics,
         *,
         paused: bool = False,
+        codec_index: int = 0,
     ) -> None:
         self._write = write
+        #: the index in ``CODECS`` of the frames this writer takes (its connection's codec)
+        self.codec_index = codec_index
         self._socket = socket
         self._flushes = flushes
         self._metrics = metrics
@@ -325,4 +357,51 @@ class Writer:
             self._finish()
 
 
-_faults = LogThrottle(logging.getLogger("realtime.writer"), 10.0)
+def write_to_all(
+    targets: tuple[Recipient, ...], message: dict[str, Any], flushes: FlushQueue | None = None
+) -> None:
+    """Encode ``message`` at most once per codec and give the same frame to every target;
+    with the node's ``flushes``, written at once when the node keeps up (see the module
+    docstring), else coalesced.
+
+    A message one codec cannot encode (refused at entry; only a bug lets one through) goes
+    to the other codec's targets and is logged; a target whose write raises is failed
+    (closed 1011), the others get the frame all the same."""
+    frames: list[bytes | None] = [None, None]
+    if flushes is not None:
+        flushes.begin_fan_out(len(targets))
+    try:
+        for conn in targets:
+            sink = conn.writer
+            index = sink.codec_index if isinstance(sink, Writer) else conn.codec.index
+            data = frames[index]
+            if data is None:
+                data = frames[index] = _encode(index, message)
+            if not data:
+                continue
+            try:
+                if isinstance(sink, Writer):  # a direct call, not a lookup, once compiled
+                    sink.write(data)
+                else:
+                    sink.write(data)
+            except Exception as exc:
+                conn.fail(exc, "fan-out")
+    finally:
+        if flushes is not None:
+            flushes.end_fan_out()
+
+
+def _encode(index: int, message: dict[str, Any]) -> bytes:
+    codec = CODECS[index]
+    try:
+        return codec.encode(message)
+    except Exception as exc:
+        _unencodable.exception(
+            codec.name, exc, "a message could not be encoded for %s; not sent", codec.name
+        )
+        return b""
+
+
+_log = logging.getLogger("realtime.writer")
+_faults = LogThrottle(_log, 10.0)
+_unencodable = LogThrottle(_log, 10.0)

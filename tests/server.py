@@ -82,7 +82,13 @@ class ServerProcess:
 
 
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REALTIME_")}
+    # REALTIME_NATIVE passes: a test run on the interpreted or compiled path starts its
+    # servers on the same one.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("REALTIME_") or k == "REALTIME_NATIVE"
+    }
     env.update(
         {
             "REALTIME_HOST": "127.0.0.1",

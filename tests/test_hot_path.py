@@ -55,10 +55,16 @@ def frame(n: int, size: int = 10) -> bytes:
 
 
 def make_writer(
-    flushes: FlushQueue, metrics: Metrics, *, max_messages: int = 5, max_bytes: int = 1000
+    flushes: FlushQueue,
+    metrics: Metrics,
+    *,
+    max_messages: int = 5,
+    max_bytes: int = 1000,
+    codec: Codec = JSON,
 ) -> tuple[Writer, FakeSocket]:
     sock = FakeSocket()
-    writer = Writer(sock.write, sock, flushes, OutboxLimits(max_messages, max_bytes), metrics)
+    limits = OutboxLimits(max_messages, max_bytes)
+    writer = Writer(sock.write, sock, flushes, limits, metrics, codec_index=codec.index)
     return writer, sock
 
 
@@ -314,7 +320,7 @@ def hub(metrics: Metrics) -> Hub:
 def subscriber(
     flushes: FlushQueue, metrics: Metrics, user: str, codec: Codec = JSON, tier: Tier = PAID
 ) -> FakeSubscriber:
-    writer, sock = make_writer(flushes, metrics)
+    writer, sock = make_writer(flushes, metrics, codec=codec)
     return FakeSubscriber(user, codec, tier, writer, sock)
 
 
@@ -685,7 +691,7 @@ def test_a_batch_flush_that_raises_closes_that_connection_and_flushes_the_others
 async def test_an_encode_failure_skips_that_codec_only(
     flushes: FlushQueue, metrics: Metrics
 ) -> None:
-    from realtime.hub import write_to_all
+    from realtime.writer import write_to_all
 
     subs = [subscriber(flushes, metrics, "j", JSON), subscriber(flushes, metrics, "m", MSGPACK)]
     write_to_all(tuple(subs), {"type": "event", "data": {"b": b"\x00"}})  # JSON cannot
