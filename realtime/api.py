@@ -12,11 +12,11 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from json.encoder import encode_basestring
 from typing import Any, Final, NamedTuple, TypeVar
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -93,9 +93,7 @@ def validation_error(exc: ValidationError) -> HttpError:
 
 async def read_json(request: Request, limit: int) -> Any:
     """The request body as JSON: 413 over ``limit`` bytes, 400 when it is not JSON."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
+    check_declared(request.headers.get("content-length"), limit)
     receive = request.receive
     chunks: list[bytes] = []
     size = 0
@@ -107,10 +105,20 @@ async def read_json(request: Request, limit: int) -> Any:
         chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise _too_large(limit)
+            raise too_large(limit)
         chunks.append(chunk)
         more = message.get("more_body", False)
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return parse_json(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+
+def check_declared(declared: str | None, limit: int) -> None:
+    """413 when the Content-Length header declares more than ``limit`` bytes."""
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+
+
+def parse_json(body: bytes) -> Any:
+    """``body`` as JSON: 400 when it is not JSON, 422 when it holds what cannot be sent."""
     try:
         parsed = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -121,7 +129,7 @@ async def read_json(request: Request, limit: int) -> Any:
     return parsed
 
 
-def _too_large(limit: int) -> HttpError:
+def too_large(limit: int) -> HttpError:
     return HttpError(413, Error(ErrorCode.LIMIT_EXCEEDED, f"body larger than {limit} bytes"))
 
 
@@ -266,7 +274,10 @@ class Api:
 
     def authorize(self, request: Request) -> str:
         """The presented key's name (``key<index>``, for per-key limits), or 401."""
-        index = self.api_keys.match(request.headers.get("authorization"))
+        return self._key(request.headers.get("authorization"))
+
+    def _key(self, authorization: str | None) -> str:
+        index = self.api_keys.match(authorization)
         if index is None:
             raise HttpError(401, Error(ErrorCode.UNAUTHORIZED, "missing or invalid API key"))
         return f"key{index}"
@@ -276,7 +287,14 @@ class Api:
             raise unavailable("server draining")
 
     async def publish(self, request: Request) -> Response:
-        key = self.authorize(request)
+        self.admit_publish(request.headers.get("authorization"))
+        return await self.publish_parsed(
+            await read_json(request, self.node.settings.max_body_bytes)
+        )
+
+    def admit_publish(self, authorization: str | None) -> None:
+        """A publish's checks on its head, in this order: 401, 503 draining, 429."""
+        key = self._key(authorization)
         self.refuse_when_draining()
         if self.bucket is not None:
             wait = self.bucket.take(key)
@@ -285,7 +303,9 @@ class Api:
                     429,
                     Error(ErrorCode.RATE_LIMITED, "publish rate exceeded", retry_after=wait),
                 )
-        body = await read_json(request, self.node.settings.max_body_bytes)
+
+    async def publish_parsed(self, body: Any) -> Response:
+        """A publish's answer once its head was admitted and its body parsed (422, 503, 202)."""
         ids, offsets = await self._publish(self._items(body))
         return _accepted(ids, offsets)
 
@@ -500,10 +520,84 @@ async def render_starlette_error(request: Request, exc: Exception) -> Response:
 
 async def render_internal_error(request: Request, exc: Exception) -> Response:
     """An unexpected exception: logged with its traceback, answered 500 ``internal``."""
-    log.error("unhandled error on %s", request.url.path, exc_info=exc)
+    return internal_error(request.url.path, exc)
+
+
+def internal_error(path: str, exc: Exception) -> Response:
+    """The answer to an unexpected exception on ``path``, logged with its traceback."""
+    log.error("unhandled error on %s", path, exc_info=exc)
     return JSONResponse(
         http_error_body(Error(ErrorCode.INTERNAL, "internal error")), status_code=500
     )
+
+
+class AnswerCounts:
+    """``http_requests`` of the routes served without Starlette's router, by path and status
+    (each child made once)."""
+
+    def __init__(self, requests: Counter) -> None:
+        self._requests = requests
+        self._children: dict[tuple[str, int], Counter] = {}
+
+    def count(self, path: str, response: Response) -> Response:
+        """``response``, counted as the answer to a request of ``path``."""
+        key = (path, response.status_code)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._requests.labels(path, str(key[1]))
+        child.inc()
+        return response
+
+
+#: The lifespan state's key of the ``DirectPublish`` (handed by uvicorn to its protocols).
+DIRECT_PUBLISH_STATE: Final = "piggybong.direct_publish"
+
+
+class DirectPublish:
+    """``POST /v1/publish`` for the HTTP protocol's own path (realtime/httpprotocol.py): the
+    checks, answers and counts of ``Api.publish`` behind ASGI, asked for with the head's
+    headers (``head``), then with the whole body (``body``)."""
+
+    path: Final = "/v1/publish"
+
+    def __init__(self, api: Api, answers: AnswerCounts) -> None:
+        self._api = api
+        self._answers = answers
+        #: the largest body (413 beyond)
+        self.limit: int = api.node.settings.max_body_bytes
+
+    def head(self, headers: Sequence[tuple[bytes, bytes]]) -> Response | None:
+        """The answer the head alone earns (401, 503 draining, 429, 413 declared), counted;
+        None: read the body. ``headers``: lower-case names, as uvicorn's scope has them."""
+        authorization = declared = None
+        for name, value in headers:  # the first of each, as Starlette's Headers.get
+            if name == b"authorization":
+                if authorization is None:
+                    authorization = value.decode("latin-1")
+            elif name == b"content-length" and declared is None:
+                declared = value.decode("latin-1")
+        try:
+            self._api.admit_publish(authorization)
+            check_declared(declared, self.limit)
+        except HttpError as exc:
+            return self._answers.count(self.path, exc.response())
+        except Exception as exc:
+            return self._answers.count(self.path, internal_error(self.path, exc))
+        return None
+
+    def too_large(self) -> Response:
+        """413: the body grew past ``limit``; counted."""
+        return self._answers.count(self.path, too_large(self.limit).response())
+
+    async def body(self, body: bytes) -> Response:
+        """The answer to an admitted publish of ``body``, counted."""
+        try:
+            response = await self._api.publish_parsed(parse_json(body))
+        except HttpError as exc:
+            response = exc.response()
+        except Exception as exc:
+            response = internal_error(self.path, exc)
+        return self._answers.count(self.path, response)
 
 
 #: The app's exception handlers: every error answer has the contract's shape.
