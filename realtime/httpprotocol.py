@@ -15,6 +15,17 @@ The door, when the app's lifespan state holds one (``DOOR_STATE``):
 - a connection idle before its first byte or between requests is closed after
   ``keepalive_timeout``.
 
+``POST /v1/publish`` (exactly that target), when the lifespan state holds a ``DirectPublish``
+(``DIRECT_PUBLISH_STATE``), is served here without uvicorn's ASGI cycle: its head is
+checked (``DirectPublish.head``: 401, 503 draining, 429, 413 declared) once the door has
+passed it, its body is kept as it arrives (413 past the limit), and the publish runs in a
+task of uvicorn's as a request's ASGI task would; the answer is one write. The answers and
+their counts are those of ``Api.publish`` behind ASGI. The request holds a
+``RequestResponseCycle`` of its own, so uvicorn's pipelining queue, a lost connection and
+shutdown (``Connection: close`` on the answer) treat it as any request. A request it does
+not take (another target or a query string, ``Expect: 100-continue``, an earlier request
+still unanswered, writing paused) goes through the ASGI app as before.
+
 After an upgrade the transport belongs to the WebSocket protocol and the HTTP protocol is
 garbage, but in a reference cycle (its ``HttpRequestParser`` holds its bound callbacks).
 The node freezes long-lived objects (``realtime/gcfreeze.py``); a cycle frozen while it
@@ -72,6 +83,10 @@ def _answer(status: int, code: str, message: str, retry_after: float | None = No
 
 #: The request target this protocol serves itself when it is a POST.
 _PUBLISH_URL: Final = DirectPublish.path.encode()
+
+
+def _nothing() -> None:
+    pass
 
 
 class _PublishCycle(RequestResponseCycle):
@@ -277,7 +292,7 @@ class RealtimeHttpToolsProtocol(HttpToolsProtocol):
             message_event=asyncio.Event(),
             expect_100_continue=False,
             keep_alive=version != "1.0" and self.parser.should_keep_alive(),
-            on_response=self.on_response_complete,
+            on_response=_nothing,  # finished here; a bound method would make a reference cycle
         )
         answer = publish.head(self.headers)
         if answer is not None:
@@ -312,9 +327,13 @@ class RealtimeHttpToolsProtocol(HttpToolsProtocol):
     async def _publish_body(self, cycle: _PublishCycle, body: bytes) -> None:
         publish = self.publish
         assert publish is not None
-        answer = await publish.body(body)
-        if self.flow.write_paused and not cycle.disconnected:
-            await self.flow.drain()
+        try:
+            answer = await publish.body(body)
+            if self.flow.write_paused and not cycle.disconnected:
+                await self.flow.drain()
+        except asyncio.CancelledError:  # uvicorn's shutdown gave up waiting: no answer
+            self.transport.close()
+            raise
         self._publish_answer(cycle, answer)
 
     def _publish_answer(self, cycle: _PublishCycle, answer: Response) -> None:
