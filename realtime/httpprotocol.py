@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 from http import HTTPStatus
 from typing import Any, Final
@@ -100,6 +101,8 @@ class RealtimeHttpToolsProtocol(HttpToolsProtocol):
     door: Door | None = None
     #: POST /v1/publish served here (None: every request goes to the ASGI app)
     publish: DirectPublish | None = None
+    #: its answers get uvicorn's access log line (the logger has a handler and takes INFO)
+    log_access: bool = False
     #: this connection's place in its address's count (handed to WebSocket on upgrade)
     ticket: Ticket | None = None
     #: set when the door refused the connection: its first bytes are answered 429
@@ -124,6 +127,7 @@ class RealtimeHttpToolsProtocol(HttpToolsProtocol):
             and not getattr(self.config, "reset_contextvars", False)
         ):
             self.publish = publish
+            self.log_access = self.access_log and self.access_logger.isEnabledFor(logging.INFO)
         door = self.app_state.get(DOOR_STATE)
         if not isinstance(door, Door):
             return
@@ -287,7 +291,7 @@ class RealtimeHttpToolsProtocol(HttpToolsProtocol):
             flow=self.flow,
             logger=self.logger,
             access_logger=self.access_logger,
-            access_log=self.access_log,
+            access_log=self.log_access,
             default_headers=self.server_state.default_headers,
             message_event=asyncio.Event(),
             expect_100_continue=False,

@@ -168,7 +168,7 @@ async def test_a_chunked_body_over_the_limit_is_413_and_the_connection_goes_on()
         writer.close()
 
 
-async def test_direct_answers_are_counted() -> None:
+async def test_direct_answers_are_counted_and_logged() -> None:
     async with running_server(ENV) as server:
         await exchange(server, post("/v1/publish", encoded(item(id="m1"))))
         await exchange(server, post("/v1/publish", encoded(item(id="m2"))))
@@ -178,6 +178,8 @@ async def test_direct_answers_are_counted() -> None:
         for status, count in (("202", 2), ("401", 1)):
             labels = f'{{route="/v1/publish",status="{status}"}}'
             assert f"realtime_http_requests_total{labels} {count}.0" in text
+        # uvicorn's access line too (the tests' servers log at info)
+        assert '- "POST /v1/publish HTTP/1.1" 401' in server.log()
 
 
 def test_draining_refuses_on_the_head_as_the_asgi_path_does() -> None:
