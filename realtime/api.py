@@ -12,10 +12,11 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from json.encoder import encode_basestring
+from typing import Any, Final, NamedTuple, TypeVar
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -92,9 +93,7 @@ def validation_error(exc: ValidationError) -> HttpError:
 
 async def read_json(request: Request, limit: int) -> Any:
     """The request body as JSON: 413 over ``limit`` bytes, 400 when it is not JSON."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
+    check_declared(request.headers.get("content-length"), limit)
     receive = request.receive
     chunks: list[bytes] = []
     size = 0
@@ -106,10 +105,20 @@ async def read_json(request: Request, limit: int) -> Any:
         chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise _too_large(limit)
+            raise too_large(limit)
         chunks.append(chunk)
         more = message.get("more_body", False)
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return parse_json(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+
+def check_declared(declared: str | None, limit: int) -> None:
+    """413 when the Content-Length header declares more than ``limit`` bytes."""
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+
+
+def parse_json(body: bytes) -> Any:
+    """``body`` as JSON: 400 when it is not JSON, 422 when it holds what cannot be sent."""
     try:
         parsed = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -120,7 +129,7 @@ async def read_json(request: Request, limit: int) -> Any:
     return parsed
 
 
-def _too_large(limit: int) -> HttpError:
+def too_large(limit: int) -> HttpError:
     return HttpError(413, Error(ErrorCode.LIMIT_EXCEEDED, f"body larger than {limit} bytes"))
 
 
@@ -151,6 +160,72 @@ class PublishItem(BaseModel):
         if isinstance(checked, Error):
             raise ValueError(checked.message)
         return value
+
+
+#: PublishItem's field names.
+_ITEM_FIELDS: Final = frozenset(PublishItem.model_fields)
+
+
+class _Item(NamedTuple):
+    """A valid publish item (as PublishItem would hold it)."""
+
+    channel: str
+    event: str
+    data: dict[str, Any]
+    id: str | None
+
+
+def _plain_item(raw: Any) -> _Item | None:
+    """``raw`` as an item when it is plainly valid, else None.
+
+    The checks are PublishItem's written out (a parsed JSON body holds exact types): an
+    item accepted here is one PublishItem accepts, with the same values. None sends the
+    item to PublishItem, whose answer (its field errors included) is the contract's.
+    """
+    if type(raw) is not dict or not _ITEM_FIELDS.issuperset(raw):
+        return None
+    channel = raw.get("channel")
+    event = raw.get("event")
+    if type(channel) is not str or type(event) is not str:
+        return None
+    data = raw.get("data")
+    if data is None:
+        if "data" in raw:
+            return None
+        data = {}
+    elif type(data) is not dict:
+        return None
+    eid = raw.get("id")
+    if eid is not None and (type(eid) is not str or not 0 < len(eid) <= 128):
+        return None
+    parsed = parse_channel(channel)
+    if isinstance(parsed, Error) or parsed.namespace == "admin":
+        return None
+    if isinstance(validate_event_name(event), Error):
+        return None
+    return _Item(channel, event, data, eid)
+
+
+class _Json(Response):
+    """A JSON answer with JSONResponse's bytes and headers, made without its generality."""
+
+    media_type = "application/json"
+
+    def __init__(self, body: bytes, status_code: int) -> None:
+        self.status_code = status_code
+        self.background = None
+        self.body = body
+        self.raw_headers = [
+            (b"content-length", b"%d" % len(body)),
+            (b"content-type", b"application/json"),
+        ]
+
+
+def _accepted(ids: list[str], offsets: list[int]) -> Response:
+    """202 ``{"ids": [...], "offsets": [...]}``, byte for byte what JSONResponse renders."""
+    listed = ",".join(map(encode_basestring, ids))
+    body = f'{{"ids":[{listed}],"offsets":[{",".join(map(str, offsets))}]}}'
+    return _Json(body.encode(), 202)
 
 
 class TokenBucket:
@@ -199,7 +274,10 @@ class Api:
 
     def authorize(self, request: Request) -> str:
         """The presented key's name (``key<index>``, for per-key limits), or 401."""
-        index = self.api_keys.match(request.headers.get("authorization"))
+        return self._key(request.headers.get("authorization"))
+
+    def _key(self, authorization: str | None) -> str:
+        index = self.api_keys.match(authorization)
         if index is None:
             raise HttpError(401, Error(ErrorCode.UNAUTHORIZED, "missing or invalid API key"))
         return f"key{index}"
@@ -209,7 +287,14 @@ class Api:
             raise unavailable("server draining")
 
     async def publish(self, request: Request) -> Response:
-        key = self.authorize(request)
+        self.admit_publish(request.headers.get("authorization"))
+        return await self.publish_parsed(
+            await read_json(request, self.node.settings.max_body_bytes)
+        )
+
+    def admit_publish(self, authorization: str | None) -> None:
+        """A publish's checks on its head, in this order: 401, 503 draining, 429."""
+        key = self._key(authorization)
         self.refuse_when_draining()
         if self.bucket is not None:
             wait = self.bucket.take(key)
@@ -218,9 +303,11 @@ class Api:
                     429,
                     Error(ErrorCode.RATE_LIMITED, "publish rate exceeded", retry_after=wait),
                 )
-        body = await read_json(request, self.node.settings.max_body_bytes)
+
+    async def publish_parsed(self, body: Any) -> Response:
+        """A publish's answer once its head was admitted and its body parsed (422, 503, 202)."""
         ids, offsets = await self._publish(self._items(body))
-        return JSONResponse({"ids": ids, "offsets": offsets}, status_code=202)
+        return _accepted(ids, offsets)
 
     async def history(self, request: Request) -> Response:
         """``GET /v1/history/{channel}?limit=&since_offset=&epoch=``: like the history op,
@@ -249,7 +336,7 @@ class Api:
             {"epoch": position.epoch, "offset": position.offset, "publications": publications}
         )
 
-    def _items(self, body: Any) -> list[PublishItem]:
+    def _items(self, body: Any) -> list[_Item]:
         many = isinstance(body, list)
         raw = body if many else [body]
         if many and not raw:
@@ -259,20 +346,26 @@ class Api:
                 f"more than {MAX_ITEMS} items",
                 [{"loc": "", "message": f"at most {MAX_ITEMS} items"}],
             )
-        items: list[PublishItem] = []
+        items: list[_Item] = []
         errors: list[dict[str, Any]] = []
-        for index, item in enumerate(raw):
+        for index, raw_item in enumerate(raw):
+            item = _plain_item(raw_item)
+            if item is not None:
+                items.append(item)
+                continue
             try:
-                items.append(PublishItem.model_validate(item))
+                model = PublishItem.model_validate(raw_item)
             except ValidationError as exc:
                 for field in validation_error(exc).fields or []:
                     loc = f"{index}.{field['loc']}" if many else field["loc"]
                     errors.append({"loc": loc, "message": field["message"]})
+                continue
+            items.append(_Item(model.channel, model.event, model.data, model.id))
         if errors:
             raise invalid("invalid fields", errors)
         return items
 
-    async def _publish(self, items: list[PublishItem]) -> tuple[list[str], list[int]]:
+    async def _publish(self, items: list[_Item]) -> tuple[list[str], list[int]]:
         """Publish every item through the history (ids, offsets); 503 naming how many were
         published when some could not be (a retry with the same ids publishes the rest)."""
         node = self.node
@@ -427,10 +520,84 @@ async def render_starlette_error(request: Request, exc: Exception) -> Response:
 
 async def render_internal_error(request: Request, exc: Exception) -> Response:
     """An unexpected exception: logged with its traceback, answered 500 ``internal``."""
-    log.error("unhandled error on %s", request.url.path, exc_info=exc)
+    return internal_error(request.url.path, exc)
+
+
+def internal_error(path: str, exc: Exception) -> Response:
+    """The answer to an unexpected exception on ``path``, logged with its traceback."""
+    log.error("unhandled error on %s", path, exc_info=exc)
     return JSONResponse(
         http_error_body(Error(ErrorCode.INTERNAL, "internal error")), status_code=500
     )
+
+
+class AnswerCounts:
+    """``http_requests`` of the routes served without Starlette's router, by path and status
+    (each child made once)."""
+
+    def __init__(self, requests: Counter) -> None:
+        self._requests = requests
+        self._children: dict[tuple[str, int], Counter] = {}
+
+    def count(self, path: str, response: Response) -> Response:
+        """``response``, counted as the answer to a request of ``path``."""
+        key = (path, response.status_code)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._requests.labels(path, str(key[1]))
+        child.inc()
+        return response
+
+
+#: The lifespan state's key of the ``DirectPublish`` (handed by uvicorn to its protocols).
+DIRECT_PUBLISH_STATE: Final = "piggybong.direct_publish"
+
+
+class DirectPublish:
+    """``POST /v1/publish`` for the HTTP protocol's own path (realtime/httpprotocol.py): the
+    checks, answers and counts of ``Api.publish`` behind ASGI, asked for with the head's
+    headers (``head``), then with the whole body (``body``)."""
+
+    path: Final = "/v1/publish"
+
+    def __init__(self, api: Api, answers: AnswerCounts) -> None:
+        self._api = api
+        self._answers = answers
+        #: the largest body (413 beyond)
+        self.limit: int = api.node.settings.max_body_bytes
+
+    def head(self, headers: Sequence[tuple[bytes, bytes]]) -> Response | None:
+        """The answer the head alone earns (401, 503 draining, 429, 413 declared), counted;
+        None: read the body. ``headers``: lower-case names, as uvicorn's scope has them."""
+        authorization = declared = None
+        for name, value in headers:  # the first of each, as Starlette's Headers.get
+            if name == b"authorization":
+                if authorization is None:
+                    authorization = value.decode("latin-1")
+            elif name == b"content-length" and declared is None:
+                declared = value.decode("latin-1")
+        try:
+            self._api.admit_publish(authorization)
+            check_declared(declared, self.limit)
+        except HttpError as exc:
+            return self._answers.count(self.path, exc.response())
+        except Exception as exc:
+            return self._answers.count(self.path, internal_error(self.path, exc))
+        return None
+
+    def too_large(self) -> Response:
+        """413: the body grew past ``limit``; counted."""
+        return self._answers.count(self.path, too_large(self.limit).response())
+
+    async def body(self, body: bytes) -> Response:
+        """The answer to an admitted publish of ``body``, counted."""
+        try:
+            response = await self._api.publish_parsed(parse_json(body))
+        except HttpError as exc:
+            response = exc.response()
+        except Exception as exc:
+            response = internal_error(self.path, exc)
+        return self._answers.count(self.path, response)
 
 
 #: The app's exception handlers: every error answer has the contract's shape.

@@ -32,7 +32,15 @@ from notifications.redis_store import RedisNotificationStore
 from notifications.router import NotificationRouter, log_breaker_transition
 from notifications.service import NotificationService
 from notifications.store import NotificationStore
-from realtime.api import EXCEPTION_HANDLERS, Api, HttpError, render_internal_error
+from realtime.api import (
+    DIRECT_PUBLISH_STATE,
+    EXCEPTION_HANDLERS,
+    AnswerCounts,
+    Api,
+    DirectPublish,
+    HttpError,
+    render_internal_error,
+)
 from realtime.auth import ApiKeys, Authenticator
 from realtime.broker import Broker, MemoryBroker
 from realtime.channel_presence import ChannelPresence, MemoryChannelPresence
@@ -362,6 +370,8 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
     if persistence is not None:
         node.readiness["redis_persistence"] = persistence.readiness
     api = Api(node, ApiKeys(settings.effective_api_keys), service)
+    answers = AnswerCounts(metrics.http_requests)
+    direct_publish = DirectPublish(api, answers)
     admin_token = settings.effective_admin_token
     node.admin_tokens = AdminTokens(admin_token) if admin_token else None
 
@@ -427,8 +437,9 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
                 _kind(settings),
                 realtime.NATIVE,
             )
-            # uvicorn hands the lifespan state to its protocols: the door at the socket.
-            yield {DOOR_STATE: node.door}
+            # uvicorn hands the lifespan state to its protocols: the door at the socket, and
+            # POST /v1/publish served by the HTTP protocol itself.
+            yield {DOOR_STATE: node.door, DIRECT_PUBLISH_STATE: direct_publish}
 
     app = RealtimeApp(
         routes=api.routes() + Dashboard(node, node.admin_tokens).routes(),
@@ -436,7 +447,7 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         exception_handlers=EXCEPTION_HANDLERS,
     )
     app.direct = {("POST", "/v1/publish"): api.publish}
-    app._answers = {}
+    app.answers = answers
     app.state.node = node
     app.state.api = api
     return app
@@ -471,8 +482,8 @@ class RealtimeApp(Starlette):
     ws_endpoint = WebSocketEndpoint()
     #: (method, path) -> endpoint, served without Starlette's middleware and router.
     direct: Mapping[tuple[str, str], Endpoint] = MappingProxyType({})
-    #: (path, status) -> its ``http_requests`` child, for the direct routes
-    _answers: dict[tuple[str, int], Any]
+    #: ``http_requests`` of the direct routes
+    answers: AnswerCounts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -502,13 +513,7 @@ class RealtimeApp(Starlette):
             response = exc.response()
         except Exception as exc:
             response = await render_internal_error(request, exc)
-        key = (scope["path"], response.status_code)
-        counter = self._answers.get(key)
-        if counter is None:
-            counter = self.state.node.metrics.http_requests.labels(key[0], str(key[1]))
-            self._answers[key] = counter
-        counter.inc()
-        await response(scope, receive, send)
+        await self.answers.count(scope["path"], response)(scope, receive, send)
 
     def _counting(self, scope: Scope, send: Send) -> Send:
         """``send`` counting the answer in ``http_requests`` by route template and status."""

@@ -15,6 +15,17 @@ The door, when the app's lifespan state holds one (``DOOR_STATE``):
 - a connection idle before its first byte or between requests is closed after
   ``keepalive_timeout``.
 
+``POST /v1/publish`` (exactly that target), when the lifespan state holds a ``DirectPublish``
+(``DIRECT_PUBLISH_STATE``), is served here without uvicorn's ASGI cycle: its head is
+checked (``DirectPublish.head``: 401, 503 draining, 429, 413 declared) once the door has
+passed it, its body is kept as it arrives (413 past the limit), and the publish runs in a
+task of uvicorn's as a request's ASGI task would; the answer is one write. The answers and
+their counts are those of ``Api.publish`` behind ASGI. The request holds a
+``RequestResponseCycle`` of its own, so uvicorn's pipelining queue, a lost connection and
+shutdown (``Connection: close`` on the answer) treat it as any request. A request it does
+not take (another target or a query string, ``Expect: 100-continue``, an earlier request
+still unanswered, writing paused) goes through the ASGI app as before.
+
 After an upgrade the transport belongs to the WebSocket protocol and the HTTP protocol is
 garbage, but in a reference cycle (its ``HttpRequestParser`` holds its bound callbacks).
 The node freezes long-lived objects (``realtime/gcfreeze.py``); a cycle frozen while it
@@ -27,13 +38,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 from http import HTTPStatus
 from typing import Any, Final
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from starlette.responses import Response
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+from uvicorn.protocols.utils import get_client_addr
 
+from realtime.api import DIRECT_PUBLISH_STATE, DirectPublish
 from realtime.door import DOOR_STATE, Door, Refusal, Ticket, Why
 
 #: Request line bytes beyond the URL, and per header beyond its name and value (": ", CRLF).
@@ -63,10 +82,27 @@ def _answer(status: int, code: str, message: str, retry_after: float | None = No
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
+#: The request target this protocol serves itself when it is a POST.
+_PUBLISH_URL: Final = DirectPublish.path.encode()
+
+
+def _nothing() -> None:
+    pass
+
+
+class _PublishCycle(RequestResponseCycle):
+    """A ``POST /v1/publish`` the protocol serves itself: uvicorn's request state, so that
+    pipelining, a lost connection and shutdown treat it as any request."""
+
+
 class RealtimeHttpToolsProtocol(HttpToolsProtocol):
-    """``HttpToolsProtocol`` with the door; see the module docstring."""
+    """``HttpToolsProtocol`` with the door and the direct publish; see the module docstring."""
 
     door: Door | None = None
+    #: POST /v1/publish served here (None: every request goes to the ASGI app)
+    publish: DirectPublish | None = None
+    #: its answers get uvicorn's access log line (the logger has a handler and takes INFO)
+    log_access: bool = False
     #: this connection's place in its address's count (handed to WebSocket on upgrade)
     ticket: Ticket | None = None
     #: set when the door refused the connection: its first bytes are answered 429
@@ -82,6 +118,16 @@ class RealtimeHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        publish = self.app_state.get(DIRECT_PUBLISH_STATE)
+        # What the direct path does not do (uvicorn's concurrency limit, fresh contextvars per
+        # request) leaves every request to the ASGI app.
+        if (
+            isinstance(publish, DirectPublish)
+            and self.limit_concurrency is None
+            and not getattr(self.config, "reset_contextvars", False)
+        ):
+            self.publish = publish
+            self.log_access = self.access_log and self.access_logger.isEnabledFor(logging.INFO)
         door = self.app_state.get(DOOR_STATE)
         if not isinstance(door, Door):
             return
@@ -171,9 +217,13 @@ class RealtimeHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         door = self.door
-        if door is None:
+        if door is not None:
+            self._door_head(door)
+        if not self._publish_head():
             super().on_headers_complete()
-            return
+
+    def _door_head(self, door: Door) -> None:
+        """The door's checks of a complete head (raises ``_Answered`` when it answered)."""
         self.in_head = False
         self._stop_head_timer()
         size = len(self.url) + _LINE_OVERHEAD
@@ -203,7 +253,120 @@ class RealtimeHttpToolsProtocol(HttpToolsProtocol):
                 if self.ticket is not None:
                     self.ticket.release()
                 self.ticket = admitted
-        super().on_headers_complete()
+
+    # ------------------------------------------------------------------ direct publish
+
+    def _publish_head(self) -> bool:
+        """Take a ``POST /v1/publish`` in hand (True), or leave the request to uvicorn.
+
+        Only the plain case is taken: exactly that target, no request of this connection
+        still unanswered (a pipelined one queues behind it as uvicorn queues any), no
+        ``Expect: 100-continue``, no upgrade, the transport not paused for writing. The
+        answers, checks and counts are ``DirectPublish``'s, those of ``Api.publish``.
+        """
+        publish = self.publish
+        cycle = self.cycle
+        if (
+            publish is None
+            or self.url != _PUBLISH_URL
+            or self.parser.get_method() != b"POST"
+            or (cycle is not None and not cycle.response_complete)
+            or self.expect_100_continue
+            or self.flow.write_paused
+            or self.parser.should_upgrade()
+        ):
+            return False
+        version = self.parser.get_http_version()
+        scope = self.scope
+        scope["method"] = "POST"
+        scope["path"] = publish.path
+        scope["raw_path"] = _PUBLISH_URL
+        scope["query_string"] = b""
+        if version != "1.1":
+            scope["http_version"] = version
+        self._unset_keepalive_if_required()  # re-armed once answered
+        self.cycle = cycle = _PublishCycle(
+            scope=scope,
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.log_access,
+            default_headers=self.server_state.default_headers,
+            message_event=asyncio.Event(),
+            expect_100_continue=False,
+            keep_alive=version != "1.0" and self.parser.should_keep_alive(),
+            on_response=_nothing,  # finished here; a bound method would make a reference cycle
+        )
+        answer = publish.head(self.headers)
+        if answer is not None:
+            self._publish_answer(cycle, answer)
+        return True
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if type(cycle) is not _PublishCycle:
+            super().on_body(body)
+            return
+        if cycle.response_complete:
+            return  # answered on its head: the rest is read and dropped
+        cycle.body += body  # at most the limit: not paused for reading
+        publish = self.publish
+        assert publish is not None
+        if len(cycle.body) > publish.limit:
+            self._publish_answer(cycle, publish.too_large())
+
+    def on_message_complete(self) -> None:
+        cycle = self.cycle
+        if type(cycle) is not _PublishCycle:
+            super().on_message_complete()
+            return
+        if cycle.response_complete:
+            return
+        cycle.more_body = False
+        task = self.loop.create_task(self._publish_body(cycle, bytes(cycle.body)))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)  # awaited by uvicorn's shutdown, as a request's ASGI task
+
+    async def _publish_body(self, cycle: _PublishCycle, body: bytes) -> None:
+        publish = self.publish
+        assert publish is not None
+        try:
+            answer = await publish.body(body)
+            if self.flow.write_paused and not cycle.disconnected:
+                await self.flow.drain()
+        except asyncio.CancelledError:  # uvicorn's shutdown gave up waiting: no answer
+            self.transport.close()
+            raise
+        self._publish_answer(cycle, answer)
+
+    def _publish_answer(self, cycle: _PublishCycle, answer: Response) -> None:
+        """Write ``answer`` in one write, as uvicorn would write it, then finish the request
+        as uvicorn does (close without keep-alive; the next pipelined request starts)."""
+        if cycle.disconnected or self.transport.is_closing():
+            return
+        cycle.response_started = True
+        if cycle.access_log:  # uvicorn's line
+            self.access_logger.info(
+                '%s - "%s %s HTTP/%s" %d',
+                get_client_addr(cycle.scope),
+                "POST",
+                DirectPublish.path,
+                cycle.scope["http_version"],
+                answer.status_code,
+            )
+        content: list[bytes | memoryview] = [STATUS_LINE[answer.status_code]]
+        for name, value in (*cycle.default_headers, *answer.raw_headers):
+            content += (name, b": ", value, b"\r\n")
+        if not cycle.keep_alive:
+            content.append(b"connection: close\r\n")
+        content += (b"\r\n", answer.body)
+        self.transport.write(b"".join(content))
+        cycle.response_complete = True
+        cycle.message_event.set()
+        if not cycle.keep_alive:
+            self.transport.close()
+        self.on_response_complete()
 
     def _head_too_large(self, door: Door) -> None:
         door.count(Why.HEAD_TOO_LARGE, "http", self._peer())

@@ -208,19 +208,20 @@ class RedisBroker:
         conn: RespConnection | None = None
         limit = self._timeout if timeout is None else timeout
         try:
+            ready = self._publisher
+            if ready is not None and not ready.lost.done() and not self._inflight.locked():
+                # The common case: no slot or connection to wait for (acquiring an unlocked
+                # semaphore does not suspend), only the reply, timed on its own (cheaper
+                # than a timeout scope; the same bound).
+                async with self._inflight:
+                    conn = ready
+                    return await self._command_on(conn, args, replid_at, asking, limit)
             async with asyncio.timeout(limit):
                 async with self._inflight:
                     conn = self._publisher
                     if conn is None or conn.lost.done():
                         conn = await self._publisher_connection()
-                    if replid_at is not None:
-                        args = (*args[:replid_at], conn.replid, *args[replid_at + 1 :])
-                    if asking:
-                        conn.send(b"ASKING")  # the same write as the command, just before it
-                    reply = await conn.command(*args)
-                    if self._conn is None:
-                        self._wake.set()  # Redis answers: the pub/sub reconnects now
-                    return reply
+                    return await self._command_on(conn, args, replid_at, asking, None)
         except TimeoutError as exc:
             if conn is not None:
                 conn.abort()  # Redis does not answer: the next command reconnects
@@ -234,6 +235,23 @@ class RedisBroker:
             raise BrokerUnavailable(f"redis {args[0].decode()} failed: {exc}") from exc
         except (OSError, ConnectionLost) as exc:
             raise BrokerUnavailable(f"redis {args[0].decode()} failed: {exc}") from exc
+
+    async def _command_on(
+        self,
+        conn: RespConnection,
+        args: tuple[bytes, ...],
+        replid_at: int | None,
+        asking: bool,
+        timeout: float | None,
+    ) -> object:
+        if replid_at is not None:
+            args = (*args[:replid_at], conn.replid, *args[replid_at + 1 :])
+        if asking:
+            conn.send(b"ASKING")  # the same write as the command, just before it
+        reply = await conn.command(*args, timeout=timeout)
+        if self._conn is None:
+            self._wake.set()  # Redis answers: the pub/sub reconnects now
+        return reply
 
     async def _publisher_connection(self) -> RespConnection:
         """The publisher connection; concurrent callers share one connection attempt."""

@@ -241,6 +241,11 @@ class _Pending:
         self.remaining = remaining
 
 
+def _time_out(future: asyncio.Future[object]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
+
+
 class RespConnection(asyncio.Protocol):
     """One Redis connection: commands are pipelined, pub/sub messages go to ``handler``.
 
@@ -346,11 +351,20 @@ class RespConnection(asyncio.Protocol):
             if future is not None and not future.done():
                 future.set_result(reply)
 
-    async def command(self, *args: bytes, replies: int = 1) -> object:
-        """Send one command and wait for its ``replies`` replies (the last is returned)."""
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    async def command(self, *args: bytes, replies: int = 1, timeout: float | None = None) -> object:
+        """Send one command and wait for its ``replies`` replies (the last is returned);
+        ``TimeoutError`` when they have not come within ``timeout`` seconds (a reply that
+        comes later is read and dropped)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[object] = loop.create_future()
         self._send(_Pending(future, replies), args)
-        return await future
+        if timeout is None:
+            return await future
+        timer = loop.call_later(timeout, _time_out, future)
+        try:
+            return await future
+        finally:
+            timer.cancel()
 
     async def sunsubscribe(self, channel: bytes) -> None:
         """SUNSUBSCRIBE one channel and wait for its confirmation (or error reply)."""
