@@ -139,12 +139,27 @@ class FleetChild:
     ) -> dict[str, Any]:
         total = Tally()
         whole = 0
+        # missed by a client that has its channel's last publication (a hole: a loss) or by
+        # one that has not caught up when the drain ended (late, maybe not lost)
+        holes = late = 0
+        samples: list[dict[str, Any]] = []
         for member in self.members:
             assert member.client is not None
             for channel in member.channels:
-                total.add(
-                    audit(accepted.get(channel, []), member.got[channel], unknown.get(channel, []))
-                )
+                owed = accepted.get(channel, [])
+                tally = audit(owed, member.got[channel], unknown.get(channel, []))
+                total.add(tally)
+                if not tally.missed:
+                    continue
+                got = member.got[channel]
+                if owed and got and max(got) >= owed[-1]:
+                    holes += tally.missed
+                    if len(samples) < 5:
+                        missing = sorted(set(owed) - set(got))
+                        sample = {"client": member.index, "channel": channel}
+                        samples.append({**sample, "missing": missing[:20], "tail": got[-20:]})
+                else:
+                    late += tally.missed
             stats = member.client.stats
             whole += stats.resyncs == 0 and stats.recovered >= len(member.client.channels)
         stats_all = [m.client.stats for m in self.members if m.client is not None]
@@ -162,6 +177,9 @@ class FleetChild:
             "resynced": sum(s.resyncs for s in stats_all),
             "gaps_filled": sum(s.gaps_filled for s in stats_all),
             "tally": {k: getattr(total, k) for k in Tally.__slots__},
+            "missed_holes": holes,
+            "missed_late": late,
+            "hole_samples": samples,
         }
 
     async def close(self) -> None:
@@ -315,12 +333,15 @@ async def fleet_resume(
         accepted = {c: log_.accepted for c, log_ in publisher.channels.items()}
         unknown = {c: sorted(log_.unknown) for c, log_ in publisher.channels.items()}
         last = {c: seqs[-1] for c, seqs in accepted.items() if seqs}
-        deadline = time.time() + 30  # drain: every client has its channel's last publication
-        while time.time() < deadline:
+        drain_started = time.time()
+        deadline = drain_started + 30  # drain: every client has its channel's last publication
+        while True:
             answers = [await child.ask({"op": "caught_up", "last": last}) for child in children]
-            if sum(a["caught_up"] for a in answers) >= ready:
+            caught_up = sum(a["caught_up"] for a in answers)
+            if caught_up >= ready or time.time() >= deadline:
                 break
             await asyncio.sleep(0.5)
+        drained_s = round(time.time() - drain_started, 1)
         parts = [
             await child.ask(
                 {"op": "report", "accepted": accepted, "unknown": unknown, "killed": killed}
@@ -353,6 +374,13 @@ async def fleet_resume(
         "publications_accepted": sum(len(v) for v in accepted.values()),
         "publications_unanswered": sum(len(v) for v in unknown.values()),
         "ledger": tally,
+        # of the ledger's missed: by clients that had their channel's last publication (holes)
+        # and by clients that had not caught up when the drain ended
+        "missed_holes": sum(part["missed_holes"] for part in parts),
+        "missed_late": sum(part["missed_late"] for part in parts),
+        "hole_samples": [s for part in parts for s in part["hole_samples"]][:5],
+        "caught_up_after_drain": caught_up,
+        "drained_s": drained_s,
         "cpu_percent_while_resuming": dict(zip(("survivor", "load", "redis"), cpu, strict=True)),
         "client_loops_ended": _merge(part["client_loops_ended"] for part in parts),
         "sessions_ended": _merge(part["sessions_ended"] for part in parts),
@@ -362,7 +390,9 @@ async def fleet_resume(
     log(
         f"  back {out['back']:,} of {ready:,}, the last {out['fleet_back_s']} s after the kill "
         f"(median {out['back_p50_s']} s); all channels recovered for "
-        f"{out['clients_all_recovered']:,}; resynced {out['channels_resynced']}; ledger {tally}; "
+        f"{out['clients_all_recovered']:,}; resynced {out['channels_resynced']}; ledger {tally} "
+        f"(missed: {out['missed_holes']} holes, {out['missed_late']} late; {caught_up:,} caught "
+        f"up after a {drained_s} s drain); "
         f"cpu % {out['cpu_percent_while_resuming']}; loops ended {out['client_loops_ended']}; "
         f"kernel {drops}; sessions ended {out['sessions_ended']}"
     )

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import httpx
 import pytest
 
+import realtime
 from notifications.breaker import CircuitBreaker
 from notifications.router import log_breaker_transition
 from realtime import logs
@@ -167,7 +168,7 @@ async def test_the_server_logs_ready_and_log_pushes_as_json() -> None:
     ready = [x for x in lines if "ready" in x["message"]]
     assert [(x["level"], x["logger"], x["message"]) for x in ready] == [
         ("INFO", "realtime", f"node node-j ready: listening on 127.0.0.1:{server.port}, "
-         "memory broker"),
+         f"memory broker, per-delivery path {realtime.NATIVE}"),
     ]  # fmt: skip
     pushes = [x for x in lines if x["logger"] == "notifications.push"]
     assert len(pushes) == 1 and pushes[0]["level"] == "INFO", pushes
