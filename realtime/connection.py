@@ -18,7 +18,7 @@ from realtime.backend import BackendUnavailable
 from realtime.batching import SpendingBatcher
 from realtime.broker import BrokerUnavailable
 from realtime.channel_presence import ChannelPresenceUnavailable, Member, SessionInfo
-from realtime.door import Why
+from realtime.door import Refusal, Why
 from realtime.envelope import Delivery, new_event_id, now_ms, pack_event, unpack_entry
 from realtime.history import Entry, HistoryUnavailable, Page, Publication
 from realtime.presence import DEFAULT_TTL as PRESENCE_TTL
@@ -282,6 +282,29 @@ class Connection:
             )
             self.close(code, principal.message)
             return False
+        door = node.door
+        slot = door.begin_connect(self.peer) if door is not None else None
+        if isinstance(slot, Refusal):
+            self._reply_error(
+                command.id,
+                Op.CONNECT,
+                Error(
+                    ErrorCode.UNAVAILABLE,
+                    "server busy: too many connects in progress; retry after retry_after",
+                    retry_after=slot.retry_after,
+                ),
+            )
+            self.close(CloseCode.INTERNAL_ERROR, "server busy")
+            return False
+        try:
+            return await self._login(command, principal)
+        finally:
+            if slot is not None:
+                slot.release()
+
+    async def _login(self, command: p.Connect, principal: Principal) -> bool:
+        """The work of an authenticated ``connect``: presence, tier, channels, the reply."""
+        node = self.node
         self.user = principal.user
         self.admin = principal.admin
         self.client_info = command.client

@@ -33,6 +33,9 @@ DOOR_STATE: Final = "piggybong.door"
 MAX_BUCKETS: Final = 100_000
 #: A connection's burst of new connections, in seconds of its rate (the contract's 10x).
 BURST_SECONDS: Final = 10.0
+#: Seconds a ``connect`` refused because the node is busy is told to wait (``retry_after``;
+#: clients add jitter).
+CONNECT_RETRY_AFTER: Final = 1.0
 #: Longest client address kept as a key (an unparsable X-Forwarded-For hop is cut here).
 MAX_ADDRESS_CHARS: Final = 64
 
@@ -52,6 +55,7 @@ class Why(StrEnum):
     ERRORS_BEFORE_LOGIN = "errors_before_login"
     UNSENDABLE_DATA = "unsendable_data"
     CONNECTION_FAULT = "connection_fault"
+    BUSY = "busy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +64,20 @@ class Refusal:
 
     why: Why
     retry_after: float
+
+
+class ConnectSlot:
+    """One ``connect`` being answered on this node; ``release`` (idempotent) once it is."""
+
+    __slots__ = ("door",)
+
+    def __init__(self, door: Door) -> None:
+        self.door: Door | None = door
+
+    def release(self) -> None:
+        door, self.door = self.door, None
+        if door is not None:
+            door.connects -= 1
 
 
 class Ticket:
@@ -94,6 +112,7 @@ class Door:
         max_head_bytes: int = 16 * 1024,
         head_timeout: float = 10.0,
         keepalive_timeout: float = 5.0,
+        max_connects_in_progress: int = 0,
         metrics: Metrics | None = None,
         log_interval: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
@@ -110,6 +129,9 @@ class Door:
         self.throttle = LogThrottle(log, log_interval)
         self.clock = clock
         self.open: dict[str, int] = {}
+        #: the ``connect``s this node is answering, and their bound (0: none)
+        self.connects = 0
+        self.max_connects = max_connects_in_progress
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
     @classmethod
@@ -122,6 +144,7 @@ class Door:
             max_head_bytes=settings.max_head_bytes,
             head_timeout=settings.head_timeout,
             keepalive_timeout=settings.keepalive_timeout,
+            max_connects_in_progress=settings.max_connects_in_progress,
             metrics=metrics,
             log_interval=settings.log_interval,
         )
@@ -176,6 +199,16 @@ class Door:
         self._trim()
         self.open[address] = held + 1
         return Ticket(self, address)
+
+    def begin_connect(self, address: str) -> ConnectSlot | Refusal:
+        """A place for one more authenticated ``connect`` to be answered (presence, the
+        channels' positions and missed publications), or ``BUSY`` while ``max_connects``
+        are: a node a crowd reconnects to does the work of the connects it can finish and
+        tells the rest when to come back, instead of timing out on its stores for all."""
+        if self.max_connects and self.connects >= self.max_connects:
+            return self.refuse(Why.BUSY, "ws", address, retry_after=CONNECT_RETRY_AFTER)
+        self.connects += 1
+        return ConnectSlot(self)
 
     def release(self, address: str) -> None:
         held = self.open.get(address, 0) - 1

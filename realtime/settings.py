@@ -218,6 +218,12 @@ class Settings(BaseSettings):
     connect_rate_per_ip: float = Field(
         100.0, gt=0, description="new connections per second per client address, burst 10x"
     )
+    max_connects_in_progress: int = Field(
+        256,
+        ge=0,
+        description="authenticated connects this node answers at once; beyond, a connect is "
+        "answered unavailable with retry_after, and closed; 0: no bound",
+    )
     trusted_proxies: CsvList = Field(
         [],
         description="addresses or CIDRs of proxies whose X-Forwarded-For names the client, "

@@ -9,7 +9,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from piggybong_client import Backoff, Client, Position, token_expiry
+from piggybong_client import Backoff, Client, ClientError, Position, retry_after, token_expiry
+from websockets.datastructures import Headers
+from websockets.exceptions import InvalidStatus
+from websockets.http11 import Response
 
 from tests.server import ServerProcess, free_port, running_server, start_server
 
@@ -193,3 +196,15 @@ def test_backoff_is_exponential_with_full_jitter() -> None:
     assert [backoff.next_delay() for _ in range(8)] == [0.5, 1, 2, 4, 8, 16, 30, 30]
     backoff.reset()
     assert Backoff(rand=lambda: 0.25).next_delay() == 0.125
+
+
+def test_a_refusal_that_says_when_to_come_back_is_honoured() -> None:
+    """A connect error's retry_after, a refused handshake's Retry-After; nothing else."""
+    busy = ClientError({"code": "unavailable", "message": "server busy", "retry_after": 1.0})
+    assert retry_after(busy) == 1.0
+    refused = InvalidStatus(Response(429, "Too Many Requests", Headers({"Retry-After": "3"})))
+    assert retry_after(refused) == 3.0
+    assert retry_after(InvalidStatus(Response(503, "Service Unavailable", Headers()))) is None
+    assert retry_after(ClientError({"code": "bad_request", "message": "no"})) is None
+    assert retry_after(ClientError({"code": "x", "message": "y", "retry_after": "soon"})) is None
+    assert retry_after(TimeoutError()) is None

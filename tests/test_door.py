@@ -24,6 +24,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from tests.redis_server import RedisServer
 from tests.server import JWT_SECRET, ServerProcess, connected, running_server, ws_client
 
 pytestmark = pytest.mark.timeout(90)
@@ -384,3 +385,37 @@ async def test_a_connect_through_the_door_still_works_with_msgpack() -> None:
             await ws.send(msgpack.packb({"id": 1, "op": "connect", "token": server.token("m")}))
             reply = msgpack.unpackb(await asyncio.wait_for(ws.recv(), 5))
             assert reply["result"]["user"] == "m"
+
+
+async def test_connects_beyond_the_nodes_bound_are_told_to_come_back(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    """Two connects wait on a frozen Redis (the bound is 2): a third is answered at once,
+    `unavailable` with `retry_after`, and closed; once Redis answers, connects succeed."""
+    env = {"REALTIME_REDIS_URL": redis_url, "REALTIME_MAX_CONNECTS_IN_PROGRESS": "2"}
+    async with running_server(env) as server:
+        async with contextlib.AsyncExitStack() as stack:
+            waiting = [await stack.enter_async_context(ws_client(server)) for _ in range(2)]
+            busy = await stack.enter_async_context(ws_client(server))
+            redis_server.pause()
+            try:
+                held = [
+                    asyncio.create_task(c.command("connect", 30, token=server.token(f"w{i}")))
+                    for i, c in enumerate(waiting)
+                ]
+                await asyncio.sleep(0.5)  # both are waiting on Redis now
+                assert not any(task.done() for task in held)
+                started = time.monotonic()
+                reply = await busy.command("connect", token=server.token("third"))
+                assert time.monotonic() - started < 1.0
+                assert reply["error"]["code"] == "unavailable", reply
+                assert reply["error"]["retry_after"] == 1.0
+                assert "busy" in reply["error"]["message"]
+                assert await busy.close_code() == 1011
+            finally:
+                redis_server.resume()
+            for task in held:  # answered, one way or the other: their places are free again
+                await task
+        assert refusals(server, "ws", "busy") == 1.0
+        async with connected(server, "later") as client:
+            assert "result" in await client.command("ping")

@@ -71,3 +71,19 @@ def test_close_reasons_are_cut_to_123_bytes_on_a_character_boundary() -> None:
     cut = close_reason("é" * 100)  # 200 bytes
     assert cut == "é" * 61 and len(cut.encode()) == 122
     assert close_reason("\ud800x") == "?x"
+
+
+def test_connects_in_progress_are_bounded_per_node_and_freed_once() -> None:
+    door = Door(max_connections_per_ip=100, connect_rate_per_ip=100, max_connects_in_progress=2)
+    first, second = door.begin_connect("10.0.0.1"), door.begin_connect("10.0.0.2")
+    assert not isinstance(first, Refusal) and not isinstance(second, Refusal)
+    refused = door.begin_connect("10.0.0.3")
+    assert isinstance(refused, Refusal) and refused.why is Why.BUSY
+    assert refused.retry_after == 1.0
+    first.release()
+    first.release()  # idempotent: frees one place, once
+    third = door.begin_connect("10.0.0.3")
+    assert not isinstance(third, Refusal)
+    assert isinstance(door.begin_connect("10.0.0.4"), Refusal)
+    unbounded = Door(max_connections_per_ip=1, connect_rate_per_ip=1)
+    assert all(not isinstance(unbounded.begin_connect("a"), Refusal) for _ in range(1000))

@@ -2,7 +2,8 @@
 // WebSocket, or pass `WebSocket`). It does what clients/python/piggybong_client does:
 //
 // - reconnects with exponential backoff and full jitter; a close 1001 (a server draining or
-//   restarting) reconnects at once; 4003 (forbidden) stops;
+//   restarting) reconnects at once; 4003 (forbidden) stops; a connect refused with
+//   `retry_after` (a busy node) waits at least that long, plus up to as long again of jitter;
 // - gets its token from a callback, at every connect and before `exp` (`refresh`);
 // - keeps, per channel, the (epoch, offset) of the last publication it handed over, and
 //   resumes every channel with `since` in one `connect`;
@@ -42,6 +43,15 @@ export class Backoff {
 
   reset() {
     this.attempt = 0;
+  }
+
+  /** The next delay; when the server said when to come back (`retryAfter` s), at least that
+   * plus up to as long again of jitter, so that a crowd told the same time does not return
+   * at once. */
+  nextDelayAfter(retryAfter) {
+    const delay = this.nextDelay();
+    const told = Number(retryAfter);
+    return told > 0 && told <= 300 ? Math.max(delay, told * (1 + this.random())) : delay;
   }
 }
 
@@ -101,6 +111,7 @@ export class Client {
     this.abort = new AbortController();
     this.connectedWaiters = [];
     this.lastClose = null;
+    this.retryAfter = null; // what the last refused connect said of when to come back
   }
 
   // ---------------------------------------------------------------- the app's calls
@@ -188,7 +199,9 @@ export class Client {
         return; // a refused user: reconnecting cannot help
       }
       if (code === 1001) this.backoff.reset(); // draining or restarting: somewhere else, now
-      await sleep(this.backoff.nextDelay() * 1000, this.abort.signal);
+      const told = this.retryAfter;
+      this.retryAfter = null;
+      await sleep(this.backoff.nextDelayAfter(told) * 1000, this.abort.signal);
     }
   }
 
@@ -250,6 +263,7 @@ export class Client {
       this.lastClose = code;
       return code;
     } catch (error) {
+      this.retryAfter = error instanceof ClientError ? error.retryAfter : null; // e.g. a busy node
       ws.close();
       const code = await closed;
       this.lastClose = code;

@@ -39,6 +39,10 @@ test("tokenExpiry reads exp; Backoff is full jitter under an exponential cap", (
   assert.deepEqual([1, 2, 3, 4].map(() => backoff.nextDelay()), [1, 2, 4, 5]);
   backoff.reset();
   assert.equal(backoff.nextDelay(), 1);
+  backoff.reset();
+  assert.equal(backoff.nextDelayAfter(3), 6); // told 3 s: 3 s plus up to 3 s of jitter
+  assert.equal(backoff.nextDelayAfter(null), 2); // told nothing: the backoff's own
+  assert.equal(backoff.nextDelayAfter("soon"), 4);
 });
 
 test("connect, subscribe, publish, history and presence, in JSON and msgpack", { timeout: 30000 }, async () => {

@@ -1,7 +1,9 @@
 """An asyncio client of PiggyBong Realtime that does what a good app client does.
 
 - Reconnects with exponential backoff and full jitter (``Backoff``); a close 1001
-  (a server draining or restarting) reconnects at once.
+  (a server draining or restarting) reconnects at once; a refusal that says when to come
+  back (a connect error's ``retry_after``, a handshake's ``Retry-After``) waits at least
+  that long, plus up to as long again of jitter.
 - Gets its token from a callback, at every connect and before ``exp`` (``refresh``).
 - Keeps, per channel, the ``(epoch, offset)`` of the last publication it handled, and
   resumes every channel with ``since`` in one ``connect``.
@@ -29,7 +31,7 @@ from typing import Any
 
 import msgpack
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.typing import Subprotocol
 
 log = logging.getLogger("piggybong_client")
@@ -44,6 +46,8 @@ TokenProvider = Callable[[], Awaitable[str]]
 REFRESH_MARGIN = 60.0
 #: Publications asked for per ``history`` call while filling a gap (the server's maximum).
 HISTORY_PAGE = 100
+#: The longest wait a server's ``retry_after`` is taken for (longer: the backoff's own).
+MAX_RETRY_AFTER = 300.0
 
 
 class ClientError(Exception):
@@ -71,6 +75,22 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """The seconds a refusal asked the client to wait: a connect error's ``retry_after``,
+    or the ``Retry-After`` (seconds) of a refused handshake; None when it said nothing."""
+    if isinstance(exc, ClientError):
+        value: object = exc.retry_after
+    elif isinstance(exc, InvalidStatus):
+        value = exc.response.headers.get("Retry-After")
+    else:
+        return None
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return seconds if 0 < seconds <= MAX_RETRY_AFTER else None
 
 
 @dataclass
@@ -170,15 +190,20 @@ class Client:
         handshake (an HTTP status from a load balancer or a busy node) is retried too."""
         while not self._closing:
             code: int | None = None
+            told: float | None = None
             try:
                 code = await self._session()
             except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError, ClientError) as exc:
                 log.info("session ended: %s", exc)
+                told = retry_after(exc)
             if self._closing:
                 return
             if code == 1001:  # draining or restarting: somewhere else, now
                 self.backoff.reset()
-            await asyncio.sleep(self.backoff.next_delay())
+            delay = self.backoff.next_delay()
+            if told is not None:  # when to come back, spread so a crowd does not return at once
+                delay = max(delay, told * (1.0 + self.backoff.rand()))
+            await asyncio.sleep(delay)
 
     async def _session(self) -> int | None:
         subprotocol = Subprotocol("piggybong.v1.msgpack" if self.binary else "piggybong.v1.json")
