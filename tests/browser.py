@@ -8,7 +8,9 @@ import base64
 import contextlib
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections import deque
@@ -64,9 +66,11 @@ class Page:
 
 @contextlib.asynccontextmanager
 async def chromium_page(width: int = 1440, height: int = 1100) -> AsyncIterator[Page]:
-    """A headless Chromium with one blank tab; the browser is killed and awaited after."""
+    """A headless Chromium with one blank tab; the browser and every process it started
+    (its own process group) are killed after, then its profile folder removed."""
     assert CHROMIUM is not None
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+    profile = tempfile.mkdtemp(prefix="chromium-")
+    try:
         proc = await asyncio.create_subprocess_exec(
             CHROMIUM,
             "--headless=new",
@@ -82,6 +86,7 @@ async def chromium_page(width: int = 1440, height: int = 1100) -> AsyncIterator[
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             port_file = Path(profile) / "DevToolsActivePort"
@@ -106,5 +111,22 @@ async def chromium_page(width: int = 1440, height: int = 1100) -> AsyncIterator[
                 )
                 yield page
         finally:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # its renderers and helpers too
             await proc.wait()
+    finally:
+        await _remove(Path(profile))
+
+
+async def _remove(folder: Path) -> None:
+    """Remove ``folder``; a helper of the killed browser may still be writing in it for a
+    moment (it is killed, not yet reaped), so try again for up to 5 s."""
+    async with asyncio.timeout(5):
+        while True:
+            try:
+                await asyncio.to_thread(shutil.rmtree, folder)
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                await asyncio.sleep(0.1)
