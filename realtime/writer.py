@@ -19,8 +19,9 @@ The writer knows its socket only through ``write`` (the transport's) and a
 ``Socket``'s ``close_with``: the real one is ``RealtimeWSProtocol``, tests pass
 a fake.
 
-This module is the per-delivery path: ``realtime/native.py`` compiles it with mypyc when the
-machine can (the interpreted module is used otherwise; both pass the same tests).
+This module is the per-delivery path: ``realtime/native_build.py`` compiles it with mypyc
+where the machine can, and ``realtime/native.py`` runs that build while it is current (the
+interpreted module otherwise; both pass the same tests).
 """
 
 from __future__ import annotations
