@@ -392,6 +392,10 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         (feed.on_message if channel == ADMIN_CHANNEL else hub.on_message)(channel, payload)
 
     metrics.open_connections.set_function(lambda: len(node.connections))
+    gate = node.door.gate if node.door is not None else None
+    if gate is not None:
+        metrics.logins_in_progress.set_function(lambda: gate.active)
+        metrics.logins_waiting.set_function(lambda: gate.waiting_count)
     metrics.channels.set_function(lambda: len(hub.channels))
     metrics.queued_bytes.set_function(lambda: sum(c.writer.outbox_bytes for c in node.connections))
 

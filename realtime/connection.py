@@ -301,6 +301,9 @@ class Connection:
         finally:
             if slot is not None:
                 slot.release()
+            ticket = self.wire.ticket
+            if ticket is not None:  # the login is answered: the next handshake's turn
+                ticket.end_login()
 
     async def _login(self, command: p.Connect, principal: Principal) -> bool:
         """The work of an authenticated ``connect``: presence, tier, channels, the reply."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Final
 
+from realtime.gate import GatePass, HandshakeGate
 from realtime.node import LogThrottle
 
 if TYPE_CHECKING:
@@ -81,15 +82,24 @@ class ConnectSlot:
 
 
 class Ticket:
-    """One open connection of one address; ``release`` (idempotent) when it ends."""
+    """One open connection of one address; ``release`` (idempotent) when it ends. A
+    WebSocket's ticket also carries its place in the handshake gate until its login ends."""
 
-    __slots__ = ("address", "door")
+    __slots__ = ("address", "door", "gate_pass")
 
     def __init__(self, door: Door | None, address: str) -> None:
         self.door = door
         self.address = address
+        self.gate_pass: GatePass | None = None
+
+    def end_login(self) -> None:
+        """The ``connect`` is answered (or the lease ran out): the gate's place goes."""
+        gate_pass, self.gate_pass = self.gate_pass, None
+        if gate_pass is not None:
+            gate_pass.release()
 
     def release(self) -> None:
+        self.end_login()
         door, self.door = self.door, None
         if door is not None:
             door.release(self.address)
@@ -113,6 +123,7 @@ class Door:
         head_timeout: float = 10.0,
         keepalive_timeout: float = 5.0,
         max_connects_in_progress: int = 0,
+        gate: HandshakeGate | None = None,
         metrics: Metrics | None = None,
         log_interval: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
@@ -132,6 +143,8 @@ class Door:
         #: the ``connect``s this node is answering, and their bound (0: none)
         self.connects = 0
         self.max_connects = max_connects_in_progress
+        #: WebSocket logins in progress, in arrival order (None: not bounded)
+        self.gate = gate
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
     @classmethod
@@ -145,6 +158,13 @@ class Door:
             head_timeout=settings.head_timeout,
             keepalive_timeout=settings.keepalive_timeout,
             max_connects_in_progress=settings.max_connects_in_progress,
+            gate=HandshakeGate(
+                settings.max_logins_in_progress,
+                settings.max_logins_waiting,
+                settings.login_lease,
+            )
+            if settings.max_logins_in_progress
+            else None,
             metrics=metrics,
             log_interval=settings.log_interval,
         )

@@ -53,7 +53,8 @@ from uvicorn.protocols.http.httptools_impl import (
 from uvicorn.protocols.utils import get_client_addr
 
 from realtime.api import DIRECT_PUBLISH_STATE, DirectPublish
-from realtime.door import DOOR_STATE, Door, Refusal, Ticket, Why
+from realtime.door import CONNECT_RETRY_AFTER, DOOR_STATE, Door, Refusal, Ticket, Why
+from realtime.gate import GatePass
 
 #: Request line bytes beyond the URL, and per header beyond its name and value (": ", CRLF).
 _LINE_OVERHEAD: Final = 16
@@ -115,6 +116,8 @@ class RealtimeHttpToolsProtocol(HttpToolsProtocol):
     head_timer: asyncio.TimerHandle | None = None
     #: no byte has arrived yet (an idle close then counts as idle_timeout)
     fresh: bool = True
+    #: a WebSocket handshake waiting for its place in the handshake gate
+    waiting: GatePass | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -170,6 +173,9 @@ class RealtimeHttpToolsProtocol(HttpToolsProtocol):
             return
         if self.answered:
             return
+        if self.waiting is not None:  # bytes before the handshake's answer: not a client
+            self.transport.close()
+            return
         self.fresh = False
         if self.refusal is not None:
             refusal = self.refusal
@@ -190,7 +196,7 @@ class RealtimeHttpToolsProtocol(HttpToolsProtocol):
             if self.answered:
                 return
             if self._should_upgrade():
-                self.handle_websocket_upgrade()
+                self._upgrade_through_gate(door)
             else:
                 self._unsupported_upgrade_warning()
             return
@@ -410,6 +416,48 @@ class RealtimeHttpToolsProtocol(HttpToolsProtocol):
             transport.close()
 
     # ------------------------------------------------------------------ upgrade
+
+    def _upgrade_through_gate(self, door: Door) -> None:
+        """The upgrade now, or once the handshake gate lets it in (realtime/gate.py): a
+        waiting handshake is not read meanwhile; a full queue is answered 503 at once."""
+        gate, ticket = door.gate, self.ticket
+        if gate is None or ticket is None:
+            self.handle_websocket_upgrade()
+            return
+        gate_pass = gate.enter()
+        if gate_pass is None:
+            door.count(Why.BUSY, "ws", self._peer(), "handshake queue full")
+            message = "server busy: too many handshakes waiting"
+            self._answer_and_close(
+                _answer(503, "unavailable", message, retry_after=CONNECT_RETRY_AFTER)
+            )
+            return
+        ticket.gate_pass = gate_pass
+        if gate_pass.active:
+            self._let_in(gate_pass)
+            return
+        # Still read while it waits: a client that gives up (its close) leaves the queue at
+        # once; one that sends anything before its answer breaks the protocol and is closed.
+        self.waiting = gate_pass
+        gate_pass.on_admit = self._admit_soon
+
+    def _admit_soon(self) -> None:
+        """Called by the gate from another login's end: the upgrade runs on its own turn."""
+        if self.waiting is not None:
+            self.loop.call_soon(self._admitted, self.waiting)
+
+    def _admitted(self, gate_pass: GatePass) -> None:
+        self.waiting = None
+        if not gate_pass.active:  # the connection ended meanwhile
+            return
+        if self.transport.is_closing():
+            gate_pass.release()
+            return
+        self._let_in(gate_pass)
+
+    def _let_in(self, gate_pass: GatePass) -> None:
+        gate_pass.lease_timer = self.loop.call_later(gate_pass.gate.lease, gate_pass.release)
+        self.handle_websocket_upgrade()
 
     def handle_websocket_upgrade(self) -> None:
         """uvicorn's hand-over, with the client address and the door ticket passed on."""

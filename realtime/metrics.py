@@ -175,6 +175,20 @@ class Metrics:
             subsystem="http",
             registry=registry,
         )
+        self.logins_in_progress = Gauge(
+            "logins_in_progress",
+            "WebSocket logins (handshake to connect answered) in the handshake gate",
+            namespace=NS,
+            subsystem="door",
+            registry=registry,
+        )
+        self.logins_waiting = Gauge(
+            "logins_waiting",
+            "WebSocket handshakes waiting, unanswered, for a place in the handshake gate",
+            namespace=NS,
+            subsystem="door",
+            registry=registry,
+        )
         self.door_refusals = Counter(
             "refusals",
             "What the door refused or closed (what: http, ws) and why (section 11)",

@@ -224,6 +224,23 @@ class Settings(BaseSettings):
         description="authenticated connects this node answers at once; beyond, a connect is "
         "answered unavailable with retry_after, and closed; 0: no bound",
     )
+    max_logins_in_progress: int = Field(
+        64,
+        ge=0,
+        description="WebSocket logins (handshake to connect answered) this node works on at "
+        "once; the rest wait, not read, in arrival order; 0: no bound",
+    )
+    max_logins_waiting: int = Field(
+        8192,
+        ge=1,
+        description="handshakes waiting for a login place; beyond, refused 503 with Retry-After",
+    )
+    login_lease: float = Field(
+        2.0,
+        gt=0,
+        description="seconds a login holds its place at most (a client that never sends "
+        "connect goes on outside the bound after this)",
+    )
     trusted_proxies: CsvList = Field(
         [],
         description="addresses or CIDRs of proxies whose X-Forwarded-For names the client, "

@@ -61,10 +61,14 @@ def handshake(extra: bytes = b"", protocol: bytes = b"piggybong.v1.json") -> byt
 
 
 def client_frame(opcode: int, payload: bytes) -> bytes:
-    """A masked, final client frame (payload < 126 bytes)."""
+    """A masked, final client frame (payload < 64 KiB)."""
     mask = os.urandom(4)
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return struct.pack("!BB", 0x80 | opcode, 0x80 | len(payload)) + mask + masked
+    if len(payload) < 126:
+        head = struct.pack("!BB", 0x80 | opcode, 0x80 | len(payload))
+    else:
+        head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, len(payload))
+    return head + mask + masked
 
 
 async def open_raw(server: ServerProcess) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -419,3 +423,95 @@ async def test_connects_beyond_the_nodes_bound_are_told_to_come_back(
         assert refusals(server, "ws", "busy") == 1.0
         async with connected(server, "later") as client:
             assert "result" in await client.command("ping")
+
+
+async def answer_head(reader: asyncio.StreamReader, timeout: float) -> bytes | None:
+    """The response head the server sends within ``timeout``, or None."""
+    try:
+        return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    except TimeoutError:
+        return None
+
+
+async def test_handshakes_beyond_the_login_bound_wait_their_turn_in_order(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    """One login place: a login held by a frozen Redis keeps the next handshakes waiting,
+    unread and unanswered; a full queue is answered 503 with Retry-After at once; once the
+    login is answered, the waiting handshakes go in in arrival order (one whose client
+    left gave its queue place up at once)."""
+    env = {
+        "REALTIME_REDIS_URL": redis_url,
+        "REALTIME_MAX_LOGINS_IN_PROGRESS": "1",
+        "REALTIME_MAX_LOGINS_WAITING": "3",
+    }
+    async with running_server(env) as server:
+        async with ws_client(server) as holder:
+            redis_server.pause()
+            try:
+                held = asyncio.create_task(holder.command("connect", 30, token=server.token("h")))
+                await asyncio.sleep(0.3)
+                assert not held.done()
+                queue = [await open_raw(server) for _ in range(3)]
+                for _, writer in queue:
+                    writer.write(handshake())
+                    await writer.drain()
+                    await asyncio.sleep(0.05)  # arrival order
+                queue[1][1].close()  # its client gives up while it waits: its place frees
+                await asyncio.sleep(0.3)
+                queue[1] = await open_raw(server)
+                queue[1][1].write(handshake())  # waits in the queue place the other left
+                await asyncio.sleep(0.05)
+                full_reader, full_writer = await open_raw(server)
+                full_writer.write(handshake())
+                head = await answer_head(full_reader, 5)
+                assert head is not None and head.startswith(b"HTTP/1.1 503"), head
+                assert b"retry-after: 1" in head.lower()
+                body = await full_reader.read()
+                assert json.loads(body)["error"]["code"] == "unavailable"
+                full_writer.close()
+                async with httpx.AsyncClient() as http:
+                    metrics = (await http.get(f"{server.url}/metrics", timeout=5)).text
+                assert "piggybong_realtime_door_logins_in_progress 1.0" in metrics
+                assert "piggybong_realtime_door_logins_waiting 3.0" in metrics
+                for reader, _ in queue:
+                    assert await answer_head(reader, 0.3) is None  # waiting, unanswered
+            finally:
+                redis_server.resume()
+            assert "result" in await held
+            first = await answer_head(queue[0][0], 10)
+            assert first is not None and first.startswith(b"HTTP/1.1 101"), first
+            # the first waiting login holds the place until its connect is answered
+            assert await answer_head(queue[2][0], 0.3) is None
+            assert await answer_head(queue[1][0], 0.3) is None
+            reader, writer = queue[0]
+            payload = json.dumps({"id": 1, "op": "connect", "token": server.token("q0")})
+            writer.write(client_frame(0x1, payload.encode()))
+            frame = await asyncio.wait_for(reader.read(4096), 10)
+            assert b'"result"' in frame, frame
+            second = await answer_head(queue[2][0], 10)  # arrival order: then the newcomer
+            assert second is not None and second.startswith(b"HTTP/1.1 101"), second
+            assert await answer_head(queue[1][0], 0.3) is None
+            for _, w in queue:
+                w.close()
+        assert refusals(server, "ws", "busy") == 1.0
+
+
+async def test_a_login_that_never_connects_gives_its_place_up_after_the_lease() -> None:
+    """A socket that completes its handshake and sends nothing holds the only login place
+    for the lease (1 s), not longer: the next handshake is answered then."""
+    env = {"REALTIME_MAX_LOGINS_IN_PROGRESS": "1", "REALTIME_LOGIN_LEASE": "1.0"}
+    async with running_server(env) as server:
+        idle_reader, idle_writer = await open_raw(server)
+        idle_writer.write(handshake())
+        head = await answer_head(idle_reader, 5)
+        assert head is not None and head.startswith(b"HTTP/1.1 101"), head
+        reader, writer = await open_raw(server)
+        writer.write(handshake())
+        assert await answer_head(reader, 0.3) is None  # the idle socket holds the place
+        head = await answer_head(reader, 10)
+        assert head is not None and head.startswith(b"HTTP/1.1 101"), head
+        async with connected(server, "after") as client:  # the idle one holds nothing now
+            assert "result" in await client.command("ping")
+        for w in (idle_writer, writer):
+            w.close()
