@@ -32,7 +32,9 @@ from typing import Any
 import msgpack
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.proxy import get_proxy
 from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
 
 log = logging.getLogger("piggybong_client")
 
@@ -46,6 +48,11 @@ TokenProvider = Callable[[], Awaitable[str]]
 REFRESH_MARGIN = 60.0
 #: Publications asked for per ``history`` call while filling a gap (the server's maximum).
 HISTORY_PAGE = 100
+#: Seconds a handshake may take before the client gives up and reconnects. A node lets a
+#: reconnecting crowd in in arrival order (section 11 of docs/protocol.md), so a late
+#: ``101`` is a place in its queue, and one given up is taken again at the back; a node
+#: that is gone refuses or resets the TCP connect at once.
+OPEN_TIMEOUT = 30.0
 #: The longest wait a server's ``retry_after`` is taken for (longer: the backoff's own).
 MAX_RETRY_AFTER = 300.0
 
@@ -106,6 +113,8 @@ class Stats:
     """What happened, for tests and the load-test harness."""
 
     connects: int = 0
+    #: ``time.time()`` of the last ``connect`` answered (0: none yet)
+    connected_at: float = 0.0
     recovered: int = 0
     resyncs: int = 0
     gaps_filled: int = 0
@@ -148,6 +157,7 @@ class Client:
     _pending: dict[int, _Pending] = field(default_factory=dict)
     _fills: set[asyncio.Task[None]] = field(default_factory=set)
     _closing: bool = False
+    _proxy_of: tuple[str, str | None] | None = None
 
     # ------------------------------------------------------------------ the app's calls
 
@@ -208,7 +218,11 @@ class Client:
     async def _session(self) -> int | None:
         subprotocol = Subprotocol("piggybong.v1.msgpack" if self.binary else "piggybong.v1.json")
         async with connect(
-            self.url, subprotocols=[subprotocol], compression=None, open_timeout=10
+            self.url,
+            subprotocols=[subprotocol],
+            compression=None,
+            open_timeout=OPEN_TIMEOUT,
+            proxy=self._proxy(),
         ) as ws:
             self._ws = ws
             reader = asyncio.create_task(self._read(ws))
@@ -228,6 +242,7 @@ class Client:
 
                 await self._command("connect", resume, token=token, channels=entries)
                 self.stats.connects += 1
+                self.stats.connected_at = time.time()
                 self.backoff.reset()
                 refresher = asyncio.create_task(self._refresh_loop(token))
                 self.connected.set()
@@ -247,6 +262,14 @@ class Client:
                 for state in self.channels.values():
                     state.buffer = None  # resumed from its position at the next connect
             return ws.close_code
+
+    def _proxy(self) -> str | None:
+        """The proxy for ``url`` from the environment (``https_proxy``, ``no_proxy``…),
+        read once per URL, not at every reconnect (websockets reads the whole environment
+        each time)."""
+        if self._proxy_of is None or self._proxy_of[0] != self.url:
+            self._proxy_of = (self.url, get_proxy(parse_uri(self.url)))
+        return self._proxy_of[1]
 
     async def _read(self, ws: ClientConnection) -> None:
         async for frame in ws:
