@@ -231,7 +231,7 @@ class Settings(BaseSettings):
         "once; the rest wait, not read, in arrival order; 0: no bound",
     )
     max_logins_waiting: int = Field(
-        8192,
+        16384,
         ge=1,
         description="handshakes waiting for a login place; beyond, refused 503 with Retry-After",
     )
