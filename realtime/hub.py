@@ -119,6 +119,9 @@ class Hub:
         self.channels: dict[str, dict[Subscriber, SubState]] = {}
         #: channel -> how many of its subscribers are not plainly live (held or with a floor)
         self._unsettled: dict[str, int] = {}
+        #: channel -> its subscribers as the tuple a fan-out takes, made again only after a
+        #: subscriber came or went (not once per publication)
+        self._targets: dict[str, tuple[Subscriber, ...]] = {}
         #: channel -> the offset of the last publication this node received on it
         self.last_offset: dict[str, int] = {}
         self._subscribing: dict[str, asyncio.Future[None]] = {}
@@ -179,7 +182,9 @@ class Hub:
     ) -> None:
         """Set ``conn``'s state, keeping the count of unsettled subscribers true."""
         old = subs.get(conn)
-        was = conn in subs and old is not None
+        if conn not in subs:
+            self._targets.pop(channel, None)
+        was = old is not None
         subs[conn] = state
         now = state is not None
         if now and not was:
@@ -196,6 +201,7 @@ class Hub:
 
     def _drop_channel(self, channel: str) -> None:
         self.channels.pop(channel, None)
+        self._targets.pop(channel, None)
         self._unsettled.pop(channel, None)
         self.last_offset.pop(channel, None)
         self.epochs.pop(channel, None)
@@ -206,6 +212,7 @@ class Hub:
         subs = self.channels.get(channel)
         if subs is None or conn not in subs:
             return False
+        self._targets.pop(channel, None)
         if subs.pop(conn) is not None:
             self._settled(channel)
         if subs:
@@ -271,7 +278,7 @@ class Hub:
         if channel in self._unsettled:
             targets = self._settle_targets(channel, subs, delivery)
         else:
-            targets = tuple(subs)
+            targets = self._targets.get(channel) or self._targets.setdefault(channel, tuple(subs))
         self.dispatch(channel, delivery, targets)
 
     # ------------------------------------------------------------------ gaps
