@@ -145,17 +145,17 @@ class Authenticator:
         ``forbidden`` for a valid token of a blocked user."""
         if not isinstance(token, str) or not token:
             return _unauthorized("missing token")
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            return _unauthorized("malformed token")
-        algorithm = header.get("alg")
-        key = self._keys.get(algorithm) if isinstance(algorithm, str) else None
-        if key is None or not isinstance(algorithm, str):
-            accepted = ", ".join(self._keys)
-            return _unauthorized(
-                f"token algorithm {algorithm!r} not accepted (accepted: {accepted})"
-            )
+        if len(self._keys) == 1:  # one key: no need to read the header twice
+            ((algorithm, key),) = self._keys.items()
+        else:
+            try:
+                header = jwt.get_unverified_header(token)
+            except jwt.PyJWTError:
+                return _unauthorized("malformed token")
+            chosen = self._key_for(header.get("alg"))
+            if isinstance(chosen, Error):
+                return chosen
+            algorithm, key = chosen
         try:
             claims: dict[str, Any] = self._jwt.decode(
                 token,
@@ -172,11 +172,27 @@ class Authenticator:
                     "verify_jti": False,
                 },
             )
+        except jwt.InvalidAlgorithmError:  # say which alg was refused
+            try:
+                chosen = self._key_for(jwt.get_unverified_header(token).get("alg"))
+            except jwt.PyJWTError:
+                chosen = _unauthorized("malformed token")
+            return chosen if isinstance(chosen, Error) else _unauthorized("malformed token")
         except jwt.InvalidSignatureError:
             return _unauthorized("invalid token signature")
         except jwt.PyJWTError:
             return _unauthorized("malformed token")
         return self._principal(claims)
+
+    def _key_for(self, algorithm: object) -> tuple[str, Any] | Error:
+        """The key of a token's ``alg``, or why the algorithm is refused."""
+        key = self._keys.get(algorithm) if isinstance(algorithm, str) else None
+        if key is None or not isinstance(algorithm, str):
+            accepted = ", ".join(self._keys)
+            return _unauthorized(
+                f"token algorithm {algorithm!r} not accepted (accepted: {accepted})"
+            )
+        return algorithm, key
 
     def _principal(self, claims: Mapping[str, Any]) -> Principal | Error:
         now = self._clock()
