@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -35,9 +35,22 @@ class HistoryUnavailable(BackendUnavailable):
     """The history cannot publish or read now: nothing was published (answer 503)."""
 
 
+#: Epochs made ahead (one ``os.urandom`` system call makes ``_EPOCHS_AHEAD``); none is
+#: handed out twice: deque operations are atomic, and a forked child starts empty.
+_epochs: deque[str] = deque()
+_EPOCH_HEX: Final = 12
+_EPOCHS_AHEAD: Final = 256
+os.register_at_fork(after_in_child=_epochs.clear)
+
+
 def new_epoch() -> str:
-    """A fresh epoch: opaque, random, short."""
-    return os.urandom(6).hex()
+    """A fresh epoch: opaque, random (``os.urandom``), short (12 hex digits)."""
+    try:
+        return _epochs.popleft()
+    except IndexError:
+        made = os.urandom(_EPOCH_HEX // 2 * _EPOCHS_AHEAD).hex()
+        _epochs.extend(made[i : i + _EPOCH_HEX] for i in range(_EPOCH_HEX, len(made), _EPOCH_HEX))
+        return made[:_EPOCH_HEX]
 
 
 @dataclass(frozen=True, slots=True)

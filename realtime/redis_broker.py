@@ -32,6 +32,7 @@ import asyncio
 import logging
 import re
 import ssl
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
 from typing import Final, Literal
@@ -48,7 +49,14 @@ from realtime.resp import (
     make_reader,
 )
 
-__all__ = ["CHANNEL_PREFIX", "KeyedLock", "RedisBroker", "ignore_message", "shard_channel_key"]
+__all__ = [
+    "CHANNEL_PREFIX",
+    "KeyedLock",
+    "RedisBroker",
+    "Slots",
+    "ignore_message",
+    "shard_channel_key",
+]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +90,48 @@ class KeyedLock:
 
     def __len__(self) -> int:
         return len(self._locks)
+
+
+class Slots:
+    """At most ``size`` slots taken at once: ``take`` one now, or ``wait`` for one (FIFO);
+    ``give`` hands a slot back, to the first waiter if any. (``asyncio.Semaphore``'s bound,
+    without its cost on the path where a slot is free.)"""
+
+    __slots__ = ("_waiters", "free")
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def take(self) -> bool:
+        """Take a slot at once (True); False when none is free or others wait for one."""
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+            return True
+        return False
+
+    async def wait(self) -> None:
+        """Take a slot, waiting as long as it takes (cancellable: then no slot is held)."""
+        if self.take():
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        try:
+            await future  # a give() handed its slot over
+        except BaseException:
+            if future.done() and not future.cancelled():
+                self.give()  # handed over as we were cancelled: pass it on
+            elif future in self._waiters:
+                self._waiters.remove(future)
+            raise
+
+    def give(self) -> None:
+        while self._waiters:
+            future = self._waiters.popleft()
+            if not future.done():
+                future.set_result(None)
+                return
+        self.free += 1
 
 
 # --------------------------------------------------------------------------- broker
@@ -152,7 +202,7 @@ class RedisBroker:
         self._timeout = timeout
         self._publisher: RespConnection | None = None  # pipelined PUBLISH connection
         self._publisher_attempt: asyncio.Future[RespConnection] | None = None
-        self._inflight = asyncio.Semaphore(max_inflight)
+        self._inflight = Slots(max_inflight)
         self._handler: MessageHandler | None = None
         self._wanted: dict[bytes, str] = {}  # Redis channel -> channel name
         self._locks = KeyedLock()
@@ -207,21 +257,27 @@ class RedisBroker:
             raise BrokerUnavailable("broker closed")
         conn: RespConnection | None = None
         limit = self._timeout if timeout is None else timeout
+        inflight = self._inflight
         try:
             ready = self._publisher
-            if ready is not None and not ready.lost.done() and not self._inflight.locked():
-                # The common case: no slot or connection to wait for (acquiring an unlocked
-                # semaphore does not suspend), only the reply, timed on its own (cheaper
-                # than a timeout scope; the same bound).
-                async with self._inflight:
+            if ready is not None and not ready.lost.done() and inflight.take():
+                # The common case: no slot or connection to wait for, only the reply, timed
+                # by the connection (cheaper than a timeout scope; the same bound).
+                try:
                     conn = ready
-                    return await self._command_on(conn, args, replid_at, asking, limit)
-            async with asyncio.timeout(limit):
-                async with self._inflight:
-                    conn = self._publisher
-                    if conn is None or conn.lost.done():
-                        conn = await self._publisher_connection()
-                    return await self._command_on(conn, args, replid_at, asking, None)
+                    reply = await self._request(conn, args, replid_at, asking, limit)
+                finally:
+                    inflight.give()
+            else:
+                async with asyncio.timeout(limit):
+                    await inflight.wait()
+                    try:
+                        conn = self._publisher
+                        if conn is None or conn.lost.done():
+                            conn = await self._publisher_connection()
+                        reply = await self._request(conn, args, replid_at, asking, None)
+                    finally:
+                        inflight.give()
         except TimeoutError as exc:
             if conn is not None:
                 conn.abort()  # Redis does not answer: the next command reconnects
@@ -235,23 +291,24 @@ class RedisBroker:
             raise BrokerUnavailable(f"redis {args[0].decode()} failed: {exc}") from exc
         except (OSError, ConnectionLost) as exc:
             raise BrokerUnavailable(f"redis {args[0].decode()} failed: {exc}") from exc
+        if self._conn is None:
+            self._wake.set()  # Redis answers: the pub/sub reconnects now
+        return reply
 
-    async def _command_on(
-        self,
+    @staticmethod
+    def _request(
         conn: RespConnection,
         args: tuple[bytes, ...],
         replid_at: int | None,
         asking: bool,
         timeout: float | None,
-    ) -> object:
+    ) -> asyncio.Future[object]:
+        """Send ``args`` on ``conn`` now; the future of its reply."""
         if replid_at is not None:
             args = (*args[:replid_at], conn.replid, *args[replid_at + 1 :])
         if asking:
             conn.send(b"ASKING")  # the same write as the command, just before it
-        reply = await conn.command(*args, timeout=timeout)
-        if self._conn is None:
-            self._wake.set()  # Redis answers: the pub/sub reconnects now
-        return reply
+        return conn.request(*args, timeout=timeout)
 
     async def _publisher_connection(self) -> RespConnection:
         """The publisher connection; concurrent callers share one connection attempt."""

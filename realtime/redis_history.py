@@ -54,6 +54,9 @@ DEADLINE_MARGIN: Final = 0.5
 DEFAULT_TIMEOUT: Final = 4.5
 
 _LUA = Path(__file__).parent / "lua"
+_META_TTL: Final = b"%d" % META_TTL
+#: Channels whose Redis key names are kept made (all are dropped beyond).
+_KEYS_KEPT: Final = 10_000
 _STATUS_DUPLICATE: Final = 1
 _STATUS_LATE: Final = 2
 
@@ -118,29 +121,32 @@ class RedisHistory:
         self._result_ttl_ms = b"%d" % int(result_ttl * 1000)
         self._timeout = timeout
         self._closed = False
+        #: channel -> its stream, its meta, its result keys' prefix, its pub/sub channel
+        self._keys: dict[str, tuple[bytes, bytes, bytes, bytes]] = {}
 
-    def _call(
-        self, script: _Script, keys: Sequence[bytes], args: Sequence[bytes], *, source: bool
-    ) -> Awaitable[object]:
-        """EVALSHA (EVAL with ``source``) of ``script``; the last of ``args`` becomes the
-        server's replication id (the broker's ``replid_at``)."""
-        head = (b"%d" % len(keys), *keys, *args)
+    def _channel_keys(self, channel: str) -> tuple[bytes, bytes, bytes, bytes]:
+        keys = self._keys.get(channel)
+        if keys is None:
+            if len(self._keys) >= _KEYS_KEPT:
+                self._keys.clear()
+            keys = (
+                stream_key(channel),
+                meta_key(channel),
+                result_key(channel, ""),
+                self._channel_key(channel),
+            )
+            self._keys[channel] = keys
+        return keys
+
+    def _call(self, script: _Script, head: Sequence[bytes], *, source: bool) -> Awaitable[object]:
+        """EVALSHA (EVAL with ``source``) of ``script`` with ``head``: the number of keys,
+        the keys, the arguments; the last argument becomes the server's replication id
+        (the broker's ``replid_at``)."""
         wait = self._timeout + DEADLINE_MARGIN
         at = 2 + len(head) - 1
         if source:
             return self._command(b"EVAL", script.source, *head, timeout=wait, replid_at=at)
         return self._command(b"EVALSHA", script.sha, *head, timeout=wait, replid_at=at)
-
-    async def _run(self, script: _Script, keys: Sequence[bytes], args: Sequence[bytes]) -> object:
-        """EVALSHA, and EVAL after NOSCRIPT (a restarted Redis)."""
-        try:
-            return await self._call(script, keys, args, source=False)
-        except BrokerUnavailable:
-            raise
-        except Exception as exc:  # an error reply
-            if not _noscript(exc):
-                raise
-        return await self._call(script, keys, args, source=True)
 
     async def publish(self, items: Sequence[Publication]) -> list[Published | HistoryUnavailable]:
         if self._closed:
@@ -155,23 +161,34 @@ class RedisHistory:
         self, item: Publication, deadline: bytes
     ) -> Published | HistoryUnavailable:
         channel = item.channel
-        keys = [stream_key(channel), meta_key(channel)]
-        if item.key is not None:
-            keys.append(result_key(channel, item.key))
+        stream, meta, results, pubsub = self._channel_keys(channel)
+        limits = item.limits
         args = (
             item.payload,
-            b"%d" % item.limits.size,
-            b"%d" % item.limits.ttl_s,
-            self._channel_key(channel),
-            b"%d" % META_TTL,
+            b"%d" % limits.size,
+            b"%d" % limits.ttl_s,
+            pubsub,
+            _META_TTL,
             new_epoch().encode(),
             self._result_ttl_ms,
             deadline,
             self._publish_command,
             b"",  # the replication id
         )
+        if item.key is None:
+            head: tuple[bytes, ...] = (b"2", stream, meta, *args)
+        else:
+            head = (b"3", stream, meta, results + item.key.encode(), *args)
         try:
-            reply = await self._run(_PUBLISH, keys, args)
+            try:
+                reply = await self._call(_PUBLISH, head, source=False)
+            except BrokerUnavailable:
+                raise
+            except Exception as exc:  # an error reply
+                if not _noscript(exc):
+                    raise
+                # A restarted Redis lost the script: EVAL it (it was not run).
+                reply = await self._call(_PUBLISH, head, source=True)
         except BrokerUnavailable as exc:
             return HistoryUnavailable(f"not published: {exc}")
         except Exception as exc:
@@ -185,8 +202,7 @@ class RedisHistory:
     async def read(self, channel: str, since: int | None, limit: int) -> Page:
         if self._closed:
             raise HistoryUnavailable("history closed")
-        keys = [meta_key(channel)]
-        args = (new_epoch().encode(), b"%d" % META_TTL, b"")
+        head = (b"1", meta_key(channel), new_epoch().encode(), _META_TTL, b"")
         entries_command: tuple[bytes, ...] = ()
         if limit > 0:
             stream, count = stream_key(channel), b"%d" % limit
@@ -198,7 +214,7 @@ class RedisHistory:
         for source in (False, True):
             # Sent in this order in one tick: one write, the XRANGE runs right after the
             # script on the same connection (the same master on a cluster: one slot).
-            calls = [self._call(_READ, keys, args, source=source)]
+            calls = [self._call(_READ, head, source=source)]
             if entries_command:
                 calls.append(self._command(*entries_command))
             replies = await asyncio.gather(*calls, return_exceptions=True)

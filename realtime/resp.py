@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import math
 from collections import deque
 from collections.abc import Callable
 from types import ModuleType
@@ -56,12 +57,20 @@ class ConnectionLost(Exception):
     """The pub/sub connection closed before Redis answered."""
 
 
+#: ``$<n>`` of a bulk string of n bytes, made once for the usual sizes.
+_BULK_HEADS: Final = tuple(b"$%d" % n for n in range(1024))
+
+
 def pack_command(*args: bytes) -> bytes:
     """One command as RESP2 (an array of bulk strings)."""
-    parts = [b"*%d\r\n" % len(args)]
+    parts = [b"*%d" % len(args)]
+    heads = _BULK_HEADS
     for arg in args:
-        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    return b"".join(parts)
+        size = len(arg)
+        parts.append(heads[size] if size < 1024 else b"$%d" % size)
+        parts.append(arg)
+    parts.append(b"")
+    return b"\r\n".join(parts)
 
 
 # --------------------------------------------------------------------------- RESP2 reader
@@ -234,16 +243,20 @@ def make_reader(parser: Literal["auto", "hiredis", "python"]) -> Callable[[], Re
 
 
 class _Pending:
-    __slots__ = ("future", "remaining")
+    __slots__ = ("deadline", "future", "remaining")
 
-    def __init__(self, future: asyncio.Future[object] | None, remaining: int) -> None:
+    def __init__(
+        self, future: asyncio.Future[object] | None, remaining: int, deadline: float = math.inf
+    ) -> None:
         self.future = future
         self.remaining = remaining
+        #: the loop time past which ``future`` gets ``TimeoutError`` (inf: never)
+        self.deadline = deadline
 
 
-def _time_out(future: asyncio.Future[object]) -> None:
-    if not future.done():
-        future.set_exception(TimeoutError())
+#: Seconds early a timer may fire (uvloop rounds delays down to milliseconds): commands
+#: due within this much of the sweep are timed out by it rather than by one more timer.
+_TIMER_SLACK: Final = 0.001
 
 
 class RespConnection(asyncio.Protocol):
@@ -257,6 +270,10 @@ class RespConnection(asyncio.Protocol):
     Sharded pub/sub (``sharded``): messages are ``smessage``; a ``sunsubscribe`` of a
     channel that no SUNSUBSCRIBE sent here waits for is the server's own (its slot
     moved away) and goes to ``on_unsubscribed(channel)``, not to a command.
+
+    Time-outs: one timer per connection, armed for the earliest deadline of the commands
+    waiting (not one per command); it times out every command then due and re-arms.
+    Must be made in the loop it is used from.
     """
 
     def __init__(
@@ -278,7 +295,11 @@ class RespConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._pending: deque[_Pending] = deque()
         self._outgoing: list[bytes] = []  # packed commands not yet written (this iteration)
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Kept: asyncio.get_running_loop() makes a getpid() system call on every call.
+        self._loop = loop = asyncio.get_running_loop()
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self._timer: asyncio.TimerHandle | None = None  # armed for ``_timer_at``
+        self._timer_at = math.inf
         #: the server's host and port (None on a Unix socket)
         self.address: tuple[str, int] | None = None
         #: the server's replication id when the connection opened (b"": not asked)
@@ -289,6 +310,9 @@ class RespConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, math.inf
         pending, self._pending = self._pending, deque()
         for item in pending:
             if item.future is not None and not item.future.done():
@@ -355,16 +379,46 @@ class RespConnection(asyncio.Protocol):
         """Send one command and wait for its ``replies`` replies (the last is returned);
         ``TimeoutError`` when they have not come within ``timeout`` seconds (a reply that
         comes later is read and dropped)."""
-        loop = asyncio.get_running_loop()
+        return await self.request(*args, replies=replies, timeout=timeout)
+
+    def request(
+        self, *args: bytes, replies: int = 1, timeout: float | None = None
+    ) -> asyncio.Future[object]:
+        """``command`` without a coroutine: the command is sent now (raises
+        ``ConnectionLost`` when not connected) and the future gets its reply, its error
+        reply, ``ConnectionLost`` or, ``timeout`` seconds on, ``TimeoutError``."""
+        loop = self._loop
         future: asyncio.Future[object] = loop.create_future()
-        self._send(_Pending(future, replies), args)
         if timeout is None:
-            return await future
-        timer = loop.call_later(timeout, _time_out, future)
-        try:
-            return await future
-        finally:
-            timer.cancel()
+            self._send(_Pending(future, replies), args)
+            return future
+        deadline = loop.time() + timeout
+        self._send(_Pending(future, replies, deadline), args)
+        if deadline < self._timer_at:
+            self._arm(deadline)
+        return future
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._sweep)
+
+    def _sweep(self) -> None:
+        """Time out the commands now due; re-arm for the earliest deadline left."""
+        self._timer, self._timer_at = None, math.inf
+        due = self._loop.time() + _TIMER_SLACK
+        nearest = math.inf
+        for item in self._pending:  # answered in order: a late reply is read and dropped
+            future = item.future
+            if future is None or future.done() or item.deadline == math.inf:
+                continue
+            if item.deadline <= due:
+                future.set_exception(TimeoutError())
+            elif item.deadline < nearest:
+                nearest = item.deadline
+        if nearest != math.inf:
+            self._arm(nearest)
 
     async def sunsubscribe(self, channel: bytes) -> None:
         """SUNSUBSCRIBE one channel and wait for its confirmation (or error reply)."""
@@ -385,7 +439,7 @@ class RespConnection(asyncio.Protocol):
             raise ConnectionLost("not connected")
         self._pending.append(pending)
         if not self._outgoing:  # commands sent in one loop iteration go in one write
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
         self._outgoing.append(pack_command(*args))
 
     def _flush(self) -> None:

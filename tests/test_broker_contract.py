@@ -20,12 +20,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from realtime.broker import Broker, BrokerUnavailable, MemoryBroker
-from realtime.redis_broker import RedisBroker
+from realtime.redis_broker import RedisBroker, Slots
 from realtime.redis_client import RedisTarget, backoff_delay
 from realtime.redis_cluster_broker import RedisClusterBroker
 from realtime.resp import (
     RedisProtocolError,
     RedisReplyError,
+    RespConnection,
     RespReader,
     make_reader,
     pack_command,
@@ -410,6 +411,77 @@ async def test_start_while_redis_is_down_then_it_comes_up(
         assert got.items == [("x", b"2")]
     finally:
         await broker.close()
+
+
+async def test_a_connection_times_out_each_command_at_its_own_deadline(
+    redis_server: RedisServer,
+) -> None:
+    """One timer per connection: a command sent after another but due before it times out
+    first; a command without a time-out waits; late replies are read and dropped, in order."""
+    loop = asyncio.get_running_loop()
+    _, conn = await loop.create_connection(
+        lambda: RespConnection(make_reader("python")(), {}, lambda channel, payload: None),
+        "127.0.0.1",
+        redis_server.port,
+    )
+    try:
+        assert await conn.command(b"PING", timeout=5.0) == b"PONG"
+        redis_server.pause()
+        try:
+            untimed = conn.request(b"ECHO", b"untimed")
+            later = conn.request(b"ECHO", b"later", timeout=60.0)
+            sooner = conn.request(b"ECHO", b"sooner", timeout=0.2)
+            with pytest.raises(TimeoutError):
+                await sooner
+            assert not untimed.done() and not later.done()
+        finally:
+            redis_server.resume()
+        assert await untimed == b"untimed"
+        assert await later == b"later"
+        # The reply to the timed-out command was read and dropped: the next gets its own.
+        assert await conn.command(b"ECHO", b"next", timeout=5.0) == b"next"
+    finally:
+        conn.abort()
+        await conn.lost
+
+
+async def test_slots_bound_hand_over_in_order_and_survive_cancelled_waiters() -> None:
+    slots = Slots(1)
+    assert slots.take() and not slots.take()
+    first = asyncio.ensure_future(slots.wait())
+    cancelled = asyncio.ensure_future(slots.wait())
+    last = asyncio.ensure_future(slots.wait())
+    await asyncio.sleep(0)
+    cancelled.cancel()  # while waiting: it holds nothing
+    await asyncio.sleep(0)
+    slots.give()  # to ``first``
+    await first
+    assert not last.done() and slots.free == 0
+    slots.give()  # to ``last`` (the cancelled one is skipped)
+    await last
+    assert slots.free == 0
+    handed = asyncio.ensure_future(slots.wait())
+    after = asyncio.ensure_future(slots.wait())
+    await asyncio.sleep(0)
+    slots.give()  # handed to ``handed``, which is cancelled before it runs: passed on
+    handed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await handed
+    await after
+    slots.give()
+    assert slots.free == 1 and slots.take()
+
+
+@settings(max_examples=200, deadline=None)
+@given(args=st.lists(st.binary(max_size=1500), min_size=1, max_size=8))
+def test_pack_command_is_resp2_arrays_of_bulk_strings(args: list[bytes]) -> None:
+    packed = pack_command(*args)
+    assert packed == b"*%d\r\n" % len(args) + b"".join(
+        b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in args
+    )
+    reader = RespReader()
+    reader.feed(packed)
+    assert reader.gets() == args
 
 
 # --------------------------------------------------------------------------- sans-I/O parts
