@@ -351,6 +351,13 @@ class RespConnection(asyncio.Protocol):
             if future is not None and not future.done():
                 future.set_result(reply)
 
+    def request(self, *args: bytes) -> asyncio.Future[object]:
+        """Send one command now (in this iteration's write, after those sent before it);
+        the future gets its reply, the error reply, or ``ConnectionLost``."""
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._send(_Pending(future, 1), args)
+        return future
+
     async def command(self, *args: bytes, replies: int = 1, timeout: float | None = None) -> object:
         """Send one command and wait for its ``replies`` replies (the last is returned);
         ``TimeoutError`` when they have not come within ``timeout`` seconds (a reply that

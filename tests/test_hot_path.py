@@ -104,6 +104,23 @@ async def test_pending_bytes_at_the_threshold_write_at_once(metrics: Metrics) ->
     assert sock.writes == [big + big, b"tail"]
 
 
+async def test_a_frame_of_the_threshold_alone_is_written_at_once(metrics: Metrics) -> None:
+    flushes = FlushQueue()
+    others = [make_writer(flushes, metrics) for _ in range(3)]
+    for writer, _ in others:
+        writer.write(b"a")  # queued for the next flush
+    writer, sock = make_writer(flushes, metrics)
+    big = b"x" * FLUSH_BYTES
+    writer.write(big)
+    assert sock.writes == [big]  # at once, ahead of the writers queued before it
+    assert len(flushes) == 3
+    writer.write(b"tail")  # a small frame after it waits for the flush as usual
+    assert sock.writes == [big]
+    await asyncio.sleep(0)
+    assert sock.writes == [big, b"tail"]
+    assert all(s.writes == [b"a"] for _, s in others)
+
+
 async def test_flush_writes_a_slice_per_iteration_and_late_frames_join(metrics: Metrics) -> None:
     flushes = FlushQueue()
     pairs = [make_writer(flushes, metrics) for _ in range(FLUSH_SLICE + 10)]
