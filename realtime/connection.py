@@ -19,7 +19,7 @@ from realtime.batching import SpendingBatcher
 from realtime.broker import BrokerUnavailable
 from realtime.channel_presence import ChannelPresenceUnavailable, Member, SessionInfo
 from realtime.door import Refusal, Why
-from realtime.envelope import Delivery, new_event_id, now_ms, pack_event, unpack_entry
+from realtime.envelope import Delivery, new_event_id, now_ms, pack_event, unpack_message
 from realtime.history import Entry, HistoryUnavailable, Page, Publication
 from realtime.presence import DEFAULT_TTL as PRESENCE_TTL
 from realtime.presence import PresenceUnavailable
@@ -494,7 +494,7 @@ class Connection:
             or entries[-1].offset != position.offset
         ):
             return None
-        messages = self._messages(entries, position.epoch)
+        messages = self._messages(entries)
         if len(messages) != len(entries):
             return None  # an entry that cannot be read is a hole
         oldest = messages[0].get("ts")
@@ -503,12 +503,12 @@ class Connection:
         return self._visible(messages)
 
     @staticmethod
-    def _messages(entries: list[Entry], epoch: str) -> list[dict[str, Any]]:
+    def _messages(entries: list[Entry]) -> list[dict[str, Any]]:
         out = []
         for entry in entries:
-            delivery = unpack_entry(entry.offset, epoch, entry.payload)
-            if delivery is not None:
-                out.append(delivery.message)
+            message = unpack_message(entry.offset, entry.payload)
+            if message is not None:
+                out.append(message)
         return out
 
     def _visible(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -722,7 +722,7 @@ class Connection:
             {
                 "epoch": position.epoch,
                 "offset": position.offset,
-                "publications": self._visible(self._messages(entries, position.epoch)),
+                "publications": self._visible(self._messages(entries)),
             },
         )
 

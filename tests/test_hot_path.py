@@ -21,7 +21,7 @@ from starlette.testclient import TestClient
 from realtime.app import create_app
 from realtime.broker import BrokerUnavailable, MemoryBroker
 from realtime.envelope import frame as broker_frame
-from realtime.envelope import pack_event, pack_notification
+from realtime.envelope import pack_event, pack_notification, unpack_entry, unpack_message
 from realtime.history import MemoryHistory, Publication
 from realtime.hub import Hub
 from realtime.metrics import Metrics
@@ -750,3 +750,28 @@ def test_unexpected_publish_failure_is_a_contract_500(
     ]
     line = 'piggybong_realtime_http_requests_total{route="/v1/publish",status="500"} 1.0'
     assert line in client.get("/metrics").text
+
+
+def test_unpack_message_is_unpack_entrys_message() -> None:
+    """A resume's reply decodes its entries without a Delivery each: the same messages,
+    and the same refusals (an entry either cannot read is a hole)."""
+    event = pack_event("artist:a", "e", "id-1", 5, {"n": 1})
+    notification = msgpack.packb({"k": "notification", "m": {"type": "notification"}})
+    refused = [
+        b"",
+        b"not msgpack",
+        msgpack.packb([1, 2]),
+        msgpack.packb({"k": "event"}),
+        msgpack.packb({"k": "other", "m": {}}),
+        msgpack.packb({"k": "event", "m": [1]}),
+        msgpack.packb({"k": "event", "m": {}, "a": "not a number"}),
+    ]
+    for payload in [event, notification, *refused]:
+        for offset in (0, 7):
+            delivery = unpack_entry(offset, "ep", payload)
+            message = unpack_message(offset, payload)
+            assert message == (delivery.message if delivery is not None else None), payload
+    assert unpack_message(7, event) == {
+        "type": "event", "channel": "artist:a", "event": "e", "id": "id-1", "ts": 5,
+        "data": {"n": 1}, "offset": 7,
+    }  # fmt: skip
