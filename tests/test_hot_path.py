@@ -541,6 +541,64 @@ async def test_a_failed_subscribe_leaves_nothing_behind(
     assert hub.channels == {}
 
 
+class CountingBroker(MemoryBroker):
+    """A memory broker that tells what it was asked: ("sub"|"unsub", channel) in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, str]] = []
+        self.wanted: set[str] = set()
+
+    async def subscribe(self, channel: str) -> None:
+        self.calls.append(("sub", channel))
+        self.wanted.add(channel)
+        await super().subscribe(channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        self.calls.append(("unsub", channel))
+        self.wanted.discard(channel)
+        await super().unsubscribe(channel)
+
+
+async def test_the_broker_stays_subscribed_for_the_linger_after_the_last_leave(
+    flushes: FlushQueue, metrics: Metrics
+) -> None:
+    broker = CountingBroker()
+    hub = Hub(broker, MemoryHistory(broker.deliver), TierPolicy(), metrics, linger=0.05)
+    first, second = subscriber(flushes, metrics, "a"), subscriber(flushes, metrics, "b")
+    await hub.subscribe(first, "artist:x")
+    await hub.unsubscribe(first, "artist:x")
+    assert "artist:x" not in hub.channels and broker.wanted == {"artist:x"}
+    await hub.subscribe(second, "artist:x")  # back within the linger: the timer is dropped
+    await asyncio.sleep(0.1)
+    assert broker.wanted == {"artist:x"}
+    await hub.unsubscribe(second, "artist:x")
+    await asyncio.sleep(0.1)
+    assert broker.wanted == set()
+    assert broker.calls == [("sub", "artist:x"), ("sub", "artist:x"), ("unsub", "artist:x")]
+    await hub.close()
+
+
+async def test_a_subscriber_back_as_the_linger_ends_keeps_the_broker_subscribed(
+    flushes: FlushQueue, metrics: Metrics
+) -> None:
+    """The linger's end and a subscribe in the same loop iteration: the unsubscribe, which
+    runs after the subscribe's first step, sees the subscriber and leaves the broker be."""
+    broker = CountingBroker()
+    hub = Hub(broker, MemoryHistory(broker.deliver), TierPolicy(), metrics, linger=60)
+    first, second = subscriber(flushes, metrics, "a"), subscriber(flushes, metrics, "b")
+    await hub.subscribe(first, "artist:x")
+    await hub.unsubscribe(first, "artist:x")
+    hub._lingering["artist:x"].cancel()
+    hub._linger_over("artist:x")  # as its timer would: the unsubscribe task is created
+    await hub.subscribe(second, "artist:x")
+    await asyncio.sleep(0.01)  # the task runs
+    assert broker.wanted == {"artist:x"}
+    assert broker.calls == [("sub", "artist:x"), ("sub", "artist:x")]
+    assert list(hub.channels["artist:x"]) == [second]
+    await hub.close()
+
+
 # ------------------------------------------------------------------------------ HTTP API
 
 KEY = {"Authorization": "Bearer dev-api-key"}
