@@ -143,13 +143,14 @@ def _redis_parts(
     from realtime.redis_ratelimit import RedisRateLimiter
 
     on_reconnect = metrics.broker_reconnects.inc
-    return (
+    broker: RedisBroker | RedisClusterBroker = (
         RedisClusterBroker(url, on_reconnect=on_reconnect)
         if url.is_cluster
-        else RedisBroker(url, on_reconnect=on_reconnect),
-        RedisConnectionRegistry(url),
-        RedisRateLimiter(url),
+        else RedisBroker(url, on_reconnect=on_reconnect)
     )
+    # The limiter's script on the broker's pipelined connection: a resume's hit and its
+    # history read share a write and a wake-up (realtime/connection.py, ``_resume``).
+    return broker, RedisConnectionRegistry(url), RedisRateLimiter(url, broker=broker)
 
 
 def _memory_parts() -> tuple[Broker, ConnectionRegistry, RateLimiter]:
