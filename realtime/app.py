@@ -50,7 +50,7 @@ from realtime.door import DOOR_STATE, Door, Why
 from realtime.envelope import pack_notification
 from realtime.gcfreeze import GcFreezer
 from realtime.history import History, MemoryHistory
-from realtime.hub import POSITION_CHECK_INTERVAL, Hub
+from realtime.hub import BROKER_LINGER, POSITION_CHECK_INTERVAL, Hub
 from realtime.metrics import Metrics
 from realtime.metricsport import MetricsPort
 from realtime.node import Node, make_log_throttle
@@ -143,13 +143,14 @@ def _redis_parts(
     from realtime.redis_ratelimit import RedisRateLimiter
 
     on_reconnect = metrics.broker_reconnects.inc
-    return (
+    broker: RedisBroker | RedisClusterBroker = (
         RedisClusterBroker(url, on_reconnect=on_reconnect)
         if url.is_cluster
-        else RedisBroker(url, on_reconnect=on_reconnect),
-        RedisConnectionRegistry(url),
-        RedisRateLimiter(url),
+        else RedisBroker(url, on_reconnect=on_reconnect)
     )
+    # The limiter's script on the broker's pipelined connection: a resume's hit and its
+    # history read share a write and a wake-up (realtime/connection.py, ``_resume``).
+    return broker, RedisConnectionRegistry(url), RedisRateLimiter(url, broker=broker)
 
 
 def _memory_parts() -> tuple[Broker, ConnectionRegistry, RateLimiter]:
@@ -301,6 +302,7 @@ def create_app(settings: Settings | None = None) -> RealtimeApp:
         metrics,
         check_interval=POSITION_CHECK_INTERVAL if settings.uses_redis else None,
         flushes=flushes,
+        linger=BROKER_LINGER if settings.uses_redis else 0.0,
     )
     node = Node(
         node_id=settings.node_id or f"{socket.gethostname()}-{os.getpid()}",

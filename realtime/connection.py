@@ -19,11 +19,12 @@ from realtime.batching import SpendingBatcher
 from realtime.broker import BrokerUnavailable
 from realtime.channel_presence import ChannelPresenceUnavailable, Member, SessionInfo
 from realtime.door import Refusal, Why
-from realtime.envelope import Delivery, new_event_id, now_ms, pack_event, unpack_entry
+from realtime.envelope import Delivery, new_event_id, now_ms, pack_event, unpack_message
 from realtime.history import Entry, HistoryUnavailable, Page, Publication
 from realtime.presence import DEFAULT_TTL as PRESENCE_TTL
 from realtime.presence import PresenceUnavailable
 from realtime.protocol import CloseCode, Codec, Error, ErrorCode, Op, ProtocolViolation
+from realtime.ratelimit import MemoryRateLimiter
 from realtime.tiers import Tier
 from realtime.writer import Writer
 
@@ -497,7 +498,7 @@ class Connection:
             or entries[-1].offset != position.offset
         ):
             return None
-        messages = self._messages(entries, position.epoch)
+        messages = self._messages(entries)
         if len(messages) != len(entries):
             return None  # an entry that cannot be read is a hole
         oldest = messages[0].get("ts")
@@ -506,12 +507,12 @@ class Connection:
         return self._visible(messages)
 
     @staticmethod
-    def _messages(entries: list[Entry], epoch: str) -> list[dict[str, Any]]:
+    def _messages(entries: list[Entry]) -> list[dict[str, Any]]:
         out = []
         for entry in entries:
-            delivery = unpack_entry(entry.offset, epoch, entry.payload)
-            if delivery is not None:
-                out.append(delivery.message)
+            message = unpack_message(entry.offset, entry.payload)
+            if message is not None:
+                out.append(message)
         return out
 
     def _visible(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -590,6 +591,9 @@ class Connection:
         command = p.parse_command(message)
         op = command.known_op if isinstance(command, p.CommandError) else command.op
         op_label = op or "unknown"
+        if isinstance(command, p.Subscribe) and self._joins_early(command, message):
+            await self._resume(command)
+            return
         decision = await self.node.limiter_hit(self.user, self.tier.commands_per_minute)
         if not decision.allowed:
             self._rate_limited(command.id, op_label, decision.retry_after)
@@ -665,7 +669,11 @@ class Connection:
         if denied is not None:
             self._reply_error(command.id, Op.SUBSCRIBE, denied)
             return
-        joined = await self._join(channel.name, command.since)
+        await self._joined(command, await self._join(channel.name, command.since))
+
+    async def _joined(self, command: p.Subscribe, joined: Page | Error) -> None:
+        """The rest of a subscribe once its join returned: the reply, then what was held."""
+        channel = command.channel
         if isinstance(joined, Error):
             self._reply_error(command.id, Op.SUBSCRIBE, joined)
             return
@@ -679,6 +687,44 @@ class Connection:
         await self.node.board.join(self._member(channel.name))
         if command.presence:
             await self.node.board.watch(self, channel.name)
+
+    def _joins_early(self, command: p.Subscribe, message: dict[str, Any]) -> bool:
+        """Whether this subscribe is a resume whose join may run while a shared (remote)
+        limiter decides: one that, allowed, would go straight to its join."""
+        channel = command.channel
+        return (
+            command.since is not None
+            and not isinstance(self.node.limiter, MemoryRateLimiter)
+            and channel.namespace != "admin"
+            and channel.name not in self.subscriptions
+            and self._refusal(channel, len(self.subscriptions)) is None
+            and p.unsendable(message) is None
+        )
+
+    async def _resume(self, command: p.Subscribe) -> None:
+        """A subscribe with ``since`` (``_joins_early``): its join (a held subscription and a
+        history read, nothing the client or anyone else sees) runs while the limiter
+        decides, saving a round trip; a refusal undoes the join and answers
+        ``rate_limited`` as it would have before any join."""
+        name = command.channel.name
+        hit = asyncio.ensure_future(self.node.limiter_hit(self.user, self.tier.commands_per_minute))
+        try:
+            joined = await self._join(name, command.since)
+        except BaseException:
+            hit.cancel()
+            raise
+        allowed = False
+        try:
+            decision = await hit
+            allowed = decision.allowed
+        finally:
+            if not allowed and not isinstance(joined, Error):
+                self.subscriptions.discard(name)
+                await self.node.hub.unsubscribe(self, name)
+        if not allowed:
+            self._rate_limited(command.id, Op.SUBSCRIBE, decision.retry_after)
+            return
+        await self._joined(command, joined)
 
     async def _presence(self, command: p.Presence) -> None:
         channel = command.channel
@@ -725,7 +771,7 @@ class Connection:
             {
                 "epoch": position.epoch,
                 "offset": position.offset,
-                "publications": self._visible(self._messages(entries, position.epoch)),
+                "publications": self._visible(self._messages(entries)),
             },
         )
 

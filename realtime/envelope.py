@@ -20,6 +20,7 @@ KIND_EVENT = "event"
 KIND_NOTIFICATION = "notification"
 #: A control frame: the channel's presence counts changed on some node (no message).
 KIND_PRESENCE = "presence"
+_KINDS: Final = (KIND_EVENT, KIND_NOTIFICATION, KIND_PRESENCE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +91,22 @@ def unpack_entry(offset: int, epoch: str, payload: bytes | memoryview) -> Delive
     if offset:
         message["offset"] = offset
     return Delivery(kind, message, accepted, offset, epoch)
+
+
+def unpack_message(offset: int, payload: bytes) -> dict[str, Any] | None:
+    """``unpack_entry(offset, epoch, payload).message``, without the Delivery (a resume's
+    reply takes up to 1,000 of these); None for what ``unpack_entry`` refuses."""
+    try:
+        raw = msgpack.unpackb(payload, raw=False)
+        kind, message = raw["k"], raw["m"]
+        float(raw.get("a", 0.0))
+    except Exception:
+        return None
+    if not isinstance(message, dict) or kind not in _KINDS:
+        return None
+    if offset:
+        message["offset"] = offset
+    return message
 
 
 def unpack(data: bytes) -> Delivery | None:

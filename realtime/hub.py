@@ -21,6 +21,10 @@ while the missed ones are read from the history and delivered in order, then
 the held ones. A publication of another epoch, or a gap the history no longer
 holds, means the subscribers' positions are lost: they are closed with 1001,
 and resume (``recovered: false`` tells them to resync).
+
+With a ``linger``, the broker stays subscribed to a channel for that long after its
+last local subscriber left: a client that comes back within it (a resume, a reconnect
+to the same node) joins without waiting for the broker's subscribe round trip.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ if TYPE_CHECKING:
 FILL_PAGE = 1000
 #: Seconds between checks of every local channel's position (a loss followed by silence).
 POSITION_CHECK_INTERVAL = 15.0
+#: Seconds a node on Redis stays subscribed to a channel after its last local subscriber.
+BROKER_LINGER = 5.0
 
 log = logging.getLogger("realtime.hub")
 
@@ -96,8 +102,13 @@ class Hub:
         *,
         check_interval: float | None = None,
         flushes: FlushQueue | None = None,
+        linger: float = 0.0,
     ) -> None:
         self.broker = broker
+        #: seconds the broker stays subscribed after a channel's last local subscriber left
+        self.linger = linger
+        #: channel -> the timer that unsubscribes the broker (no local subscriber since)
+        self._lingering: dict[str, asyncio.TimerHandle] = {}
         #: the node's flush queue, told of each fan-out (None: every frame coalesces)
         self.flushes = flushes
         self.history = history
@@ -155,6 +166,9 @@ class Hub:
             return
         self.channels[channel] = {}
         self._set(channel, self.channels[channel], conn, [])
+        timer = self._lingering.pop(channel, None)
+        if timer is not None:  # still subscribed on the broker: it returns at once
+            timer.cancel()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._subscribing[channel] = future
         try:
@@ -244,12 +258,33 @@ class Hub:
             self._set(channel, subs, conn, offset)
 
     async def unsubscribe(self, conn: Subscriber, channel: str) -> None:
-        """Remove ``conn``; after the node's last subscriber, unsubscribe the broker."""
-        if self._discard(conn, channel):
-            try:
-                await self.broker.unsubscribe(channel)
-            except BrokerUnavailable:
-                pass  # the broker forgets the channel; it will not be re-subscribed
+        """Remove ``conn``; after the node's last subscriber, unsubscribe the broker (after
+        ``linger`` seconds, unless a subscriber came back meanwhile)."""
+        if not self._discard(conn, channel):
+            return
+        if self.linger > 0:
+            loop = asyncio.get_running_loop()
+            self._lingering[channel] = loop.call_later(self.linger, self._linger_over, channel)
+            return
+        await self._unsubscribe_broker(channel)
+
+    def _linger_over(self, channel: str) -> None:
+        del self._lingering[channel]
+        self._own(self._unsubscribe_broker(channel), f"unsubscribe {channel}")
+
+    async def _unsubscribe_broker(self, channel: str) -> None:
+        """Unsubscribe the broker from ``channel`` unless it has a local subscriber again.
+
+        The check and the broker's forgetting of the channel happen in this one step (the
+        broker takes its per-channel lock without waiting: no other call on the channel
+        runs while it has no local subscriber), so a subscribe that comes later either
+        finds the broker still subscribed or subscribes it again after this."""
+        if channel in self.channels:
+            return
+        try:
+            await self.broker.unsubscribe(channel)
+        except BrokerUnavailable:
+            pass  # the broker forgets the channel; it will not be re-subscribed
 
     # ------------------------------------------------------------------ fan-out
 
@@ -402,6 +437,9 @@ class Hub:
 
     async def close(self) -> None:
         """Cancel and await the position check and every fill."""
+        for timer in self._lingering.values():
+            timer.cancel()
+        self._lingering.clear()
         tasks = [*self._tasks, *([self._checker] if self._checker else [])]
         self._checker = None
         for task in tasks:

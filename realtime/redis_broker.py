@@ -33,7 +33,7 @@ import logging
 import re
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Final, Literal
 
@@ -294,6 +294,58 @@ class RedisBroker:
         if self._conn is None:
             self._wake.set()  # Redis answers: the pub/sub reconnects now
         return reply
+
+    async def pipeline(
+        self, commands: Sequence[tuple[tuple[bytes, ...], int | None]], *, timeout: float
+    ) -> list[object]:
+        """Run ``commands`` (each with its ``replid_at``, as ``command`` takes it) on the
+        pipelined connection, sent in one write in this order, and return each one's reply,
+        or its error reply (``RedisReplyError``) in its place.
+
+        One slot of ``max_inflight`` and no task for them all: the caller wakes once, when
+        the last reply has come (replies come in order). Raises ``BrokerUnavailable`` as
+        ``command`` does (no reply within ``timeout``, no connection, a demoted master).
+        """
+        if self._closed:
+            raise BrokerUnavailable("broker closed")
+        conn: RespConnection | None = None
+        futures: list[asyncio.Future[object]] = []
+        name = commands[0][0][0].decode()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._inflight.wait()
+                try:
+                    conn = self._publisher
+                    if conn is None or conn.lost.done():
+                        conn = await self._publisher_connection()
+                    for args, at in commands:
+                        if at is not None:
+                            args = (*args[:at], conn.replid, *args[at + 1 :])
+                        futures.append(conn.request(*args))
+                    with suppress(RedisReplyError, ConnectionLost):  # read below
+                        await futures[-1]
+                finally:
+                    self._inflight.give()
+            replies = [f.exception() or f.result() for f in futures]
+        except TimeoutError as exc:
+            if conn is not None:
+                conn.abort()  # Redis does not answer: the next command reconnects
+            raise BrokerUnavailable(f"redis {name} timed out after {timeout} s") from exc
+        except (OSError, ConnectionLost) as exc:
+            raise BrokerUnavailable(f"redis {name} failed: {exc}") from exc
+        finally:
+            for future in futures:
+                if not future.done():
+                    future.cancel()  # timed out or cancelled: its reply is dropped
+        if self._conn is None:
+            self._wake.set()  # Redis answers: the pub/sub reconnects now
+        for reply in replies:
+            if isinstance(reply, ConnectionLost):
+                raise BrokerUnavailable(f"redis {name} failed: {reply}") from reply
+            if isinstance(reply, RedisReplyError) and str(reply).startswith(_NOT_MASTER):
+                conn.abort()  # a demoted master: the next command finds the new one
+                raise BrokerUnavailable(f"redis {name} failed: {reply}") from reply
+        return replies
 
     @staticmethod
     def _request(

@@ -30,7 +30,7 @@ import asyncio
 import logging
 import random
 from bisect import bisect_right
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from typing import Final, Literal
 
@@ -221,6 +221,23 @@ class RedisClusterBroker:
                 self._stale.set()
                 raise BrokerUnavailable(f"redis {args[0].decode()} failed: {exc}") from exc
             raise
+
+    async def pipeline(
+        self, commands: Sequence[tuple[tuple[bytes, ...], int | None]], *, timeout: float
+    ) -> list[object]:
+        """``RedisBroker.pipeline``'s contract, each command as ``command`` runs it (so each
+        follows its own redirection); started in this order in one tick, so commands of
+        one slot go to its master in one write, in order."""
+        replies = await asyncio.gather(
+            *(self.command(*args, timeout=timeout, replid_at=at) for args, at in commands),
+            return_exceptions=True,
+        )
+        for reply in replies:
+            if isinstance(reply, BrokerUnavailable):
+                raise reply
+            if isinstance(reply, BaseException) and not isinstance(reply, Exception):
+                raise reply
+        return list(replies)
 
     async def subscribe(self, channel: str) -> None:
         async with self._locks.hold(self.channel_key(channel)):

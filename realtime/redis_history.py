@@ -79,6 +79,14 @@ class ScriptBroker(Protocol):
         replication id of the server it runs on."""
         ...
 
+    async def pipeline(
+        self, commands: Sequence[tuple[tuple[bytes, ...], int | None]], *, timeout: float
+    ) -> list[object]:
+        """``commands`` (each with its ``replid_at``) sent in one write in this order, on
+        one connection (one master on a cluster: keys of one slot); each one's reply or
+        error reply in its place. Raises BrokerUnavailable (no answer in time)."""
+        ...
+
 
 class _Script:
     __slots__ = ("sha", "source")
@@ -116,6 +124,7 @@ class RedisHistory:
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self._command = broker.command
+        self._pipeline = broker.pipeline
         self._channel_key = broker.channel_key
         self._publish_command = broker.publish_command
         self._result_ttl_ms = b"%d" % int(result_ttl * 1000)
@@ -203,30 +212,33 @@ class RedisHistory:
         if self._closed:
             raise HistoryUnavailable("history closed")
         head = (b"1", meta_key(channel), new_epoch().encode(), _META_TTL, b"")
-        entries_command: tuple[bytes, ...] = ()
+        at = 2 + len(head) - 1  # the replication id: the script's last argument
+        commands: list[tuple[tuple[bytes, ...], int | None]]
+        commands = [((b"EVALSHA", _READ.sha, *head), at)]
         if limit > 0:
             stream, count = stream_key(channel), b"%d" % limit
             if since is None:
-                entries_command = (b"XREVRANGE", stream, b"+", b"-", b"COUNT", count)
+                read = (b"XREVRANGE", stream, b"+", b"-", b"COUNT", count)
             else:
-                first = b"%d-0" % (since + 1)
-                entries_command = (b"XRANGE", stream, first, b"+", b"COUNT", count)
+                read = (b"XRANGE", stream, b"%d-0" % (since + 1), b"+", b"COUNT", count)
+            commands.append((read, None))
+        wait = self._timeout + DEADLINE_MARGIN
         for source in (False, True):
-            # Sent in this order in one tick: one write, the XRANGE runs right after the
-            # script on the same connection (the same master on a cluster: one slot).
-            calls = [self._call(_READ, head, source=source)]
-            if entries_command:
-                calls.append(self._command(*entries_command))
-            replies = await asyncio.gather(*calls, return_exceptions=True)
+            if source:  # NOSCRIPT: EVAL, and the entries again (they were read before it)
+                commands[0] = ((b"EVAL", _READ.source, *head), at)
+            # One write, in this order: the XRANGE runs right after the script on the same
+            # connection (the same master on a cluster: one slot).
+            try:
+                replies = await self._pipeline(commands, timeout=wait)
+            except BrokerUnavailable as exc:
+                raise HistoryUnavailable(f"history read failed: {exc}") from exc
             if not source and _noscript(replies[0]):
-                continue  # EVAL, and the entries again: they were read before the position
+                continue
             for failed in replies:
                 if isinstance(failed, Exception):
                     raise HistoryUnavailable(f"history read failed: {failed}") from failed
-                if isinstance(failed, BaseException):
-                    raise failed
             break
-        reply, raw = replies[0], (replies[1] if entries_command else [])
+        reply, raw = replies[0], (replies[1] if len(replies) > 1 else [])
         if not isinstance(reply, list) or len(reply) != 2:
             raise HistoryUnavailable(f"unexpected history reply {reply!r:.100}")
         epoch, top = reply[0], int(reply[1])

@@ -229,9 +229,10 @@ class Writer:
         self.close_timer: asyncio.TimerHandle | None = None
 
     def write(self, data: bytes) -> None:
-        """Take one complete frame: written at once in a direct fan-out when nothing of this
-        writer waits, else with the next flush, or queued while the socket is paused (4008
-        at the outbox's bound). Nothing happens once closed."""
+        """Take one complete frame: written at once in a direct fan-out, or when it is
+        ``FLUSH_BYTES`` or more, when nothing of this writer waits; else with the next
+        flush, or queued while the socket is paused (4008 at the outbox's bound). Nothing
+        happens once closed."""
         if self.closed:
             return
         pending = self.pending
@@ -245,7 +246,9 @@ class Writer:
             self._queue(data)
             return
         flushes = self._flushes
-        if flushes.direct:  # at once (``_transmit`` inlined: this runs once per delivery)
+        # At once (``_transmit`` inlined: this runs once per delivery); a large frame too
+        # (a resume's reply: nothing to coalesce it with, and the flush may be slices away).
+        if flushes.direct or len(data) >= FLUSH_BYTES:
             try:
                 self._write(data)
             except RuntimeError:

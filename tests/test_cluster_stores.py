@@ -17,6 +17,7 @@ from notifications.redis_store import CLUSTER_PREFIX, RedisNotificationStore
 from realtime.channel_presence import Counts, Member
 from realtime.redis_channel_presence import RedisChannelPresence
 from realtime.redis_client import RedisTarget, redis_client
+from realtime.redis_cluster_broker import RedisClusterBroker
 from realtime.redis_persistence import PersistenceCheck
 from realtime.redis_presence import CONNS_PREFIX, RedisConnectionRegistry, user_key
 from realtime.redis_ratelimit import KEY_PREFIX, RedisRateLimiter
@@ -147,6 +148,9 @@ async def _follow_a_failover(cset: ClusterSet) -> None:
     store = _store(target, wait_replicas=1, wait_timeout=1.0)
     registry = RedisConnectionRegistry(target, timeout=2.0)
     limiter = RedisRateLimiter(target, timeout=2.0)
+    broker = RedisClusterBroker(target, max_backoff=0.5, health_check_interval=0.5)
+    await broker.start(lambda channel, payload: None)
+    on_broker = RedisRateLimiter(target, timeout=2.0, broker=broker)  # as the server's
     presence = RedisChannelPresence(target, timeout=2.0)
     doomed = cset.master_of(STORE_KEY)
     # A user and a channel whose keys are on the master that dies, as the store's are.
@@ -168,6 +172,7 @@ async def _follow_a_failover(cset: ClusterSet) -> None:
     try:
         await registry.add(user, "c1")
         await limiter.hit(limited, 100)
+        await on_broker.hit(limited, 100)
         await presence.join(Member(channel, user, "s1"))
         ids = [f"n{i}" for i in range(30)]
         for id in ids:  # every one acknowledged by the replica (WAIT 1) before it returns
@@ -197,16 +202,18 @@ async def _follow_a_failover(cset: ClusterSet) -> None:
         assert sorted(claimed) == sorted([*ids, "after"])
         assert await eventually(lambda: registry.add(user, "c2")) == 2
         assert (await eventually(lambda: limiter.hit(limited, 100))).allowed
+        assert (await eventually(lambda: on_broker.hit(limited, 100))).allowed
         assert await eventually(lambda: presence.counts(channel)) == Counts(1, 1)
         client = redis.Redis(port=new_port)
         try:  # and they wrote to the new master
             assert client.exists(STORE_KEY) and client.exists(
                 user_key(CONNS_PREFIX, user, cluster=True)
             )
+            assert client.exists(KEY_PREFIX + limited)
         finally:
             client.close()
     finally:
-        for part in (store, registry, limiter, presence):
+        for part in (store, registry, limiter, on_broker, presence, broker):
             await part.close()
 
 

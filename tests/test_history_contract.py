@@ -256,6 +256,24 @@ async def test_another_replication_id_starts_a_new_epoch_offsets_go_on(redis_url
         await client.aclose()
 
 
+async def test_a_read_after_the_scripts_were_flushed_loads_them_again(redis_url: str) -> None:
+    """A restarted Redis has no scripts: the read's EVALSHA answers NOSCRIPT, and the
+    position (EVAL) and its entries are read again, in one pipelined write."""
+    client = aredis.Redis.from_url(redis_url)
+    try:
+        async with make_history("redis", redis_url) as (history, _, _sub):
+            await history.publish([item("artist:n", f"e{i}") for i in range(4)])
+            before = await history.read("artist:n", 1, 10)
+            await client.script_flush()
+            after = await history.read("artist:n", 1, 10)
+            assert after == before
+            assert [e.offset for e in after.entries] == [2, 3, 4]
+            assert after.position.offset == 4
+            assert await client.script_exists(_READ.sha.decode()) == [True]
+    finally:
+        await client.aclose()
+
+
 @pytest.mark.timeout(60)
 async def test_a_publish_that_redis_reaches_too_late_is_not_published(
     redis_server: RedisServer, redis_url: str
@@ -270,6 +288,8 @@ async def test_a_publish_that_redis_reaches_too_late_is_not_published(
         try:
             (outcome,) = await history.publish([item("user:9", "stalled", key="k1")])
             assert isinstance(outcome, HistoryUnavailable)
+            with pytest.raises(HistoryUnavailable):  # a read too: no answer in time
+                await history.read("user:9", 0, 10)
         finally:
             redis_server.resume()
         await asyncio.sleep(0.5)  # the queued script, if any, runs now

@@ -21,7 +21,7 @@ from starlette.testclient import TestClient
 from realtime.app import create_app
 from realtime.broker import BrokerUnavailable, MemoryBroker
 from realtime.envelope import frame as broker_frame
-from realtime.envelope import pack_event, pack_notification
+from realtime.envelope import pack_event, pack_notification, unpack_entry, unpack_message
 from realtime.history import MemoryHistory, Publication
 from realtime.hub import Hub
 from realtime.metrics import Metrics
@@ -102,6 +102,23 @@ async def test_pending_bytes_at_the_threshold_write_at_once(metrics: Metrics) ->
     writer.write(b"tail")
     await asyncio.sleep(0)
     assert sock.writes == [big + big, b"tail"]
+
+
+async def test_a_frame_of_the_threshold_alone_is_written_at_once(metrics: Metrics) -> None:
+    flushes = FlushQueue()
+    others = [make_writer(flushes, metrics) for _ in range(3)]
+    for writer, _ in others:
+        writer.write(b"a")  # queued for the next flush
+    writer, sock = make_writer(flushes, metrics)
+    big = b"x" * FLUSH_BYTES
+    writer.write(big)
+    assert sock.writes == [big]  # at once, ahead of the writers queued before it
+    assert len(flushes) == 3
+    writer.write(b"tail")  # a small frame after it waits for the flush as usual
+    assert sock.writes == [big]
+    await asyncio.sleep(0)
+    assert sock.writes == [big, b"tail"]
+    assert all(s.writes == [b"a"] for _, s in others)
 
 
 async def test_flush_writes_a_slice_per_iteration_and_late_frames_join(metrics: Metrics) -> None:
@@ -524,6 +541,64 @@ async def test_a_failed_subscribe_leaves_nothing_behind(
     assert hub.channels == {}
 
 
+class CountingBroker(MemoryBroker):
+    """A memory broker that tells what it was asked: ("sub"|"unsub", channel) in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, str]] = []
+        self.wanted: set[str] = set()
+
+    async def subscribe(self, channel: str) -> None:
+        self.calls.append(("sub", channel))
+        self.wanted.add(channel)
+        await super().subscribe(channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        self.calls.append(("unsub", channel))
+        self.wanted.discard(channel)
+        await super().unsubscribe(channel)
+
+
+async def test_the_broker_stays_subscribed_for_the_linger_after_the_last_leave(
+    flushes: FlushQueue, metrics: Metrics
+) -> None:
+    broker = CountingBroker()
+    hub = Hub(broker, MemoryHistory(broker.deliver), TierPolicy(), metrics, linger=0.05)
+    first, second = subscriber(flushes, metrics, "a"), subscriber(flushes, metrics, "b")
+    await hub.subscribe(first, "artist:x")
+    await hub.unsubscribe(first, "artist:x")
+    assert "artist:x" not in hub.channels and broker.wanted == {"artist:x"}
+    await hub.subscribe(second, "artist:x")  # back within the linger: the timer is dropped
+    await asyncio.sleep(0.1)
+    assert broker.wanted == {"artist:x"}
+    await hub.unsubscribe(second, "artist:x")
+    await asyncio.sleep(0.1)
+    assert broker.wanted == set()
+    assert broker.calls == [("sub", "artist:x"), ("sub", "artist:x"), ("unsub", "artist:x")]
+    await hub.close()
+
+
+async def test_a_subscriber_back_as_the_linger_ends_keeps_the_broker_subscribed(
+    flushes: FlushQueue, metrics: Metrics
+) -> None:
+    """The linger's end and a subscribe in the same loop iteration: the unsubscribe, which
+    runs after the subscribe's first step, sees the subscriber and leaves the broker be."""
+    broker = CountingBroker()
+    hub = Hub(broker, MemoryHistory(broker.deliver), TierPolicy(), metrics, linger=60)
+    first, second = subscriber(flushes, metrics, "a"), subscriber(flushes, metrics, "b")
+    await hub.subscribe(first, "artist:x")
+    await hub.unsubscribe(first, "artist:x")
+    hub._lingering["artist:x"].cancel()
+    hub._linger_over("artist:x")  # as its timer would: the unsubscribe task is created
+    await hub.subscribe(second, "artist:x")
+    await asyncio.sleep(0.01)  # the task runs
+    assert broker.wanted == {"artist:x"}
+    assert broker.calls == [("sub", "artist:x"), ("sub", "artist:x")]
+    assert list(hub.channels["artist:x"]) == [second]
+    await hub.close()
+
+
 # ------------------------------------------------------------------------------ HTTP API
 
 KEY = {"Authorization": "Bearer dev-api-key"}
@@ -733,3 +808,28 @@ def test_unexpected_publish_failure_is_a_contract_500(
     ]
     line = 'piggybong_realtime_http_requests_total{route="/v1/publish",status="500"} 1.0'
     assert line in client.get("/metrics").text
+
+
+def test_unpack_message_is_unpack_entrys_message() -> None:
+    """A resume's reply decodes its entries without a Delivery each: the same messages,
+    and the same refusals (an entry either cannot read is a hole)."""
+    event = pack_event("artist:a", "e", "id-1", 5, {"n": 1})
+    notification = msgpack.packb({"k": "notification", "m": {"type": "notification"}})
+    refused = [
+        b"",
+        b"not msgpack",
+        msgpack.packb([1, 2]),
+        msgpack.packb({"k": "event"}),
+        msgpack.packb({"k": "other", "m": {}}),
+        msgpack.packb({"k": "event", "m": [1]}),
+        msgpack.packb({"k": "event", "m": {}, "a": "not a number"}),
+    ]
+    for payload in [event, notification, *refused]:
+        for offset in (0, 7):
+            delivery = unpack_entry(offset, "ep", payload)
+            message = unpack_message(offset, payload)
+            assert message == (delivery.message if delivery is not None else None), payload
+    assert unpack_message(7, event) == {
+        "type": "event", "channel": "artist:a", "event": "e", "id": "id-1", "ts": 5,
+        "data": {"n": 1}, "offset": 7,
+    }  # fmt: skip

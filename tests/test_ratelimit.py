@@ -1,5 +1,6 @@
 """Rate limiting: the sans-I/O sliding-window log, then the RateLimiter contract
-against the memory and the Redis implementation (two nodes share one limit)."""
+against the memory and the Redis implementation (two nodes share one limit), the latter
+on a redis-py client of its own and on a broker's command connection (``broker-*``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from realtime.ratelimit import (
     RateLimitUnavailable,
     SlidingWindowLog,
 )
+from realtime.redis_broker import RedisBroker
+from realtime.redis_client import RedisTarget
+from realtime.redis_cluster_broker import RedisClusterBroker
 from realtime.redis_ratelimit import RedisRateLimiter
 from tests.redis_sentinel import redis_where
 from tests.redis_server import RedisServer
@@ -107,20 +111,52 @@ def test_memory_limiter_drops_idle_keys_and_bounds_logs() -> None:
 MakeLimiter = Callable[[], RateLimiter]
 
 
-@pytest.fixture(params=["memory", "redis", "sentinel", "cluster"])
+async def started_broker(url: str | RedisTarget) -> RedisBroker | RedisClusterBroker:
+    broker: RedisBroker | RedisClusterBroker
+    if isinstance(url, RedisTarget) and url.is_cluster:
+        broker = RedisClusterBroker(url, max_backoff=0.5)
+    else:
+        broker = RedisBroker(url, max_backoff=0.5)
+    await broker.start(lambda channel, payload: None)
+    return broker
+
+
+KINDS = [
+    "memory",
+    "redis",
+    "sentinel",
+    "cluster",
+    "broker-redis",
+    "broker-sentinel",
+    "broker-cluster",
+]
+
+
+@pytest.fixture(params=KINDS)
 async def make_limiter(request: pytest.FixtureRequest) -> AsyncIterator[MakeLimiter]:
-    """Limiters of one kind; Redis ones share one Redis (several nodes)."""
+    """Limiters of one kind; Redis ones share one Redis (several nodes, a broker each)."""
     limiters: list[RateLimiter] = []
-    url = "" if request.param == "memory" else redis_where(request.param, request)
+    kind = str(request.param).removeprefix("broker-")
+    url = "" if kind == "memory" else redis_where(kind, request)
+    brokers = []
+    if request.param.startswith("broker-"):
+        brokers = [await started_broker(url) for _ in range(2)]
+    spare = list(brokers)
 
     def make() -> RateLimiter:
-        limiter: RateLimiter = RedisRateLimiter(url) if url else MemoryRateLimiter()
+        limiter: RateLimiter
+        if spare:
+            limiter = RedisRateLimiter(url, broker=spare.pop())
+        else:
+            limiter = RedisRateLimiter(url) if url else MemoryRateLimiter()
         limiters.append(limiter)
         return limiter
 
     yield make
     for limiter in limiters:
         await limiter.close()
+    for broker in brokers:
+        await broker.close()
 
 
 @pytest.mark.timeout(20)
@@ -189,8 +225,12 @@ async def test_two_redis_nodes_share_one_limit(redis_url: str) -> None:
         await node_b.close()
 
 
-async def test_redis_down_raises_unavailable(redis_url: str, redis_server: RedisServer) -> None:
-    limiter = RedisRateLimiter(redis_url, timeout=2.0)
+@pytest.mark.parametrize("via_broker", [False, True])
+async def test_redis_down_raises_unavailable(
+    redis_url: str, redis_server: RedisServer, via_broker: bool
+) -> None:
+    broker = await started_broker(redis_url) if via_broker else None
+    limiter = RedisRateLimiter(redis_url, timeout=2.0, broker=broker)
     try:
         assert (await limiter.hit("k", 3)).allowed
         redis_server.kill()
@@ -200,3 +240,5 @@ async def test_redis_down_raises_unavailable(redis_url: str, redis_server: Redis
         assert (await limiter.hit("k", 3)).allowed
     finally:
         await limiter.close()
+        if broker is not None:
+            await broker.close()

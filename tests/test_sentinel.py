@@ -86,10 +86,14 @@ async def test_stores_follow_a_failover_and_waited_notifications_survive(
     )
     registry = RedisConnectionRegistry(target, timeout=2.0)
     limiter = RedisRateLimiter(target, timeout=2.0)
+    broker = RedisBroker(target, max_backoff=0.5, health_check_interval=0.5)
+    await broker.start(lambda channel, payload: None)
+    on_broker = RedisRateLimiter(target, timeout=2.0, broker=broker)  # as the server's
     presence = RedisChannelPresence(target, timeout=2.0)
     try:
         await registry.add("u1", "c1")
         await limiter.hit("u1", 100)
+        await on_broker.hit("u2", 100)
         await presence.join(Member("artist:x", "u1", "s1"))
         ids = [f"n{i}" for i in range(30)]
         for id in ids:  # every one acknowledged by the replica (WAIT 1) before it returns
@@ -106,15 +110,17 @@ async def test_stores_follow_a_failover_and_waited_notifications_survive(
         assert await _eventually(lambda: store.devices("u1")) == [device]
         assert await _eventually(lambda: registry.add("u1", "c2")) == 2
         await _eventually(lambda: limiter.hit("u1", 100))
+        await _eventually(lambda: on_broker.hit("u2", 100))
         assert await _eventually(lambda: presence.counts("artist:x")) == Counts(1, 1)
         client = redis.Redis(port=new_port)
         try:  # and they wrote to the new master
             assert _command(new_port, "ROLE")[0] == b"master"
             assert client.exists("rt:notif:q:normal")
+            assert client.exists("rt:rl:u2")
         finally:
             client.close()
     finally:
-        for part in (store, registry, limiter, presence):
+        for part in (store, registry, limiter, on_broker, presence, broker):
             await part.close()
 
 

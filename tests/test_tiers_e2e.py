@@ -297,6 +297,29 @@ async def test_rate_limit_is_per_user_across_two_nodes(
             assert code == 4029
 
 
+@pytest.mark.timeout(60)
+async def test_a_rate_limited_resume_leaves_no_subscription(redis_url: str) -> None:
+    """On Redis a resume (subscribe with ``since``) joins while the shared limiter decides;
+    refused, it answers rate_limited and its join is undone: the node holds no subscription
+    for it (a held one would keep the channel on the node, and hold its publications)."""
+    channel = "artist:rate-resume"
+    gauge = "piggybong_realtime_hub_channels"
+    async with (
+        running_server({"REALTIME_REDIS_URL": redis_url}) as node,
+        connected(node, "u-rate-resume", tier="free") as client,
+    ):
+        position = (await client.command("subscribe", channel=channel))["result"]
+        held = await metric(node, gauge, {})
+        assert "result" in await client.command("unsubscribe", channel=channel)
+        assert await metric(node, gauge, {}) == held - 1
+        replies = await pipeline_pings(client, 58)  # 60 a minute on the free tier
+        assert all("result" in r for _, r in replies), replies[-1]
+        since = {"epoch": position["epoch"], "offset": position["offset"]}
+        reply = await client.command("subscribe", channel=channel, since=since)
+        assert reply["error"]["code"] == "rate_limited", reply
+        assert await metric(node, gauge, {}) == held - 1
+
+
 # --------------------------------------------------------------------------- 5: refresh
 
 
