@@ -319,9 +319,8 @@ class RedisBroker:
                     if conn is None or conn.lost.done():
                         conn = await self._publisher_connection()
                     for args, at in commands:
-                        if at is not None:
-                            args = (*args[:at], conn.replid, *args[at + 1 :])
-                        futures.append(conn.request(*args))
+                        sent = args if at is None else (*args[:at], conn.replid, *args[at + 1 :])
+                        futures.append(conn.request(*sent))
                     with suppress(RedisReplyError, ConnectionLost):  # read below
                         await futures[-1]
                 finally:
