@@ -78,8 +78,6 @@ class HandshakeGate:
         #: waiting passes, in arrival order (a released one is skipped when its turn comes)
         self.queue: deque[GatePass] = deque()
         self.waiting_count = 0
-        #: passes that waited before they went in, since start (a counter for metrics)
-        self.waited_total = 0
 
     def enter(self) -> GatePass | None:
         """A pass, active at once or waiting; None when the queue is full (refuse)."""
@@ -93,7 +91,6 @@ class HandshakeGate:
         gate_pass = GatePass(self, PassState.WAITING)
         self.queue.append(gate_pass)
         self.waiting_count += 1
-        self.waited_total += 1
         return gate_pass
 
     def admit_next(self) -> None:
