@@ -7,8 +7,9 @@ UV    := UV_PYTHON_DOWNLOADS=never UV_PROJECT_ENVIRONMENT=$(VENV) $(VENV)/bin/uv
 UV_VERSION := $(shell sed -n 's/^uv==\([0-9.]*\).*/\1/p' requirements-uv.txt)
 STAMP := $(VENV)/.synced-$(shell cat uv.lock requirements-uv.txt | cksum | cut -d' ' -f1)
 SOURCES := realtime notifications loadtest bench tests clients/python
-#: The suites run a second time on the compiled per-delivery path (realtime/native.py).
-NATIVE_TESTS := tests/test_native.py tests/test_hot_path.py tests/test_delivery.py tests/test_tiers_e2e.py tests/test_dashboard.py
+#: The suites run a second time on the compiled per-delivery path and its send from C
+#: (realtime/native.py).
+NATIVE_TESTS := tests/test_native.py tests/test_sendfast.py tests/test_ws_protocol.py tests/test_hot_path.py tests/test_delivery.py tests/test_tiers_e2e.py tests/test_dashboard.py
 
 .PHONY: run test fuzz lint format bench upgrade clean venv native
 

@@ -778,7 +778,9 @@ def proc_cpu_seconds(pids: Iterable[int]) -> float:
 
 def proc_write_calls(pids: Iterable[int]) -> int:
     """write(2)-family system calls made so far by the live ``pids`` (``syscw`` of
-    /proc/<pid>/io: write, writev, sendto and the like); 0 where it cannot be read."""
+    /proc/<pid>/io: write, writev and the like; not send(2)/sendto(2), which go around the
+    file layer: this server's sends from C and socketify's are not counted); 0 where it
+    cannot be read."""
     total = 0
     for pid in pids:
         try:

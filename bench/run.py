@@ -426,7 +426,8 @@ async def step(
         "server_cpu_s": round(cpu, 3),
         "server_cpu_percent": round(100 * cpu / (t1 - t0), 1),
         "deliveries_per_cpu_s": round(delivered / cpu) if cpu > 0 else None,
-        # write(2)-family calls of the server per delivery (HTTP answers to the publisher included)
+        # write(2)-family calls of the server per delivery (HTTP answers to the publisher
+        # included; send(2) is not counted: see proc_write_calls)
         "writes_per_delivery": round(writes / delivered, 3) if delivered else None,
         "load_cpu_percent": round(100 * (own1 - own0) / (t1 - t0), 1),
         "other_cpu_s": round(proc_cpu_seconds(extra_pids) - extra0, 3) if extra_pids else None,

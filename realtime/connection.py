@@ -26,7 +26,7 @@ from realtime.presence import PresenceUnavailable
 from realtime.protocol import CloseCode, Codec, Error, ErrorCode, Op, ProtocolViolation
 from realtime.ratelimit import MemoryRateLimiter
 from realtime.tiers import Tier
-from realtime.writer import Writer
+from realtime.writer import Writer, direct_fd
 
 if TYPE_CHECKING:
     from starlette.types import Message, Receive
@@ -102,14 +102,18 @@ class Connection:
         self._strikes = 0
         self._strike_until = 0.0
         self._errors_before_login = 0
+        transport = wire.transport
+        fd = direct_fd(transport)
         self.writer = Writer(
-            wire.transport.write,
+            transport.write,
             wire,
             node.flushes,
             node.outbox_limits,
             node.metrics,
             paused=wire.paused,
             codec_index=codec.index,
+            fd=fd,
+            buffered=transport.get_write_buffer_size if fd >= 0 else None,
         )
 
     @property

@@ -25,6 +25,9 @@ from typing import Final
 
 #: The modules compiled, by name within the package.
 MODULES: Final = ("writer",)
+#: The C extensions built beside them (``<name>.c`` in the package): ``sendfast``, the
+#: writer's send from C.
+C_MODULES: Final = ("sendfast",)
 PACKAGE_DIR: Final = Path(__file__).resolve().parent
 NATIVE_DIR: Final = PACKAGE_DIR / "_native"
 STAMP_NAME: Final = "stamp.json"
@@ -33,7 +36,8 @@ OFF: Final = frozenset({"off", "0", "false", "no"})
 
 
 def _digest(module: str) -> str:
-    return hashlib.sha256((PACKAGE_DIR / f"{module}.py").read_bytes()).hexdigest()
+    suffix = ".c" if module in C_MODULES else ".py"
+    return hashlib.sha256((PACKAGE_DIR / f"{module}{suffix}").read_bytes()).hexdigest()
 
 
 def _python() -> str:
@@ -41,7 +45,7 @@ def _python() -> str:
 
 
 def stamp() -> dict[str, object]:
-    return {"python": _python(), "sources": {m: _digest(m) for m in MODULES}}
+    return {"python": _python(), "sources": {m: _digest(m) for m in MODULES + C_MODULES}}
 
 
 def current(native_dir: Path = NATIVE_DIR) -> str | None:
@@ -54,7 +58,7 @@ def current(native_dir: Path = NATIVE_DIR) -> str | None:
         return f"unreadable stamp: {exc}"
     if not isinstance(stamp, dict) or stamp.get("python") != _python():
         return f"built for another Python than {_python()}"
-    stale = [m for m in MODULES if stamp.get("sources", {}).get(m) != _digest(m)]
+    stale = [m for m in MODULES + C_MODULES if stamp.get("sources", {}).get(m) != _digest(m)]
     if stale:
         return f"stale: {', '.join(stale)} changed since the build (rebuild to use it)"
     return None
@@ -72,4 +76,4 @@ def enable(package_path: list[str]) -> str:
     if why is not None:
         return f"interpreted: {why}"
     package_path.insert(0, str(NATIVE_DIR))
-    return f"compiled: {', '.join(MODULES)}"
+    return f"compiled: {', '.join(MODULES + C_MODULES)}"

@@ -1,7 +1,8 @@
 """``python -m realtime.native_build``: compile the per-delivery path with mypyc.
 
-Compiles ``realtime.native.MODULES`` into ``realtime/_native/`` with the stamp that
-``realtime.native`` checks before it uses them. It needs a C compiler and Python's headers;
+Compiles ``realtime.native.MODULES`` with mypyc, and builds the C extensions of
+``C_MODULES``, into ``realtime/_native/`` with the stamp that ``realtime.native`` checks
+before it uses them. It needs a C compiler and Python's headers;
 mypyc and setuptools come with the ``native`` group of uv.lock (in the dev group too).
 ``--optional`` (what ``make`` runs): a machine that cannot build says why and the server
 runs interpreted.
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import realtime
-from realtime.native import MODULES, NATIVE_DIR, PACKAGE_DIR, STAMP_NAME, current, stamp
+from realtime.native import C_MODULES, MODULES, NATIVE_DIR, PACKAGE_DIR, STAMP_NAME, current, stamp
 
 #: The type-checking mypyc does before it compiles (the project's own checks are ``make lint``).
 MYPY_CONFIG = """[mypy]
@@ -70,6 +71,15 @@ def build(native_dir: Path = NATIVE_DIR) -> None:
                 opt_level="3",
                 target_dir=str(work / "c"),
             )
+            extension = importlib.import_module("setuptools").Extension
+            extensions += [
+                extension(
+                    f"{PACKAGE_DIR.name}.{m}",
+                    sources=[f"{PACKAGE_DIR.name}/{m}.c"],
+                    extra_compile_args=["-O2"],
+                )
+                for m in C_MODULES
+            ]
             setup(
                 name="piggybong-realtime-native",
                 ext_modules=extensions,
@@ -117,7 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if lacking is not None:
         print(f"realtime.native: not built: {lacking}; the server runs interpreted")
         return 0 if args.optional else 1
-    print(f"realtime.native: compiling {', '.join(MODULES)} with mypyc ...", flush=True)
+    print(
+        f"realtime.native: compiling {', '.join(MODULES)} with mypyc"
+        f" (and {', '.join(C_MODULES)}) ...",
+        flush=True,
+    )
     try:
         build()
     except (Exception, SystemExit) as exc:

@@ -17,7 +17,13 @@ writer writes nothing more.
 
 The writer knows its socket only through ``write`` (the transport's) and a
 ``Socket``'s ``close_with``: the real one is ``RealtimeWSProtocol``, tests pass
-a fake.
+a fake. Where ``sendfast`` (realtime/sendfast.c) was built and the transport is uvloop's
+plain TCP one (``direct_fd``), a write goes to the socket from C with one ``send(2)``
+whenever the transport holds nothing (``buffered()`` is 0): what the socket does not take
+goes to the transport after it, and anything the transport holds (the writer's or anyone's)
+keeps later writes behind it, so bytes leave in the order they were given. The descriptor
+is valid while the writer is open: the connection stops its writer in ``connection_lost``,
+and uvloop closes the socket only after that.
 
 This module is the per-delivery path: ``realtime/native_build.py`` compiles it with mypyc
 where the machine can, and ``realtime/native.py`` runs that build while it is current (the
@@ -27,6 +33,7 @@ interpreted module otherwise; both pass the same tests).
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -52,6 +59,50 @@ QUIET_S: Final = 0.001
 RESUME_CHUNK_BYTES: Final = 256 * 1024
 #: The outbox of a writer that never queued: takes nothing (maxlen 0), costs nothing.
 _NO_OUTBOX: Final[deque[bytes]] = deque(maxlen=0)
+
+
+def _load_send_now() -> Callable[[int, bytes], int] | None:
+    try:
+        from realtime.sendfast import send
+    except ImportError:  # not built (or switched off): every write goes through the transport
+        return None
+    return send
+
+
+#: ``send(fd, data)``: the bytes left unsent after one non-blocking send (-1: a socket error).
+SEND_NOW: Final = _load_send_now()
+
+
+def _nothing_buffered() -> int:
+    return 0
+
+
+def direct_fd(transport: asyncio.BaseTransport) -> int:
+    """The socket a writer may send to from C (``send_now``), or -1: only uvloop's plain TCP
+    transport qualifies (TLS must go through its transport), and only where ``sendfast`` was
+    built. Its descriptor stays open until after the protocol's ``connection_lost``, and the
+    transport marks itself closing before that: a writer is stopped by then."""
+    if SEND_NOW is None or _TCP_TRANSPORT is None or type(transport) is not _TCP_TRANSPORT:
+        return -1
+    sock = transport.get_extra_info("socket")
+    try:
+        fd = sock.fileno() if sock is not None else -1
+    except OSError:
+        return -1
+    return fd if isinstance(fd, int) and fd >= 0 else -1
+
+
+def _tcp_transport_type() -> type | None:
+    try:
+        loop_module = importlib.import_module("uvloop.loop")
+    except ImportError:
+        return None
+    found = getattr(loop_module, "TCPTransport", None)  # not in uvloop's stubs
+    return found if isinstance(found, type) else None
+
+
+_TCP_TRANSPORT: Final = _tcp_transport_type()
+
 
 #: ``write(data)``: hand bytes to the socket; raises RuntimeError once the socket is closed.
 WriteBytes = Callable[[bytes], None]
@@ -184,6 +235,8 @@ class Writer:
     """The ordered, bounded output of one connection. See the module docstring."""
 
     __slots__ = (
+        "_buffered",
+        "_fd",
         "_flushes",
         "_metrics",
         "_socket",
@@ -209,8 +262,14 @@ class Writer:
         *,
         paused: bool = False,
         codec_index: int = 0,
+        fd: int = -1,
+        buffered: Callable[[], int] | None = None,
     ) -> None:
         self._write = write
+        #: the socket's file descriptor for ``send_now`` (-1: every write goes to ``write``)
+        self._fd = fd if SEND_NOW is not None and buffered is not None else -1
+        #: how many bytes the transport holds (``get_write_buffer_size``)
+        self._buffered = buffered if buffered is not None else _nothing_buffered
         #: the index in ``CODECS`` of the frames this writer takes (its connection's codec)
         self.codec_index = codec_index
         self._socket = socket
@@ -250,7 +309,7 @@ class Writer:
         # (a resume's reply: nothing to coalesce it with, and the flush may be slices away).
         if flushes.direct or len(data) >= FLUSH_BYTES:
             try:
-                self._write(data)
+                self._send(data)
             except RuntimeError:
                 self._finish()
             except Exception as exc:  # as the flush queue would: this writer's alone
@@ -291,9 +350,22 @@ class Writer:
         """Write to the socket; on a socket already closed (uvloop raises) the writer is
         closed and what it queued is dropped: nothing more can reach the client."""
         try:
-            self._write(data)
+            self._send(data)
         except RuntimeError:
             self._finish()
+
+    def _send(self, data: bytes) -> None:
+        """Send from C when the transport holds nothing (what the socket does not take now
+        goes to the transport, after it); else through the transport, in order."""
+        fd = self._fd
+        send = SEND_NOW
+        if fd >= 0 and send is not None and not self._buffered():
+            left = send(fd, data)
+            if left == 0:
+                return
+            if left > 0:
+                data = data[len(data) - left :]
+        self._write(data)
 
     def pause(self) -> None:
         self.paused = True

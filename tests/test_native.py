@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import realtime
-from realtime.native import MODULES, NATIVE_DIR, STAMP_NAME, current, stamp
+from realtime.native import C_MODULES, MODULES, NATIVE_DIR, STAMP_NAME, current, stamp
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILT = current() is None
@@ -47,7 +47,7 @@ def test_switched_off_every_module_is_interpreted() -> None:
 def test_a_current_build_is_used_by_default() -> None:
     path, native = _loaded(_env())
     assert Path(path).parent == NATIVE_DIR and path.endswith(".so")
-    assert native == f"compiled: {', '.join(MODULES)}"
+    assert native == f"compiled: {', '.join(MODULES + C_MODULES)}"
 
 
 @pytest.mark.skipif(not BUILT, reason=f"no compiled build here: {current()}")
@@ -65,11 +65,14 @@ def test_a_build_of_other_sources_or_another_python_is_not_used(tmp_path: Path) 
     good = stamp()
     (native / STAMP_NAME).write_text(json.dumps(good))
     assert current(native) is None
-    stale = dict(good, sources={m: "0" * 64 for m in MODULES})
+    stale = dict(good, sources={m: "0" * 64 for m in MODULES + C_MODULES})
     (native / STAMP_NAME).write_text(json.dumps(stale))
     assert current(native) == (
-        f"stale: {', '.join(MODULES)} changed since the build (rebuild to use it)"
+        f"stale: {', '.join(MODULES + C_MODULES)} changed since the build (rebuild to use it)"
     )
+    c_edited = dict(good, sources=dict(good["sources"], sendfast="0" * 64))  # type: ignore[call-overload]
+    (native / STAMP_NAME).write_text(json.dumps(c_edited))
+    assert current(native) == "stale: sendfast changed since the build (rebuild to use it)"
     (native / STAMP_NAME).write_text(json.dumps(dict(good, python="cpython-39-other")))
     assert (current(native) or "").startswith("built for another Python")
     (native / STAMP_NAME).write_text("{not json")
@@ -118,4 +121,4 @@ def test_a_build_compiles_the_sources_beside_it_and_is_then_used(tmp_path: Path)
     assert f"built into {copy / '_native'}" in built.stdout
     path, native = _loaded(env, tmp_path)
     assert path.startswith(str(copy / "_native")) and path.endswith(".so")
-    assert native == f"compiled: {', '.join(MODULES)}"
+    assert native == f"compiled: {', '.join(MODULES + C_MODULES)}"

@@ -37,3 +37,14 @@ def test_ci_the_image_and_make_install_from_the_lock() -> None:
     assert re.search(r"\) sync --locked", (ROOT / "Makefile").read_text())
     assert "uv sync --locked --no-dev" in (ROOT / "Dockerfile").read_text()
     assert re.search(r"^make test$", (ROOT / ".ci" / "run").read_text(), re.M)
+
+
+def test_the_package_ships_the_c_sources_its_native_build_compiles() -> None:
+    """An installed package (the Docker image's) builds and checks them from its own files."""
+    from realtime.native import C_MODULES
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    shipped = data["tool"]["setuptools"]["package-data"]["realtime"]
+    for module in C_MODULES:
+        assert f"{module}.c" in shipped and (ROOT / "realtime" / f"{module}.c").exists()
+        assert f"{module}.pyi" in shipped
