@@ -26,7 +26,7 @@ from realtime.presence import PresenceUnavailable
 from realtime.protocol import CloseCode, Codec, Error, ErrorCode, Op, ProtocolViolation
 from realtime.ratelimit import MemoryRateLimiter
 from realtime.tiers import Tier
-from realtime.writer import Writer, direct_fd
+from realtime.writer import Writer, direct_socket
 
 if TYPE_CHECKING:
     from starlette.types import Message, Receive
@@ -103,7 +103,7 @@ class Connection:
         self._strike_until = 0.0
         self._errors_before_login = 0
         transport = wire.transport
-        fd = direct_fd(transport)
+        fd = direct_socket(transport)  # (before ``paused`` is read: it may pause the wire)
         self.writer = Writer(
             transport.write,
             wire,
@@ -113,7 +113,6 @@ class Connection:
             paused=wire.paused,
             codec_index=codec.index,
             fd=fd,
-            buffered=transport.get_write_buffer_size if fd >= 0 else None,
         )
 
     @property

@@ -18,12 +18,13 @@ writer writes nothing more.
 The writer knows its socket only through ``write`` (the transport's) and a
 ``Socket``'s ``close_with``: the real one is ``RealtimeWSProtocol``, tests pass
 a fake. Where ``sendfast`` (realtime/sendfast.c) was built and the transport is uvloop's
-plain TCP one (``direct_fd``), a write goes to the socket from C with one ``send(2)``
-whenever the transport holds nothing (``buffered()`` is 0): what the socket does not take
-goes to the transport after it, and anything the transport holds (the writer's or anyone's)
-keeps later writes behind it, so bytes leave in the order they were given. The descriptor
-is valid while the writer is open: the connection stops its writer in ``connection_lost``,
-and uvloop closes the socket only after that.
+plain TCP one, ``direct_socket`` sets the transport to pause its protocol as soon as it
+holds a byte (high-water mark 0), so a writer that is not paused knows its transport holds
+nothing, whoever wrote to it: such a writer sends from C with one ``send(2)``; what the
+socket does not take goes to the transport after it (which pauses the writer), and bytes
+leave in the order they were given. The descriptor is valid while the writer is open: the
+connection stops its writer in ``connection_lost``, and uvloop closes the socket only after
+that.
 
 This module is the per-delivery path: ``realtime/native_build.py`` compiles it with mypyc
 where the machine can, and ``realtime/native.py`` runs that build while it is current (the
@@ -38,7 +39,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from realtime.node import LogThrottle
 from realtime.protocol import CODECS, CloseCode, Codec
@@ -73,15 +74,13 @@ def _load_send_now() -> Callable[[int, bytes], int] | None:
 SEND_NOW: Final = _load_send_now()
 
 
-def _nothing_buffered() -> int:
-    return 0
-
-
-def direct_fd(transport: asyncio.BaseTransport) -> int:
-    """The socket a writer may send to from C (``send_now``), or -1: only uvloop's plain TCP
+def direct_socket(transport: asyncio.BaseTransport) -> int:
+    """Make ``transport`` ready for a writer's sends from C and return its socket's
+    descriptor, or -1 (every write goes through the transport). Only uvloop's plain TCP
     transport qualifies (TLS must go through its transport), and only where ``sendfast`` was
-    built. Its descriptor stays open until after the protocol's ``connection_lost``, and the
-    transport marks itself closing before that: a writer is stopped by then."""
+    built. Its high-water mark becomes 0: the protocol is paused while the transport holds a
+    byte and resumed once it holds none. The descriptor stays open until after the
+    protocol's ``connection_lost``, where the connection stops its writer."""
     if SEND_NOW is None or _TCP_TRANSPORT is None or type(transport) is not _TCP_TRANSPORT:
         return -1
     sock = transport.get_extra_info("socket")
@@ -89,7 +88,10 @@ def direct_fd(transport: asyncio.BaseTransport) -> int:
         fd = sock.fileno() if sock is not None else -1
     except OSError:
         return -1
-    return fd if isinstance(fd, int) and fd >= 0 else -1
+    if not isinstance(fd, int) or fd < 0:
+        return -1
+    cast(asyncio.WriteTransport, transport).set_write_buffer_limits(high=0, low=0)
+    return fd
 
 
 def _tcp_transport_type() -> type | None:
@@ -235,7 +237,6 @@ class Writer:
     """The ordered, bounded output of one connection. See the module docstring."""
 
     __slots__ = (
-        "_buffered",
         "_fd",
         "_flushes",
         "_metrics",
@@ -263,13 +264,11 @@ class Writer:
         paused: bool = False,
         codec_index: int = 0,
         fd: int = -1,
-        buffered: Callable[[], int] | None = None,
     ) -> None:
         self._write = write
-        #: the socket's file descriptor for ``send_now`` (-1: every write goes to ``write``)
-        self._fd = fd if SEND_NOW is not None and buffered is not None else -1
-        #: how many bytes the transport holds (``get_write_buffer_size``)
-        self._buffered = buffered if buffered is not None else _nothing_buffered
+        #: the socket's descriptor for ``SEND_NOW``, from ``direct_socket`` (which makes
+        #: "not paused" mean "the transport holds nothing"); -1: every write goes to ``write``
+        self._fd = fd if SEND_NOW is not None else -1
         #: the index in ``CODECS`` of the frames this writer takes (its connection's codec)
         self.codec_index = codec_index
         self._socket = socket
@@ -355,11 +354,12 @@ class Writer:
             self._finish()
 
     def _send(self, data: bytes) -> None:
-        """Send from C when the transport holds nothing (what the socket does not take now
-        goes to the transport, after it); else through the transport, in order."""
+        """Send from C when the transport holds nothing (not paused: see ``direct_socket``);
+        what the socket does not take now goes to the transport, after it. Else through the
+        transport, in order."""
         fd = self._fd
         send = SEND_NOW
-        if fd >= 0 and send is not None and not self._buffered():
+        if fd >= 0 and send is not None and not self.paused:
             left = send(fd, data)
             if left == 0:
                 return

@@ -18,7 +18,7 @@ import uvloop
 from prometheus_client import CollectorRegistry
 
 from realtime.metrics import Metrics
-from realtime.writer import SEND_NOW, FlushQueue, OutboxLimits, Writer, direct_fd
+from realtime.writer import SEND_NOW, FlushQueue, OutboxLimits, Writer, direct_socket
 
 pytestmark = [
     pytest.mark.timeout(30),
@@ -107,8 +107,9 @@ def test_a_writer_sends_from_c_and_through_its_transport_in_order() -> None:
             return bytes(got)
 
         transport = await made
-        fd = direct_fd(transport)
+        fd = direct_socket(transport)
         assert fd == transport.get_extra_info("socket").fileno()
+        assert transport.get_write_buffer_limits() == (0, 0)  # paused: it holds a byte
         through_transport: list[int] = []
 
         def write(data: bytes) -> None:
@@ -123,7 +124,6 @@ def test_a_writer_sends_from_c_and_through_its_transport_in_order() -> None:
             OutboxLimits(100_000, 1 << 30),
             Metrics(CollectorRegistry()),
             fd=fd,
-            buffered=transport.get_write_buffer_size,
         )
         wire.writer = writer
         expected = bytearray()
@@ -156,14 +156,13 @@ def test_a_writer_sends_from_c_and_through_its_transport_in_order() -> None:
         writer.flush()
         assert len(through_transport) == before, "an empty transport: sent from C again"
         assert await read_exactly(4) == b"late"
+        writer.write(b"after")  # pending: the flush queue's next turn
         other = b"Q" * (8 << 20)
-        transport.set_write_buffer_limits(high=1 << 30)  # (no pause: the writer must look)
         transport.write(other)  # not the writer's, and more than the socket takes now
-        assert transport.get_write_buffer_size() > 0
+        assert transport.get_write_buffer_size() > 0 and writer.paused
         client.setblocking(True)
         head = client.recv(1 << 20)  # the socket has room again; the loop has not run
         client.setblocking(False)
-        writer.write(b"after")
         writer.flush()
         assert len(through_transport) == before + 1, "behind the transport's bytes, not past"
         rest = await read_exactly(len(other) + 5 - len(head))
@@ -182,7 +181,7 @@ def test_only_uvloops_plain_tcp_transport_is_sent_to_from_c() -> None:
         server = await loop.create_server(lambda: _Wire(made), "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         _, client_writer = await asyncio.open_connection("127.0.0.1", port)
-        assert direct_fd(await made) == -1  # asyncio's own transport: through it always
+        assert direct_socket(await made) == -1  # asyncio's own transport: through it always
         client_writer.close()
         server.close()
         await server.wait_closed()
