@@ -33,13 +33,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine, Hashable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from realtime.broker import Broker, BrokerUnavailable
 from realtime.envelope import KIND_EVENT, KIND_PRESENCE, Delivery, unpack, unpack_entry
 from realtime.history import History, HistoryUnavailable
 from realtime.protocol import CloseCode, Codec, is_spending, spending_item
-from realtime.writer import FrameSink, write_to_all
+from realtime.writer import FrameSink, Writer, write_to_all, write_to_writers
 
 if TYPE_CHECKING:
     from realtime.metrics import Metrics
@@ -130,9 +130,10 @@ class Hub:
         self.channels: dict[str, dict[Subscriber, SubState]] = {}
         #: channel -> how many of its subscribers are not plainly live (held or with a floor)
         self._unsettled: dict[str, int] = {}
-        #: channel -> its subscribers as the tuple a fan-out takes, made again only after a
-        #: subscriber came or went (not once per publication)
-        self._targets: dict[str, tuple[Subscriber, ...]] = {}
+        #: channel -> its subscribers as the tuple a fan-out takes, and their writers (None
+        #: unless every one is a ``Writer``), made again only after a subscriber came or went
+        #: (not once per publication)
+        self._targets: dict[str, tuple[tuple[Subscriber, ...], tuple[Writer, ...] | None]] = {}
         #: channel -> the offset of the last publication this node received on it
         self.last_offset: dict[str, int] = {}
         self._subscribing: dict[str, asyncio.Future[None]] = {}
@@ -311,10 +312,19 @@ class Hub:
             self.last_offset[channel] = delivery.offset
             self.epochs[channel] = delivery.epoch
         if channel in self._unsettled:
-            targets = self._settle_targets(channel, subs, delivery)
-        else:
-            targets = self._targets.get(channel) or self._targets.setdefault(channel, tuple(subs))
-        self.dispatch(channel, delivery, targets)
+            self.dispatch(channel, delivery, self._settle_targets(channel, subs, delivery))
+            return
+        cached = self._targets.get(channel)
+        if cached is None:
+            targets = tuple(subs)
+            writers = tuple(conn.writer for conn in targets)
+            cached = self._targets[channel] = (
+                targets,
+                cast("tuple[Writer, ...]", writers)
+                if all(type(w) is Writer for w in writers)
+                else None,
+            )
+        self.dispatch(channel, delivery, cached[0], cached[1])
 
     # ------------------------------------------------------------------ gaps
 
@@ -466,18 +476,26 @@ class Hub:
                     self._set(channel, subs, conn, None)
         return tuple(targets)
 
-    def dispatch(self, channel: str, delivery: Delivery, targets: tuple[Subscriber, ...]) -> None:
+    def dispatch(
+        self,
+        channel: str,
+        delivery: Delivery,
+        targets: tuple[Subscriber, ...],
+        writers: tuple[Writer, ...] | None = None,
+    ) -> None:
         """Send one decoded payload to ``targets``: premium-only events to the tiers that get
-        them, spending items to the batchers, the rest encoded once per codec."""
+        them, spending items to the batchers, the rest encoded once per codec. ``writers``:
+        the targets' writers in the same order, where the caller keeps them."""
         message = delivery.message
         if delivery.kind != KIND_EVENT:
-            self._fan_out(targets, message, self._notifications_out)
+            self._fan_out(targets, message, self._notifications_out, writers)
             return
         event = message.get("event")
         if not isinstance(event, str):
             return
         if self.policy.is_premium_event(event):
             targets = self._premium_targets(targets)
+            writers = None
         if is_spending(event):
             item = spending_item(message)
             for conn in targets:
@@ -486,7 +504,7 @@ class Hub:
                 except Exception as exc:  # one connection's failure is its own
                     conn.fail(exc, "fan-out")
         else:
-            self._fan_out(targets, message, self._events_out)
+            self._fan_out(targets, message, self._events_out, writers)
 
     def _premium_targets(self, subs: tuple[Subscriber, ...]) -> tuple[Subscriber, ...]:
         targets = tuple(conn for conn in subs if conn.tier.premium_events)
@@ -497,7 +515,14 @@ class Hub:
         return targets
 
     def _fan_out(
-        self, targets: tuple[Subscriber, ...], message: dict[str, Any], counter: Any
+        self,
+        targets: tuple[Subscriber, ...],
+        message: dict[str, Any],
+        counter: Any,
+        writers: tuple[Writer, ...] | None,
     ) -> None:
-        write_to_all(targets, message, self.flushes)
+        if writers is not None:
+            write_to_writers(writers, message, self.flushes)
+        else:
+            write_to_all(targets, message, self.flushes)
         counter.inc(len(targets))

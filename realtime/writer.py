@@ -467,6 +467,31 @@ def write_to_all(
             flushes.end_fan_out()
 
 
+def write_to_writers(
+    writers: tuple[Writer, ...], message: dict[str, Any], flushes: FlushQueue | None = None
+) -> None:
+    """``write_to_all`` for a tuple of writers the caller keeps (the hub, per channel): the
+    same frames, order and fault boundary (a writer whose write raises is failed, 1011),
+    without looking each connection's writer up per delivery."""
+    frames: list[bytes | None] = [None, None]
+    if flushes is not None:
+        flushes.begin_fan_out(len(writers))
+    try:
+        for writer in writers:
+            index = writer.codec_index
+            data = frames[index]
+            if data is None:
+                data = frames[index] = _encode(index, message)
+            if data:
+                try:
+                    writer.write(data)
+                except Exception as exc:
+                    writer.fail(exc)
+    finally:
+        if flushes is not None:
+            flushes.end_fan_out()
+
+
 def _encode(index: int, message: dict[str, Any]) -> bytes:
     codec = CODECS[index]
     try:
