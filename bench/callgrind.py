@@ -7,8 +7,9 @@ server under ``valgrind --tool=callgrind --instr-atstart=no`` twice (pings off),
 (``callgrind_control -i on``) only while ``--messages`` events are published at 20/s and
 delivered, and prints the difference of the two totals over the difference of deliveries:
 what one more delivery costs, the per-message work (HTTP, envelope, history) cancelled out.
-The kernel is not counted. ``REALTIME_NATIVE=off`` in the environment measures the
-interpreted per-delivery path. Needs valgrind; takes 2-3 minutes.
+The kernel is not counted. ``--keep DIR`` writes both outputs there
+(``callgrind-S<subscribers>.out``, for ``callgrind_annotate``). ``REALTIME_NATIVE=off`` in
+the environment measures the interpreted per-delivery path. Needs valgrind; takes 2-3 minutes.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def _instrument(pid: int, on: bool) -> None:
 async def instructions(subscribers: int, messages: int, folder: Path) -> tuple[int, int]:
     """Instructions counted while ``messages`` reach ``subscribers``, and the deliveries."""
     port = run.free_port()
-    out = folder / f"callgrind-{port}.out"
+    out = folder / f"callgrind-S{subscribers}.out"
     log = (folder / f"server-{port}.log").open("wb")
     proc = _start(port, out, log)
     try:
@@ -86,11 +87,12 @@ async def instructions(subscribers: int, messages: int, folder: Path) -> tuple[i
     return _total(out), int(delivered)
 
 
-async def measure(small: int, large: int, messages: int) -> None:
+async def measure(small: int, large: int, messages: int, keep: Path | None = None) -> None:
     run.pin_self(1)
     with tempfile.TemporaryDirectory(prefix="piggybong-callgrind-") as tmp:
-        a, da = await instructions(small, messages, Path(tmp))
-        b, db = await instructions(large, messages, Path(tmp))
+        folder = Path(tmp) if keep is None else keep
+        a, da = await instructions(small, messages, folder)
+        b, db = await instructions(large, messages, folder)
     per = (b - a) / max(1, db - da)
     print(
         f"S={small}: {a:,} instructions, {da:,} deliveries; S={large}: {b:,} instructions, "
@@ -103,11 +105,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--small", type=int, default=100)
     parser.add_argument("--large", type=int, default=300)
     parser.add_argument("--messages", type=int, default=200)
+    parser.add_argument(
+        "--keep", type=Path, help="copy the two callgrind outputs here (callgrind_annotate)"
+    )
     args = parser.parse_args(argv)
     for tool in ("valgrind", "callgrind_control", "callgrind_annotate"):
         if shutil.which(tool) is None:
             sys.exit(f"bench.callgrind: {tool} is not installed (apt-get install valgrind)")
-    uvloop.run(measure(args.small, args.large, args.messages))
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    uvloop.run(measure(args.small, args.large, args.messages, args.keep))
 
 
 if __name__ == "__main__":

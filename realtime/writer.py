@@ -267,8 +267,8 @@ class Writer:
     ) -> None:
         self._write = write
         #: the socket's descriptor for ``SEND_NOW``, from ``direct_socket`` (which makes
-        #: "not paused" mean "the transport holds nothing"); -1: every write goes to ``write``
-        self._fd = fd if SEND_NOW is not None else -1
+        #: "not paused" mean "the transport holds nothing"); None: every write goes to ``write``
+        self._fd: int | None = fd if SEND_NOW is not None and fd >= 0 else None  # (boxed once)
         #: the index in ``CODECS`` of the frames this writer takes (its connection's codec)
         self.codec_index = codec_index
         self._socket = socket
@@ -300,7 +300,7 @@ class Writer:
             if self.pending_bytes >= FLUSH_BYTES:
                 self.flush()
             return
-        if self.outbox or self.paused:
+        if self.outbox_bytes or self.paused:  # (frames are never empty: bytes, not len(deque))
             self._queue(data)
             return
         flushes = self._flushes
@@ -359,7 +359,7 @@ class Writer:
         transport, in order."""
         fd = self._fd
         send = SEND_NOW
-        if fd >= 0 and send is not None and not self.paused:
+        if fd is not None and send is not None and not self.paused:
             left = send(fd, data)
             if left == 0:
                 return
@@ -453,7 +453,7 @@ def write_to_all(
             data = frames[index]
             if data is None:
                 data = frames[index] = _encode(index, message)
-            if not data:
+            if not len(data):
                 continue
             try:
                 if isinstance(sink, Writer):  # a direct call, not a lookup, once compiled
@@ -482,7 +482,7 @@ def write_to_writers(
             data = frames[index]
             if data is None:
                 data = frames[index] = _encode(index, message)
-            if data:
+            if len(data):
                 try:
                     writer.write(data)
                 except Exception as exc:
