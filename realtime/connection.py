@@ -708,10 +708,13 @@ class Connection:
         """A subscribe with ``since`` (``_joins_early``): its join (a held subscription and a
         history read, nothing the client or anyone else sees) runs while the limiter
         decides, saving a round trip; a refusal undoes the join and answers
-        ``rate_limited`` as it would have before any join."""
+        ``rate_limited`` as it would have before any join. The hit's command is sent first
+        (the join starts a loop turn later), so its answer precedes the read's: the read's
+        answer wakes this task with the decision made, not for one more wake-up."""
         name = command.channel.name
         hit = asyncio.ensure_future(self.node.limiter_hit(self.user, self.tier.commands_per_minute))
         try:
+            await asyncio.sleep(0)  # the hit's command goes out first
             joined = await self._join(name, command.since)
         except BaseException:
             hit.cancel()

@@ -1,8 +1,8 @@
 """RedisBroker: the Broker seam over Redis pub/sub, so that many nodes act as one.
 
 Per node: ONE pub/sub connection, read by an ``asyncio.Protocol`` that parses
-RESP2 in ``data_received`` and hands every message to the handler synchronously
-(no task, no await, no queue per message; realtime/resp.py), and ONE supervisor task that
+RESP2 in ``data_received`` and hands the messages of a read to the handler in the next
+loop turn, in order (no task, no await; realtime/resp.py), and ONE supervisor task that
 connects, re-subscribes every wanted channel after a loss (exponential backoff
 with jitter), health-checks the connection with PING and is cancelled and
 awaited by ``close()``. PUBLISHes are pipelined on a second connection (opened
@@ -299,7 +299,9 @@ class RedisBroker:
         self, commands: Sequence[tuple[tuple[bytes, ...], int | None]], *, timeout: float
     ) -> list[object]:
         """Run ``commands`` (each with its ``replid_at``, as ``command`` takes it) on the
-        pipelined connection, sent in one write in this order, and return each one's reply,
+        pipelined connection, written at once in one write in this order (with whatever else
+        this iteration sent before them: not behind the loop's next turn, where a fan-out may
+        be queued), and return each one's reply,
         or its error reply (``RedisReplyError``) in its place.
 
         One slot of ``max_inflight`` and no task for them all: the caller wakes once, when
@@ -321,6 +323,7 @@ class RedisBroker:
                     for args, at in commands:
                         sent = args if at is None else (*args[:at], conn.replid, *args[at + 1 :])
                         futures.append(conn.request(*sent))
+                    conn.flush()  # the caller waits for these: not behind the next turn
                     with suppress(RedisReplyError, ConnectionLost):  # read below
                         await futures[-1]
                 finally:

@@ -4,8 +4,9 @@
 interface; ``make_reader(parser)`` picks ``hiredis`` when it is installed
 (``parser="auto"``), else ``RespReader``. ``RespConnection`` is one Redis connection
 read by an ``asyncio.Protocol``: commands are pipelined (those of one loop
-iteration go in one write) and pub/sub messages are handed to a handler from
-``data_received`` (no task, no await, no queue per message). Used by
+iteration go in one write; ``flush`` writes them at once) and pub/sub messages are
+handed to a handler in the loop turn after ``data_received`` read them, in the order read
+(one ``call_soon`` per turn, no task, no await). Used by
 ``RedisBroker`` (redis_broker.py); the stores use redis-py (redis_client.py).
 """
 
@@ -265,11 +266,18 @@ class RespConnection(asyncio.Protocol):
     Every command sent expects ``replies`` replies, in order (SUBSCRIBE of n
     channels: n confirmations); its future gets the last one, or the error
     reply, or ``ConnectionLost``. Messages of channels in ``wanted`` are handed to
-    ``handler`` from ``data_received``. ``lost`` completes when the connection ends.
+    ``handler``. ``lost`` completes when the connection ends.
 
     Sharded pub/sub (``sharded``): messages are ``smessage``; a ``sunsubscribe`` of a
     channel that no SUNSUBSCRIBE sent here waits for is the server's own (its slot
     moved away) and goes to ``on_unsubscribed(channel)``, not to a command.
+
+    Messages are handed over in the loop turn after they were read (``_hand_over``, one
+    ``call_soon`` for all those read meanwhile), not from ``data_received``: a fan-out (up
+    to thousands of socket writes) then runs after the callbacks already queued (a
+    command's write, a task woken by a reply) instead of ahead of them. The inbox holds
+    what was read since the last hand-over (bounded by the reads of one turn); a reply or
+    push that follows messages hands them over first: all is seen in the order read.
 
     Time-outs: one timer per connection, armed for the earliest deadline of the commands
     waiting (not one per command); it times out every command then due and re-arms.
@@ -295,6 +303,9 @@ class RespConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._pending: deque[_Pending] = deque()
         self._outgoing: list[bytes] = []  # packed commands not yet written (this iteration)
+        #: pub/sub messages read and not yet handed to ``handler`` (those of this iteration's
+        #: reads: the next loop turn takes them all)
+        self._inbox: list[tuple[str, bytes]] = []
         # Kept: asyncio.get_running_loop() makes a getpid() system call on every call.
         self._loop = loop = asyncio.get_running_loop()
         self.lost: asyncio.Future[None] = loop.create_future()
@@ -323,25 +334,41 @@ class RespConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         reader = self._reader
         wanted = self._wanted
-        handler = self._handler
         message = self._message
+        inbox = self._inbox
         try:
             reader.feed(data)
             while (reply := reader.gets()) is not False:
                 if type(reply) is list and reply and reply[0] == message:
                     name = wanted.get(reply[1])
                     if name is not None:
-                        try:
-                            handler(name, reply[2])
-                        except Exception:
-                            log.exception("broker handler raised on channel %r", name)
-                elif self._on_unsubscribed is not None and self._pushed(reply):
+                        if not inbox:
+                            self._loop.call_soon(self._hand_over)
+                        inbox.append((name, reply[2]))
+                    continue
+                if inbox:  # what came before a reply is handled before it (the order read)
+                    self._hand_over()
+                    inbox = self._inbox
+                if self._on_unsubscribed is not None and self._pushed(reply):
                     self._on_unsubscribed(reply[1])
                 else:
                     self._reply(reply)
         except RedisProtocolError:
             log.exception("redis pub/sub connection sent bad RESP; dropping it")
             self.abort()
+
+    def _hand_over(self) -> None:
+        """Hand the messages read to ``handler``, in the order read."""
+        inbox = self._inbox
+        if not inbox:
+            return
+        self._inbox = []
+        handler = self._handler
+        for name, payload in inbox:
+            try:
+                handler(name, payload)
+            except Exception:
+                log.exception("broker handler raised on channel %r", name)
 
     def _pushed(self, reply: Any) -> bool:
         """A ``sunsubscribe`` the server sent on its own (no SUNSUBSCRIBE of ours waits)."""
@@ -442,8 +469,15 @@ class RespConnection(asyncio.Protocol):
             self._loop.call_soon(self._flush)
         self._outgoing.append(pack_command(*args))
 
+    def flush(self) -> None:
+        """Write the commands sent so far now, not at the end of the loop iteration."""
+        if self._outgoing:
+            self._flush()
+
     def _flush(self) -> None:
         outgoing, self._outgoing = self._outgoing, []
+        if not outgoing:  # written already (``flush``)
+            return
         if self._transport is not None:
             self._transport.write(b"".join(outgoing))
 

@@ -590,3 +590,103 @@ def test_backoff_grows_is_capped_and_jittered() -> None:
     assert all(lo * 2 == pytest.approx(hi) for lo, hi in zip(low, high, strict=True))
     assert high[0] < 0.2
     assert backoff_delay(10_000, cap=5.0) <= 5.0
+
+
+async def test_pubsub_messages_are_handed_over_next_turn_in_order_and_before_a_reply() -> None:
+    """Messages read are handed to the handler in the loop turn after the read, after the
+    callbacks queued before it; a reply that follows messages in the stream comes after
+    them (the order read)."""
+    seen: list[object] = []
+    closed = asyncio.Event()
+    chunks: list[bytes] = []
+
+    def message(payload: bytes) -> bytes:
+        return pack_command(b"message", b"rt:a", payload)  # a RESP array, as Redis sends
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(64)  # the ECHO
+        for chunk in chunks:
+            writer.write(chunk)
+            await writer.drain()
+        await reader.read(64)  # until the client closes
+        writer.close()
+        closed.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    _, conn = await loop.create_connection(
+        lambda: RespConnection(
+            make_reader("python")(), {b"rt:a": "a"}, lambda channel, payload: seen.append(payload)
+        ),
+        "127.0.0.1",
+        port,
+    )
+    try:
+        # Two messages, then the reply to the ECHO, in one write: the messages first.
+        chunks.append(message(b"1") + message(b"2") + b"$4\r\necho\r\n")
+        echo = conn.request(b"ECHO", b"echo")
+        assert await echo == b"echo"
+        assert seen == [b"1", b"2"]
+        # Messages alone: nothing from data_received itself; after what was queued before.
+        seen.clear()
+        conn.data_received(message(b"3") + message(b"4"))
+        loop.call_soon(seen.append, "queued after the read")
+        assert seen == []
+        await asyncio.sleep(0)
+        assert seen == [b"3", b"4", "queued after the read"]
+        seen.clear()
+        loop.call_soon(seen.append, "queued before the read")
+        conn.data_received(message(b"5"))
+        await asyncio.sleep(0)
+        assert seen == ["queued before the read", b"5"]
+    finally:
+        conn.abort()
+        await conn.lost
+        await asyncio.wait_for(closed.wait(), 5.0)
+        server.close()
+        await server.wait_closed()
+
+
+async def test_flush_writes_the_commands_sent_without_a_loop_turn() -> None:
+    """``flush`` hands the commands sent so far to the socket now; without it they wait
+    for the end of the loop iteration."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    received = bytearray()
+    arrived = threading.Event()
+
+    def serve() -> None:
+        peer, _ = listener.accept()
+        with peer:
+            while data := peer.recv(4096):  # nothing is answered
+                received.extend(data)
+                if b"ECHO" in received:
+                    arrived.set()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    loop = asyncio.get_running_loop()
+    _, conn = await loop.create_connection(
+        lambda: RespConnection(make_reader("python")(), {}, lambda channel, payload: None),
+        "127.0.0.1",
+        port,
+    )
+    try:
+        conn.send(b"PING")  # replies nobody waits for
+        assert not arrived.wait(0.2)  # the loop has not turned: nothing written yet
+        conn.send(b"ECHO", b"x")
+        conn.flush()
+        assert arrived.wait(5.0)  # still without a turn: written by ``flush``
+        assert bytes(received) == pack_command(b"PING") + pack_command(b"ECHO", b"x")
+        await asyncio.sleep(0)  # the end-of-iteration write finds nothing left to write
+        await asyncio.sleep(0.05)
+        assert bytes(received) == pack_command(b"PING") + pack_command(b"ECHO", b"x")
+    finally:
+        conn.abort()
+        await conn.lost
+        listener.close()
+        thread.join(5.0)
